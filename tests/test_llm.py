@@ -1,0 +1,121 @@
+"""The generation API on the built-in SmolLM2-135M: parity with transformers, batching, stopping, seeds."""
+
+import numpy as np
+import pytest
+
+from specjax.llm import LLM
+from specjax.runner import EngineConfig
+from specjax.sampling import SamplingParams
+
+PROMPTS = [
+    "Once upon a time, in a small village by the sea,",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "The three most important inventions of the twentieth century are",
+]
+GREEDY_TOKENS = 40
+
+
+@pytest.fixture(scope="session")
+def llm(smollm2):
+    # A small page size and prefill chunk, so prompts span several pages and chunks.
+    return LLM(smollm2, engine=EngineConfig(page_size=8, prefill_chunk=16, kv_cache_bytes=256 << 20), seed=0)
+
+
+@pytest.fixture(scope="session")
+def transformers_greedy(smollm2_gguf_path, smollm2):
+    """transformers' greedy continuations of PROMPTS from the same GGUF, fp32, one prompt at a time."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        smollm2_gguf_path.parent, gguf_file=smollm2_gguf_path.name, dtype=torch.float32).eval()
+    outputs = []
+    for prompt in PROMPTS:
+        ids = torch.tensor([smollm2.tokenizer.encode(prompt)])
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=GREEDY_TOKENS, eos_token_id=smollm2.config.eos_token_ids[0],
+                                 pad_token_id=smollm2.config.eos_token_ids[0])
+        outputs.append(out[0, ids.shape[1]:].tolist())
+    return outputs
+
+
+@pytest.mark.slow
+def test_greedy_batch_equals_transformers(llm, transformers_greedy):
+    """Three prompts of different lengths in one batch, each token for token equal to transformers."""
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=GREEDY_TOKENS))
+    for out, expected in zip(outs, transformers_greedy):
+        assert len(expected) >= 32
+        assert out.token_ids == expected
+        assert out.text == llm.tokenizer.decode(expected)
+        assert out.finish_reason == "length"
+
+
+def test_batched_equals_one_at_a_time(llm):
+    params = SamplingParams(temperature=0, max_tokens=12)
+    batched = llm.generate(PROMPTS, params)
+    for prompt, out in zip(PROMPTS, batched):
+        assert llm.generate(prompt, params)[0].token_ids == out.token_ids
+
+
+def test_more_requests_than_slots_queue_and_free_pages(smollm2):
+    """Five requests through two slots: all finish alike, and every page comes back."""
+    # 7 pages of 8 tokens: room for two of these 19-token sequences at a time, by pages and by max_num_seqs.
+    small = LLM(smollm2, engine=EngineConfig(page_size=8, max_num_seqs=2, kv_cache_bytes=7 * 8 * 46080))
+    params = SamplingParams(temperature=0, max_tokens=6)
+    outs = small.generate([PROMPTS[0]] * 5, params)
+    assert all(o.token_ids == outs[0].token_ids and o.finish_reason == "length" for o in outs)
+    assert small.runner.pages.num_used == 0
+
+
+def test_stop_string_truncates_and_finishes(llm):
+    params = SamplingParams(temperature=0, max_tokens=GREEDY_TOKENS)
+    full = llm.generate(PROMPTS[0], params)[0].text
+    stop = full[10:14]
+    out = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=GREEDY_TOKENS, stop=[stop]))[0]
+    assert out.finish_reason == "stop"
+    assert out.text == full[: full.index(stop)]
+
+
+def test_stop_token_id_finishes_without_text(llm):
+    greedy = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=10))[0]
+    stop_id = greedy.token_ids[4]
+    out = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[stop_id]))[0]
+    assert out.finish_reason == "stop"
+    assert out.token_ids == greedy.token_ids[:5]
+    assert out.text == llm.tokenizer.decode(greedy.token_ids[:4])
+
+
+def test_streaming_concatenates_to_the_full_text(llm):
+    # A stop string that never matches still makes the stream hold back text that might begin one.
+    params = SamplingParams(temperature=0, max_tokens=24, stop=[", and the unicorn"])
+    pieces = list(llm.stream(PROMPTS[0], params))
+    assert "".join(pieces) == llm.last_output.text == llm.generate(PROMPTS[0], params)[0].text
+    assert len(pieces) > 1
+
+
+def test_chat_messages_use_the_template(llm):
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    out = llm.chat(messages, SamplingParams(temperature=0, max_tokens=24))[0]
+    assert out.prompt.startswith("<|im_start|>system")
+    assert out.prompt_token_ids == llm.tokenizer.encode(
+        llm.tokenizer.apply_chat_template(messages), add_special_tokens=False)
+    assert "Paris" in out.text
+    assert out.finish_reason == "stop"  # the model closes its turn with <|im_end|>
+
+
+def test_seeded_sampling_is_reproducible(llm):
+    params = SamplingParams(temperature=0.9, top_p=0.95, max_tokens=16, seed=1234)
+    a = llm.generate([PROMPTS[0], PROMPTS[2]], params)
+    b = llm.generate(PROMPTS[2], params)  # alone, in another batch position
+    assert a[1].token_ids == b[0].token_ids
+    others = [llm.generate(PROMPTS[2], SamplingParams(temperature=0.9, max_tokens=16, seed=s))[0].token_ids
+              for s in (1, 2, 3)]
+    assert len({tuple(t) for t in others}) > 1
+
+
+def test_stats_are_filled_in(llm):
+    out = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=8))[0]
+    s = out.stats
+    assert s.prompt_tokens == len(out.prompt_token_ids) and s.generated_tokens == 8
+    assert s.prefill_time_s > 0 and s.decode_time_s > 0 and s.ttft_s >= s.prefill_time_s
+    assert np.isfinite(s.decode_tokens_per_s) and s.decode_tokens_per_s > 0

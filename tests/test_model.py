@@ -1,0 +1,117 @@
+"""Logit parity with Hugging Face transformers, full forward and through the paged cache."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from specjax.attention import AttentionMetadata, causal_mask
+from specjax.checkpoints.hf import load_hf
+from specjax.kv_cache import INVALID_SLOT, PageTable, init_kv_cache, write_kv
+from specjax.model import forward
+
+TOL = 1e-4
+
+TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256)
+
+
+def _save_tiny(tmp_path_factory, name, config_cls, model_cls, **extra):
+    torch.manual_seed(hash(name) % 1000)
+    model = model_cls(config_cls(**TINY, **extra)).eval()
+    with torch.no_grad():  # random norms and biases, so a dropped or misplaced one shows up
+        for n, p in model.named_parameters():
+            if "norm" in n or n.endswith("bias"):
+                p.copy_(torch.randn_like(p) * 0.5 + (1.0 if "norm" in n else 0.0))
+    path = tmp_path_factory.mktemp(name)
+    model.save_pretrained(path, max_shard_size="100KB")  # sharded: exercises the index file
+    return model, path
+
+
+@pytest.fixture(scope="module", params=["llama", "llama3-rope-tied", "qwen2"])
+def tiny_pair(request, tmp_path_factory):
+    """(transformers model, specjax config, specjax params) for random tiny checkpoints."""
+    if request.param == "llama":
+        torch_model, path = _save_tiny(tmp_path_factory, request.param, transformers.LlamaConfig,
+                                       transformers.LlamaForCausalLM, tie_word_embeddings=False, rope_theta=500.0)
+    elif request.param == "llama3-rope-tied":
+        torch_model, path = _save_tiny(
+            tmp_path_factory, request.param, transformers.LlamaConfig, transformers.LlamaForCausalLM,
+            tie_word_embeddings=True, attention_bias=True,
+            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                          "original_max_position_embeddings": 32})
+    else:
+        torch_model, path = _save_tiny(tmp_path_factory, request.param, transformers.Qwen2Config,
+                                       transformers.Qwen2ForCausalLM, tie_word_embeddings=False)
+    loaded = load_hf(path, dtype=jnp.float32)
+    return torch_model, loaded.config, loaded.params
+
+
+def _torch_logits(model, tokens):
+    with torch.no_grad():
+        return model(torch.tensor(np.asarray(tokens))).logits.numpy()
+
+
+def test_full_forward_matches_transformers(tiny_pair):
+    torch_model, config, params = tiny_pair
+    tokens = np.random.default_rng(0).integers(0, config.vocab_size, (3, 37))
+    b, t = tokens.shape
+    meta = AttentionMetadata(block_tables=jnp.zeros((b, 0), jnp.int32), context_lens=jnp.zeros((b,), jnp.int32),
+                             new_mask=causal_mask(b, t))
+    positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+    logits, _, _ = forward(params, config, jnp.asarray(tokens), positions, None, meta)
+    np.testing.assert_allclose(np.asarray(logits), _torch_logits(torch_model, tokens), atol=TOL, rtol=0)
+
+
+def _paged_step(params, config, cache, pages, seq_ids, chunks):
+    """Append ``chunks[i]`` to sequence ``seq_ids[i]`` through the paged cache; returns logits per chunk."""
+    b, t = len(seq_ids), max(len(c) for c in chunks)
+    width = max(1, max(pages.pages_for(pages.length(s)) for s in seq_ids))
+    tokens = np.zeros((b, t), np.int32)
+    positions = np.zeros((b, t), np.int32)
+    slots = np.full((b, t), INVALID_SLOT, np.int32)
+    for row, (s, chunk) in enumerate(zip(seq_ids, chunks)):
+        start = pages.length(s)
+        tokens[row, : len(chunk)] = chunk
+        positions[row] = start + np.arange(t)
+        slots[row, : len(chunk)] = pages.slots(s, start, len(chunk))
+    meta = AttentionMetadata(block_tables=jnp.asarray(pages.block_table(seq_ids, width)),
+                             context_lens=jnp.asarray([pages.length(s) for s in seq_ids], jnp.int32),
+                             new_mask=causal_mask(b, t))
+    logits, new_k, new_v = forward(params, config, jnp.asarray(tokens), jnp.asarray(positions), cache, meta)
+    cache = write_kv(cache, new_k, new_v, jnp.asarray(slots))
+    for s, chunk in zip(seq_ids, chunks):
+        pages.commit(s, len(chunk))
+    return cache, [np.asarray(logits[row, : len(c)]) for row, c in enumerate(chunks)]
+
+
+def test_prefill_then_incremental_decode_matches_transformers(tiny_pair):
+    """Two sequences of different lengths share a batch and a fragmented page pool."""
+    torch_model, config, params = tiny_pair
+    rng = np.random.default_rng(1)
+    seqs = {"a": rng.integers(0, config.vocab_size, 29), "b": rng.integers(0, config.vocab_size, 18)}
+    prefix = {"a": 11, "b": 5}
+    pages = PageTable(num_pages=32, page_size=4)
+    cache = init_kv_cache(config, 32, 4, jnp.float32)
+    for s in seqs:
+        pages.add(s)
+    for n in range(1, 9):  # interleave page allocation so neither sequence's pages are contiguous
+        for s in seqs:
+            pages.reserve(s, 4 * n)
+
+    got = {s: [] for s in seqs}
+    cache, out = _paged_step(params, config, cache, pages, list(seqs), [seqs[s][: prefix[s]] for s in seqs])
+    for s, logits in zip(seqs, out):
+        got[s].append(logits)
+    for i in range(max(len(v) - prefix[s] for s, v in seqs.items())):
+        live = [s for s in seqs if prefix[s] + i < len(seqs[s])]
+        cache, out = _paged_step(params, config, cache, pages, live, [seqs[s][prefix[s] + i: prefix[s] + i + 1]
+                                                                       for s in live])
+        for s, logits in zip(live, out):
+            got[s].append(logits)
+
+    for s, tokens in seqs.items():
+        expected = _torch_logits(torch_model, tokens[None])[0]
+        np.testing.assert_allclose(np.concatenate(got[s]), expected, atol=TOL, rtol=0)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from specjax.config import matmul_precision
 from specjax.params import pytree_dataclass
 
 # Finite, so a query with no visible key (a padding row) yields a harmless average instead of NaN.
@@ -63,10 +64,12 @@ def masked_attention(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax
     b, t, hq, hd = q.shape
     hkv = keys.shape[2]
     qg = q.reshape(b, t, hkv, hq // hkv, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, keys, preferred_element_type=jnp.float32) * hd**-0.5
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, keys, preferred_element_type=jnp.float32,
+                        precision=matmul_precision(q.dtype)) * hd**-0.5
     scores = jnp.where(mask[:, None, None], scores, MASKED_SCORE)
     probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(values.dtype), values, preferred_element_type=jnp.float32)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(values.dtype), values, preferred_element_type=jnp.float32,
+                     precision=matmul_precision(q.dtype))
     return out.reshape(b, t, hq, hd).astype(q.dtype)
 
 
@@ -88,8 +91,11 @@ def paged_attention(q: jax.Array, new_k: jax.Array, new_v: jax.Array, k_pool: ja
     scale = hd**-0.5
 
     qg = q.reshape(b, t, hkv, g, hd)
-    prefix_scores = jnp.einsum("btkgd,bskd->bkgts", qg, cached_k, preferred_element_type=jnp.float32) * scale
-    new_scores = jnp.einsum("btkgd,bskd->bkgts", qg, new_k, preferred_element_type=jnp.float32) * scale
+    precision = matmul_precision(q.dtype)
+    prefix_scores = jnp.einsum("btkgd,bskd->bkgts", qg, cached_k, preferred_element_type=jnp.float32,
+                               precision=precision) * scale
+    new_scores = jnp.einsum("btkgd,bskd->bkgts", qg, new_k, preferred_element_type=jnp.float32,
+                            precision=precision) * scale
     prefix_visible = jnp.arange(s)[None, :] < meta.context_lens[:, None]  # [B, S]
     prefix_scores = jnp.where(prefix_visible[:, None, None, None, :], prefix_scores, MASKED_SCORE)
     new_scores = jnp.where(meta.new_mask[:, None, None], new_scores, MASKED_SCORE)
@@ -97,7 +103,7 @@ def paged_attention(q: jax.Array, new_k: jax.Array, new_v: jax.Array, k_pool: ja
     probs = jax.nn.softmax(jnp.concatenate([prefix_scores, new_scores], axis=-1), axis=-1)
     prefix_probs, new_probs = probs[..., :s], probs[..., s:]
     out = jnp.einsum("bkgts,bskd->btkgd", prefix_probs.astype(cached_v.dtype), cached_v,
-                     preferred_element_type=jnp.float32)
+                     preferred_element_type=jnp.float32, precision=precision)
     out = out + jnp.einsum("bkgts,bskd->btkgd", new_probs.astype(new_v.dtype), new_v,
-                           preferred_element_type=jnp.float32)
+                           preferred_element_type=jnp.float32, precision=precision)
     return out.reshape(b, t, hq, hd).astype(q.dtype)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from specjax.attention import AttentionMetadata, masked_attention, paged_attention
-from specjax.config import ModelConfig
+from specjax.config import ModelConfig, matmul_precision
 from specjax.kv_cache import KVCache
 from specjax.params import Params
 
@@ -61,7 +61,8 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def _dot(x: jax.Array, w: jax.Array) -> jax.Array:
-    return jnp.einsum("btd,df->btf", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+    return jnp.einsum("btd,df->btf", x, w, preferred_element_type=jnp.float32,
+                      precision=matmul_precision(x.dtype)).astype(x.dtype)
 
 
 def forward(
@@ -117,7 +118,9 @@ def forward(
         x = jnp.take_along_axis(x, logit_indices[:, :, None], axis=1)
     x = rms_norm(x, params.final_norm, c.rms_norm_eps)
     if params.lm_head is None:  # tied: contract with the embedding table as stored, no transpose
-        logits = jnp.einsum("bkd,vd->bkv", x, params.embed, preferred_element_type=jnp.float32)
+        logits = jnp.einsum("bkd,vd->bkv", x, params.embed, preferred_element_type=jnp.float32,
+                            precision=matmul_precision(x.dtype))
     else:
-        logits = jnp.einsum("bkd,dv->bkv", x, params.lm_head, preferred_element_type=jnp.float32)
+        logits = jnp.einsum("bkd,dv->bkv", x, params.lm_head, preferred_element_type=jnp.float32,
+                            precision=matmul_precision(x.dtype))
     return logits, new_k, new_v

@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 from typing import Iterator, Sequence, Union
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from specjax.checkpoints import LoadedModel, load_model
 from specjax.config import resolve_dtype
+from specjax.params import inference_params
 from specjax.runner import EngineConfig, ModelRunner, StepInput
 from specjax.sampling import SamplingParams, request_key
 
@@ -78,14 +80,18 @@ class LLM:
     def __init__(self, model: str | os.PathLike | LoadedModel = "smollm2-135m", *, dtype: str = "auto",
                  engine: EngineConfig | None = None, seed: int | None = None):
         """``model``: a built-in name, a GGUF file, an HF or specjax checkpoint directory, or a
-        LoadedModel (its weights are used as they are; ``dtype`` is then ignored)."""
+        LoadedModel (``dtype`` is then ignored). On a CPU, bf16 weights are stored as bf16 bits and
+        computed with in fp32 (``params.inference_params``)."""
         loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=resolve_dtype(dtype))
+        params = inference_params(loaded.params)
+        self.weights = ("bfloat16 weights, fp32 arithmetic" if params.layers.wqkv.dtype == jnp.uint16
+                        else jnp.dtype(params.layers.wqkv.dtype).name)
         if loaded.tokenizer is None:
             raise ValueError(f"{loaded.source} has no tokenizer; LLM needs one to turn text into tokens")
         self.config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.model_name = loaded.source
-        self.runner = ModelRunner(loaded.config, loaded.params, engine or EngineConfig())
+        self.runner = ModelRunner(loaded.config, params, engine or EngineConfig())
         # Unseeded requests draw from this key; seeded ones are reproducible in any batch or run.
         self._global_key = jax.random.key(seed if seed is not None else secrets.randbits(63))
         self._requests_started = 0

@@ -17,7 +17,7 @@ import numpy as np
 from specjax.attention import AttentionMetadata, masked_attention, paged_attention
 from specjax.config import ModelConfig, matmul_precision
 from specjax.kv_cache import KVCache
-from specjax.params import Params
+from specjax.params import Params, widen_bf16_bits
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -61,6 +61,8 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def _dot(x: jax.Array, w: jax.Array) -> jax.Array:
+    if w.dtype == jnp.uint16:  # bf16 bits stored for CPU speed (params.store_bf16)
+        w = widen_bf16_bits(w)
     return jnp.einsum("btd,df->btf", x, w, preferred_element_type=jnp.float32,
                       precision=matmul_precision(x.dtype)).astype(x.dtype)
 

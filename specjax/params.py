@@ -55,6 +55,40 @@ class Params:
     lm_head: jax.Array | None
 
 
+def store_bf16(params: Params) -> Params:
+    """Layer matrices as raw bfloat16 bits (uint16), widened to fp32 inside each layer.
+
+    For CPUs, where a batch-1 step is bound by reading weights but XLA's bf16 matmuls are slow:
+    half the weight bytes, fp32 arithmetic. Stored as integers because XLA hoists a plain bf16->f32
+    convert out of the layer loop and re-materialises every fp32 weight each step. The embedding,
+    LM head and biases become fp32 (the activations' dtype follows the embedding): a tied head
+    would otherwise widen the whole table every step.
+    """
+    def pack(w):
+        return jax.lax.bitcast_convert_type(w.astype(jnp.bfloat16), jnp.uint16)
+
+    def fp32(w):
+        return None if w is None else w.astype(jnp.float32)
+
+    lw = params.layers
+    layers = dataclasses.replace(lw, wqkv=pack(lw.wqkv), wo=pack(lw.wo), w_gate_up=pack(lw.w_gate_up),
+                                 w_down=pack(lw.w_down), bqkv=fp32(lw.bqkv), bo=fp32(lw.bo))
+    return dataclasses.replace(params, embed=fp32(params.embed), lm_head=fp32(params.lm_head), layers=layers)
+
+
+def inference_params(params: Params, backend: str | None = None) -> Params:
+    """Params as the runner should hold them: on a CPU, bf16 weights become bf16-bit storage with
+    fp32 arithmetic (``store_bf16``); elsewhere they are used as they are."""
+    if (backend or jax.default_backend()) == "cpu" and params.embed.dtype == jnp.bfloat16:
+        return store_bf16(params)
+    return params
+
+
+def widen_bf16_bits(w: jax.Array) -> jax.Array:
+    """uint16 bfloat16 bits -> float32 (exact): the bits are the high half of the fp32 word."""
+    return jax.lax.bitcast_convert_type(w.astype(jnp.uint32) << 16, jnp.float32)
+
+
 def param_count(params: Params) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
 

@@ -119,3 +119,12 @@ def test_stats_are_filled_in(llm):
     assert s.prompt_tokens == len(out.prompt_token_ids) and s.generated_tokens == 8
     assert s.prefill_time_s > 0 and s.decode_time_s > 0 and s.ttft_s >= s.prefill_time_s
     assert np.isfinite(s.decode_tokens_per_s) and s.decode_tokens_per_s > 0
+
+
+def test_bfloat16_on_cpu_stores_bf16_and_computes_in_fp32(smollm2_gguf_path):
+    fast = LLM(str(smollm2_gguf_path), dtype="bfloat16", engine=EngineConfig(kv_cache_bytes=64 << 20))
+    assert fast.weights == "bfloat16 weights, fp32 arithmetic"
+    assert fast.runner.params.layers.w_gate_up.dtype == np.uint16
+    params = SamplingParams(temperature=0, max_tokens=16)
+    out = fast.chat([{"role": "user", "content": "What is the capital of France?"}], params)[0]
+    assert "Paris" in out.text

@@ -369,84 +369,79 @@ def floor_analysis(runner: ModelRunner, batch: int, timed: list[Step], median_s:
 
 
 # ---------------------------------------------------------------------------- transformers
-def transformers_greedy(gguf_path: Path, prompt: Sequence[int], new_tokens: int, repeats: int = 3) -> dict:
-    """transformers' eager CPU greedy decode speed, batch 1, fp32, from the same GGUF file.
+def compare_transformers(args, runner: ModelRunner, prompt: Sequence[int], block: int = 8) -> dict:
+    """Batch-1 greedy decode, specjax against transformers' eager CPU model from the same GGUF.
 
-    generate() is timed for ``new_tokens`` and for 1 new token (the prefill and its first token), after
-    a warm-up; decode speed = (new_tokens - 1) / (t_N - t_1), medians of ``repeats`` timings each.
+    Both decode the same prompt one token per step; blocks of ``block`` steps alternate between the
+    two so that other processes slow both alike, and the ratio of median step wall times is the
+    result (wall time includes each side's host overhead). Steps in which specjax compiled a new
+    bucket, and one warm-up step each, are not timed.
     """
     import torch
     import transformers
     from transformers import AutoModelForCausalLM
 
-    threads = common.cpu_cores()
-    torch.set_num_threads(threads)
-    major, minor = (int(v) for v in transformers.__version__.split(".")[:2])
-    dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
-    start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
-                                                 **{dtype_kw: torch.float32})
-    model.eval()
-    load_s = time.perf_counter() - start
-    ids = torch.tensor([list(prompt)], dtype=torch.long)
-    mask = torch.ones_like(ids)
-    pad = model.generation_config.pad_token_id
-    if pad is None:
-        eos = model.generation_config.eos_token_id
-        pad = (eos[0] if isinstance(eos, (list, tuple)) else eos) or 0
-
-    def generate(n: int) -> tuple[float, list[int]]:
-        with torch.inference_mode():
-            begin = time.perf_counter()
-            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=n,
-                                 min_new_tokens=n, pad_token_id=pad, temperature=None, top_p=None, top_k=None)
-            return time.perf_counter() - begin, out[0, ids.shape[1]:].tolist()
-
-    generate(new_tokens)  # warm-up: first-call allocations, lazy initialisation
-    one = statistics.median(generate(1)[0] for _ in range(repeats))
-    runs = [generate(new_tokens) for _ in range(repeats)]
-    full = statistics.median(t for t, _ in runs)
-    decode_s = full - one
-    return {
-        "version": transformers.__version__,
-        "torch_version": torch.__version__,
-        "torch_threads": threads,
-        "dtype": "float32",
-        "load_s": load_s,
-        "prompt_tokens": len(prompt),
-        "new_tokens": new_tokens,
-        "generate_1_s": one,
-        "generate_n_s": full,
-        "method": "median generate(N) - median generate(1), both after a warm-up generate(N)",
-        "decode_ms_per_token": decode_s / (new_tokens - 1) * 1e3 if new_tokens > 1 else None,
-        "tokens_per_s": (new_tokens - 1) / decode_s if new_tokens > 1 and decode_s > 0 else None,
-        "tokens": runs[0][1],
-    }
-
-
-def compare_transformers(args, runs: list[dict], prompt: list[int]) -> dict:
     from specjax.checkpoints import resolve_model
 
     resolved = resolve_model(args.model)
     if resolved.kind != "gguf":
         raise SystemExit(f"--compare-transformers loads the model from a GGUF file; {args.model} is {resolved.kind}")
-    specjax_run = next(r for r in runs if r["batch"] == 1)  # its prompt is row 0 of every batch
-    # specjax's batch-1 run produced 1 token from the prefill, then one per decode step.
-    reference = transformers_greedy(resolved.path, prompt, args.decode_steps)
-    ours = specjax_run["generated_row0"]
-    theirs = reference["tokens"]
-    compared = min(len(ours), len(theirs))  # ours also holds the warm-up steps' tokens
+    torch.set_num_threads(common.cpu_cores())
+    major, minor = (int(v) for v in transformers.__version__.split(".")[:2])
+    dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+    model = AutoModelForCausalLM.from_pretrained(str(resolved.path.parent), gguf_file=resolved.path.name,
+                                                 **{dtype_kw: torch.float32}).eval()
+
+    seq = "compare-transformers"
+    runner.add_sequence(seq, len(prompt) + args.decode_steps + 2 * block + 2)
+    ours = [int(runner.step([StepInput(seq, list(prompt))])[0][0])]
+    with torch.inference_mode():
+        out = model(input_ids=torch.tensor([list(prompt)]), use_cache=True)
+    past, theirs = out.past_key_values, [int(out.logits[0, -1].argmax())]
+
+    def our_step() -> float | None:
+        compiled_before = runner.compile_time_s
+        begin = time.perf_counter()
+        tokens, _ = runner.step([StepInput(seq, [ours[-1]])])
+        wall = time.perf_counter() - begin
+        ours.append(int(tokens[0]))
+        return None if runner.compile_time_s > compiled_before else wall
+
+    def their_step() -> float:
+        nonlocal past
+        begin = time.perf_counter()
+        with torch.inference_mode():
+            step = model(input_ids=torch.tensor([[theirs[-1]]]), past_key_values=past, use_cache=True)
+        past = step.past_key_values
+        theirs.append(int(step.logits[0, -1].argmax()))
+        return time.perf_counter() - begin
+
+    our_step(), their_step()  # warm-up
+    our_times: list[float] = []
+    their_times: list[float] = []
+    while len(our_times) < args.decode_steps or len(their_times) < args.decode_steps:
+        for _ in range(block):
+            wall = our_step()
+            if wall is not None:
+                our_times.append(wall)
+        their_times.extend(their_step() for _ in range(block))
+    runner.release(seq)
+    ours_ms, theirs_ms = statistics.median(our_times) * 1e3, statistics.median(their_times) * 1e3
+    compared = min(len(ours), len(theirs))
     agree = next((i for i in range(compared) if ours[i] != theirs[i]), compared)
-    mean_wall_tps = specjax_run["decode"]["mean_wall_tokens_per_s"]
-    step_tps = specjax_run["decode"]["tokens_per_s"]
-    tps = reference["tokens_per_s"]
     return {
         "gguf": str(resolved.path),
-        "transformers": reference,
-        "specjax_mean_wall_tokens_per_s": mean_wall_tps,
-        "specjax_median_step_tokens_per_s": step_tps,
-        "ratio_mean_wall": mean_wall_tps / tps if tps else None,
-        "ratio_median_step": step_tps / tps if tps else None,
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "method": f"median wall time per greedy decode step, batch 1, alternating blocks of {block} steps",
+        "prompt_tokens": len(prompt),
+        "steps_timed": [len(our_times), len(their_times)],
+        "specjax_step_ms": ours_ms,
+        "transformers_step_ms": theirs_ms,
+        "specjax_tokens_per_s": 1e3 / ours_ms,
+        "transformers_tokens_per_s": 1e3 / theirs_ms,
+        "ratio": theirs_ms / ours_ms,
         "greedy_tokens_agreeing": agree,
         "greedy_tokens_compared": compared,
     }
@@ -518,7 +513,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     prompt_row0 = prompts[0, :args.prompt_len].tolist() if args.shape is None else None
     comparison = None
     if args.compare_transformers:
-        comparison = compare_transformers(args, runs, prompt_row0)
+        comparison = compare_transformers(args, runner, prompt_row0)
         if env["platform"] != "cpu":
             notes.append(f"specjax ran on {env['device_kind']}, transformers on this host's CPU")
 
@@ -581,15 +576,13 @@ def report(args, subject: str, env: dict, runs: list[dict], comparison: dict | N
     title = f"decode · {subject} · {env['device_kind']} · jax {env['jax_version']}"
     common.print_table(title, columns, rows, notes)
     if comparison:
-        t = comparison["transformers"]
-        print(f"\ntransformers {t['version']} eager CPU ({t['torch_threads']} threads, fp32), batch 1, "
-              f"prompt {t['prompt_tokens']}, {t['new_tokens']} new tokens: {t['tokens_per_s']:.1f} tokens/s "
-              f"({t['method']})")
-        print(f"specjax batch 1: {comparison['specjax_mean_wall_tokens_per_s']:.1f} tokens/s (mean wall per step), "
-              f"{comparison['specjax_median_step_tokens_per_s']:.1f} (median step)")
-        print(f"ratio specjax/transformers: {comparison['ratio_mean_wall']:.2f}x (mean wall), "
-              f"{comparison['ratio_median_step']:.2f}x (median step); greedy tokens agree for "
-              f"{comparison['greedy_tokens_agreeing']}/{comparison['greedy_tokens_compared']}")
+        c = comparison
+        print(f"\nbatch-1 greedy decode, {c['method']}, prompt {c['prompt_tokens']} tokens:\n"
+              f"  specjax {c['specjax_step_ms']:.2f} ms/step ({c['specjax_tokens_per_s']:.1f} tokens/s)\n"
+              f"  transformers {c['transformers_version']} eager CPU fp32, {c['torch_threads']} threads: "
+              f"{c['transformers_step_ms']:.2f} ms/step ({c['transformers_tokens_per_s']:.1f} tokens/s)\n"
+              f"  ratio specjax/transformers: {c['ratio']:.2f}x; greedy tokens agree for "
+              f"{c['greedy_tokens_agreeing']}/{c['greedy_tokens_compared']}")
 
 
 if __name__ == "__main__":

@@ -132,6 +132,16 @@ class PageTable:
             raise OutOfPagesError(f"sequence {seq_id!r} committed past its reserved pages")
         self._lengths[seq_id] = new_len
 
+    def truncate(self, seq_id, num_tokens: int) -> None:
+        """Forget committed tokens past ``num_tokens`` (speculation rollback); pages stay reserved.
+
+        Their K/V stay in the slots but are never read (reads stop at the length) and are
+        overwritten by the next tokens written there.
+        """
+        if not 0 <= num_tokens <= self._lengths[seq_id]:
+            raise ValueError(f"cannot truncate sequence {seq_id!r} of {self._lengths[seq_id]} tokens to {num_tokens}")
+        self._lengths[seq_id] = num_tokens
+
     def block_table(self, seq_ids, width: int) -> np.ndarray:
         """[len(seq_ids), width] int32 ids of the pages holding each sequence's committed tokens.
 

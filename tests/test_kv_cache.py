@@ -68,3 +68,16 @@ def test_write_kv_scatters_into_slots_and_drops_invalid():
     untouched = [1, 2, 3, 4]
     assert not flat_k[:, untouched].any()
     np.testing.assert_array_equal(np.asarray(cache.v).reshape(2, 6, 1, 4)[:, 5], new_v[:, 0, 0])
+
+
+def test_truncate_rolls_back_and_slots_are_reused():
+    table = PageTable(num_pages=4, page_size=4)
+    table.add("s")
+    table.reserve("s", 12)
+    table.commit("s", 10)
+    slots_before = table.slots("s", 7, 3)
+    table.truncate("s", 7)
+    assert table.length("s") == 7 and table.num_free == 1
+    np.testing.assert_array_equal(table.slots("s", table.length("s"), 3), slots_before)
+    with pytest.raises(ValueError, match="truncate"):
+        table.truncate("s", 8)

@@ -1,0 +1,1 @@
+"""Speculative decoding: draft proposers, token trees and lossless verification."""

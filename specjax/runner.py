@@ -23,6 +23,8 @@ from specjax.config import ConfigError, ModelConfig
 from specjax.kv_cache import INVALID_SLOT, KVCache, PageTable, init_kv_cache, kv_bytes_per_token, write_kv
 from specjax.model import forward
 from specjax.params import Params
+from specjax.speculation.tree import TokenTree, stack_trees
+from specjax.speculation.verify import greedy_accept
 
 
 def next_power_of_two(n: int, minimum: int = 1) -> int:
@@ -114,6 +116,7 @@ class ModelRunner:
         self.min_batch_bucket = engine.min_batch_bucket or min_bucket
         self.compiler_options = dict(engine.compiler_options) if engine.compiler_options is not None else options
         self._step = jax.jit(functools.partial(_step, config=config), donate_argnames=("cache",))
+        self._verify = jax.jit(functools.partial(_verify_step, config=config), donate_argnames=("cache",))
 
     # -- sequence lifecycle ------------------------------------------------------------------
     def add_sequence(self, seq_id, max_tokens: int) -> None:
@@ -132,25 +135,50 @@ class ModelRunner:
         return self.pages.pages_for(max_tokens) <= self.pages.num_free
 
     # -- one step -------------------------------------------------------------------------------
+    def _check_batch(self, seq_ids: Sequence) -> tuple[int, int, list[int]]:
+        """(batch bucket, prefix-page bucket, committed lengths) of a step's sequences."""
+        if not seq_ids:
+            raise ValueError("a step needs at least one sequence")
+        if len(seq_ids) > self.engine.max_num_seqs:
+            raise ValueError(f"{len(seq_ids)} sequences in one step; max_num_seqs is {self.engine.max_num_seqs}")
+        lengths = [self.pages.length(s) for s in seq_ids]
+        b = next_power_of_two(len(seq_ids), self.min_batch_bucket)
+        p = next_power_of_two(max(self.pages.pages_for(length) for length in lengths))
+        return b, p, lengths
+
+    def _prefix(self, seq_ids: Sequence, b: int, p: int, lengths: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """[b, p] block tables and [b] committed lengths, padding rows empty."""
+        block_tables = np.zeros((b, p), np.int32)
+        block_tables[: len(seq_ids)] = self.pages.block_table(list(seq_ids), p)
+        context_lens = np.zeros((b,), np.int32)
+        context_lens[: len(seq_ids)] = lengths
+        return block_tables, context_lens
+
+    def _run(self, fn, key: tuple, args: dict):
+        """Run jitted ``fn`` with the cache donated, compiling per shape bucket ``key`` (timed apart)."""
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            start = time.perf_counter()
+            compiled = fn.lower(self.params, cache=self.cache, **args).compile(
+                compiler_options=self.compiler_options or None)
+            self._compiled[key] = compiled
+            self.compile_time_s += time.perf_counter() - start
+        start = time.perf_counter()
+        *outputs, self.cache = compiled(self.params, cache=self.cache, **args)
+        outputs = [np.asarray(x) for x in outputs]
+        return outputs, time.perf_counter() - start
+
     def step(self, inputs: Sequence[StepInput]) -> tuple[np.ndarray, float]:
         """Run one step; returns (next token per input [len(inputs)] int32, seconds this step took).
 
         Compilation time of a new bucket is counted in ``compile_time_s``, not in the step time.
         """
-        if not inputs:
-            raise ValueError("a step needs at least one sequence")
-        if len(inputs) > self.engine.max_num_seqs:
-            raise ValueError(f"{len(inputs)} sequences in one step; max_num_seqs is {self.engine.max_num_seqs}")
+        b, p, lengths = self._check_batch([x.seq_id for x in inputs])
         n = len(inputs)
-        b = next_power_of_two(n, self.min_batch_bucket)
         t = next_power_of_two(max(len(x.tokens) for x in inputs))
-        lengths = [self.pages.length(x.seq_id) for x in inputs]
-        p = next_power_of_two(max(self.pages.pages_for(length) for length in lengths))
-
         tokens = np.zeros((b, t), np.int32)
         positions = np.zeros((b, t), np.int32)
         slots = np.full((b, t), INVALID_SLOT, np.int32)
-        context_lens = np.zeros((b,), np.int32)
         last = np.zeros((b, 1), np.int32)
         temperature = np.zeros((b,), np.float32)
         top_k = np.zeros((b,), np.int32)
@@ -166,30 +194,60 @@ class ModelRunner:
             tokens[row, :k] = x.tokens
             positions[row, :] = length + np.arange(t)
             slots[row, :k] = self.pages.slots(x.seq_id, length, k)
-            context_lens[row] = length
             last[row, 0] = k - 1
             temperature[row], top_k[row], top_p[row] = x.temperature, x.top_k, x.top_p
             if x.base_key is not None:
                 base_keys[row], sample_index[row] = x.base_key, x.sample_index
-        block_tables = np.zeros((b, p), np.int32)
-        block_tables[:n] = self.pages.block_table([x.seq_id for x in inputs], p)
-
-        args = dict(cache=self.cache, tokens=tokens, positions=positions, block_tables=block_tables,
-                    context_lens=context_lens, slots=slots, last=last, temperature=temperature, top_k=top_k,
-                    top_p=top_p, base_keys=base_keys, sample_index=sample_index)
-        compiled = self._compiled.get((b, t, p))
-        if compiled is None:
-            start = time.perf_counter()
-            compiled = self._step.lower(self.params, **args).compile(compiler_options=self.compiler_options or None)
-            self._compiled[(b, t, p)] = compiled
-            self.compile_time_s += time.perf_counter() - start
-        start = time.perf_counter()
-        next_tokens, self.cache = compiled(self.params, **args)
-        next_tokens = np.asarray(next_tokens)
-        elapsed = time.perf_counter() - start
+        block_tables, context_lens = self._prefix([x.seq_id for x in inputs], b, p, lengths)
+        args = dict(tokens=tokens, positions=positions, block_tables=block_tables, context_lens=context_lens,
+                    slots=slots, last=last, temperature=temperature, top_k=top_k, top_p=top_p,
+                    base_keys=base_keys, sample_index=sample_index)
+        (next_tokens,), elapsed = self._run(self._step, ("step", b, t, p), args)
         for x in inputs:
             self.pages.commit(x.seq_id, len(x.tokens))
         return next_tokens[:n], elapsed
+
+    def verify(self, seq_ids: Sequence, trees: Sequence[TokenTree]) -> tuple[list[list[int]], float]:
+        """Score each sequence's token tree in one target pass; keep the greedy-accepted path.
+
+        A tree's root is the sequence's last token (chosen, not yet run). The root's and the
+        accepted nodes' K/V are committed; rejected nodes leave no trace. Returns, per sequence,
+        the new tokens (accepted speculated tokens, then the target's bonus token) and the seconds
+        the step took.
+        """
+        if len(seq_ids) != len(trees):
+            raise ValueError(f"{len(seq_ids)} sequences but {len(trees)} trees")
+        b, p, lengths = self._check_batch(seq_ids)
+        stacked = stack_trees(trees)
+        n = stacked["tokens"].shape[1]
+        rows = len(seq_ids)
+
+        def pad(x, fill):
+            out = np.full((b,) + x.shape[1:], fill, x.dtype)
+            out[:rows] = x
+            return out
+
+        depths = pad(stacked["depths"], 0)
+        position_slots = np.full((b, n), INVALID_SLOT, np.int32)
+        for row, (seq_id, length, tree) in enumerate(zip(seq_ids, lengths, trees)):
+            span = int(tree.depths.max()) + 1  # the root's position and one per level
+            if length + span > self.max_model_len:
+                raise ValueError(f"sequence {seq_id!r} would exceed max_model_len {self.max_model_len}")
+            position_slots[row, :span] = self.pages.slots(seq_id, length, span)
+        block_tables, context_lens = self._prefix(seq_ids, b, p, lengths)
+        eye = np.broadcast_to(np.eye(n, dtype=bool), (b, n, n))
+        args = dict(tokens=pad(stacked["tokens"], 0), positions=context_lens[:, None] + depths,
+                    block_tables=block_tables, context_lens=context_lens,
+                    mask=np.where(np.arange(b)[:, None, None] < rows, pad(stacked["mask"], False), eye),
+                    parents=pad(stacked["parents"], -1), depths=depths,
+                    num_nodes=pad(stacked["num_nodes"], 1), position_slots=position_slots)
+        (last, path, bonus), elapsed = self._run(self._verify, ("verify", b, n, p), args)
+        new_tokens = []
+        for row, (seq_id, tree) in enumerate(zip(seq_ids, trees)):
+            nodes = np.nonzero(path[row])[0]  # ancestors come first: parents precede children
+            new_tokens.append([int(tree.tokens[i]) for i in nodes[1:]] + [int(bonus[row])])
+            self.pages.commit(seq_id, len(nodes))
+        return new_tokens, elapsed
 
 
 def _step(params, *, config, cache, tokens, positions, block_tables, context_lens, slots, last, temperature,
@@ -202,3 +260,14 @@ def _step(params, *, config, cache, tokens, positions, block_tables, context_len
     keys = sampling.row_keys(jax.random.wrap_key_data(base_keys), sample_index)
     next_tokens = sampling.sample(logits[:, 0], keys, temperature, top_k, top_p)
     return next_tokens, cache
+
+
+def _verify_step(params, *, config, cache, tokens, positions, block_tables, context_lens, mask, parents, depths,
+                 num_nodes, position_slots):
+    meta = AttentionMetadata(block_tables=block_tables, context_lens=context_lens, new_mask=mask)
+    logits, new_k, new_v = forward(params, config, tokens, positions, cache, meta)
+    last, path, bonus = greedy_accept(logits, tokens, parents, depths, mask, num_nodes)
+    # Accepted node at depth d lands at position context_len + d; everything else is dropped.
+    slots = jnp.where(path, jnp.take_along_axis(position_slots, depths, axis=1), INVALID_SLOT)
+    cache = write_kv(cache, new_k, new_v, slots)
+    return last, path, bonus, cache

@@ -1,0 +1,96 @@
+"""Token trees: construction, validation, masks; greedy tree verification is lossless."""
+
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.acceptance import greedy_continuation  # noqa: E402
+from specjax.config import ModelConfig  # noqa: E402
+from specjax.params import random_params  # noqa: E402
+from specjax.runner import EngineConfig, ModelRunner, StepInput  # noqa: E402
+from specjax.speculation.tree import TokenTree, TreeError, stack_trees, tree_bucket  # noqa: E402
+
+TARGET = ModelConfig(vocab_size=101, hidden_size=48, intermediate_size=96, num_layers=2, num_heads=4,
+                     num_kv_heads=2, head_dim=12, max_position_embeddings=512)
+
+
+def test_tree_arrays_masks_and_paths():
+    #        root(7)
+    #       /       \
+    #     a(1)      b(2)
+    #    /   \        \
+    #  c(3)  d(4)     e(5)
+    tree = TokenTree.build(7, tokens=[1, 2, 3, 4, 5], parents=[0, 0, 1, 1, 2])
+    assert tree.size == 16 and tree.num_nodes == 6
+    np.testing.assert_array_equal(tree.depths[:6], [0, 1, 1, 2, 2, 2])
+    mask = tree.ancestor_mask
+    np.testing.assert_array_equal(np.nonzero(mask[4])[0], [0, 1, 4])
+    np.testing.assert_array_equal(np.nonzero(mask[5])[0], [0, 2, 5])
+    assert mask[9].sum() == 1 and mask[9, 9]  # padding sees only itself
+    assert sorted(tree.paths()) == [[1, 3], [1, 4], [2, 5]]
+    assert tree.pretty().splitlines()[0] == "[0] 7" and "    [3] 3" in tree.pretty()
+    assert "paths=3" in repr(tree)
+
+
+def test_bad_trees_are_rejected():
+    with pytest.raises(TreeError, match="parent"):
+        TokenTree.build(0, tokens=[1, 2], parents=[0, 2])  # a node cannot be its own parent
+    with pytest.raises(TreeError, match="tokens but"):
+        TokenTree.build(0, tokens=[1, 2], parents=[0])
+    with pytest.raises(ValueError, match="at most 128"):
+        tree_bucket(129)
+    with pytest.raises(TreeError, match="share a size"):
+        stack_trees([TokenTree.chain(0, [1]), TokenTree.chain(0, [1] * 20)])
+
+
+def _random_tree(rng, root, truth, vocab):
+    """A tree whose first branch follows ``truth`` for a random number of levels, with decoy siblings
+    and random subtrees hanging off it."""
+    tokens, parents = [], []
+    correct = int(rng.integers(0, len(truth) + 1))
+    node = 0
+    for level in range(correct):
+        for _ in range(int(rng.integers(0, 3))):  # decoys beside the true token
+            tokens.append(int(rng.integers(0, vocab)))
+            parents.append(node)
+        tokens.append(truth[level])
+        parents.append(node)
+        node = len(tokens)
+    for _ in range(int(rng.integers(0, 6))):  # random growth anywhere
+        parents.append(int(rng.integers(0, len(tokens) + 1)))
+        tokens.append(int(rng.integers(0, vocab)))
+    return TokenTree.build(root, tokens, parents)
+
+
+def test_greedy_tree_verification_equals_plain_greedy_decoding():
+    params = random_params(TARGET, jax.random.key(0), scale=0.3)
+    engine = EngineConfig(page_size=4, kv_cache_bytes=1 << 20)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, TARGET.vocab_size, n).tolist() for n in (6, 17)]
+    plain = ModelRunner(TARGET, params, engine)
+    expected = [greedy_continuation(plain, i, p, 40) for i, p in enumerate(prompts)]
+
+    runner = ModelRunner(TARGET, params, engine)
+    outputs, accepted = [], 0
+    for i, prompt in enumerate(prompts):
+        runner.add_sequence(i, len(prompt) + 40 + 16)
+    first, _ = runner.step([StepInput(i, p) for i, p in enumerate(prompts)])
+    outputs = [[int(t)] for t in first]
+    while min(len(o) for o in outputs) < 40:
+        trees = [_random_tree(rng, o[-1], expected[i][len(o): len(o) + 4], TARGET.vocab_size)
+                 for i, o in enumerate(outputs)]
+        trees = [TokenTree.build(int(t.tokens[0]), t.tokens[1:t.num_nodes], t.parents[1:t.num_nodes], 32)
+                 for t in trees]  # one size for the batch
+        new_tokens, _ = runner.verify(list(range(len(prompts))), trees)
+        for out, new in zip(outputs, new_tokens):
+            out.extend(new)
+            accepted += len(new) - 1
+        for i, out in enumerate(outputs):
+            assert runner.pages.length(i) == len(prompts[i]) + len(out) - 1  # all but the newest are cached
+    for out, want in zip(outputs, expected):
+        assert out[:40] == want
+    assert accepted > 10  # the trees did get tokens accepted

@@ -110,11 +110,13 @@ def _load_drafter(name: str, target_config, target_params, seed: int) -> tuple[C
         config = target_config.replace(num_layers=2)
         params = random_params(config, jax.random.key(seed))
         return ChainDrafter(config, params, engine=engine), {"kind": "random 2-layer draft"}
-    from specjax.draft import load_draft  # the trained drafts (issue 3)
+    from specjax.draft import compute_ratio, load_draft
 
-    config, params, draft_to_target = load_draft(name)
-    return (ChainDrafter(config, params, draft_to_target, target_vocab_size=target_config.vocab_size,
-                         engine=engine), {"kind": "trained draft", "config": str(config)})
+    draft = load_draft(name)
+    return (ChainDrafter(draft.config, draft.params, draft.vocab.draft_to_target, draft.vocab.target_to_draft,
+                         engine=engine),
+            {"kind": "trained draft", "config": str(draft.config),
+             "compute_ratio": compute_ratio(draft.config, target_config)})
 
 
 def main(argv=None) -> int:

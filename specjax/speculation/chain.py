@@ -18,15 +18,16 @@ from specjax.runner import EngineConfig, ModelRunner, StepInput
 
 class ChainDrafter:
     def __init__(self, config: ModelConfig, params: Params, draft_to_target: np.ndarray | None = None,
-                 target_vocab_size: int | None = None, engine: EngineConfig | None = None):
-        """``draft_to_target``: [draft vocab] target id of each draft id, for reduced-vocabulary drafts.
-
-        Target ids outside the draft's vocabulary are fed to the draft as draft id 0.
+                 target_to_draft: np.ndarray | None = None, target_vocab_size: int | None = None,
+                 engine: EngineConfig | None = None):
+        """For reduced-vocabulary drafts: ``draft_to_target`` [draft vocab] gives each draft id's
+        target id; ``target_to_draft`` [target vocab] the draft id each target id is fed as (by
+        default its own id where it has one, else draft id 0).
         """
         self.runner = ModelRunner(config, params, engine or EngineConfig(kv_cache_bytes=256 << 20))
         self.draft_to_target = None if draft_to_target is None else np.asarray(draft_to_target, np.int64)
-        self.target_to_draft = None
-        if self.draft_to_target is not None:
+        self.target_to_draft = None if target_to_draft is None else np.asarray(target_to_draft, np.int64)
+        if self.draft_to_target is not None and self.target_to_draft is None:
             size = target_vocab_size or int(self.draft_to_target.max()) + 1
             self.target_to_draft = np.zeros(size, np.int64)
             self.target_to_draft[self.draft_to_target] = np.arange(len(self.draft_to_target))

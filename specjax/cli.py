@@ -12,6 +12,7 @@ examples:
   specjax generate --prompt "Write a haiku about JAX."
   specjax generate --chat --prompt "What is speculative decoding?" --max-tokens 200
   specjax generate --model ./my-hf-checkpoint --prompt "def fib(n):" --temperature 0.8 --seed 1
+  specjax generate --draft smollm2-135m-draft-a --prompt "Write a Python function that reverses a list."
   specjax models
 
 Models are named (see `specjax models`) or given as a local GGUF file or Hugging Face checkpoint
@@ -44,6 +45,10 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                      help="weights dtype; auto is bf16 on GPUs, fp32 on CPU (bfloat16 on a CPU stores bf16 "
                           "weights and computes in fp32: about 1.3x faster, slightly different numerics)")
+    gen.add_argument("--draft", help="speculate with this draft model (a built-in draft name or a draft "
+                     "directory); greedy requests are verified losslessly by the target")
+    gen.add_argument("--speculative-tokens", "-k", type=int, default=4,
+                     help="draft tokens proposed per verification step (default: %(default)s)")
     gen.add_argument("--no-stream", action="store_true", help="print the text only when done")
     gen.add_argument("--quiet", "-q", action="store_true", help="print only the generated text, no statistics")
 
@@ -71,7 +76,7 @@ def _generate(args) -> int:
 
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
     log(f"loading {args.model} …")
-    llm = LLM(args.model, dtype=args.dtype)
+    llm = LLM(args.model, dtype=args.dtype, draft=args.draft, num_speculative_tokens=args.speculative_tokens)
     if args.no_stream:
         output = llm.generate(prompt, params)[0]
         print(output.text, flush=True)
@@ -85,8 +90,16 @@ def _generate(args) -> int:
         f"finish: {output.finish_reason}]")
     log(f"prompt {s.prompt_tokens} tokens, prefill {s.prefill_time_s * 1e3:.1f} ms, "
         f"time to first token {s.ttft_s * 1e3:.1f} ms")
+    compile_s = llm.runner.compile_time_s + (llm.drafter.runner.compile_time_s if llm.drafter else 0.0)
     log(f"generated {s.generated_tokens} tokens, decode {s.decode_tokens_per_s:.1f} tokens/s "
-        f"(compile {llm.runner.compile_time_s:.1f} s, not counted)")
+        f"(compile {compile_s:.1f} s, not counted)")
+    if s.speculation is not None and s.speculation.steps:
+        sp = s.speculation
+        log(f"speculation: draft {args.draft}, k={args.speculative_tokens}: {sp.tau:.2f} tokens per target step, "
+            f"acceptance {sp.acceptance_rate:.0%} (by depth: "
+            f"{' '.join(f'{a:.2f}' for a in sp.acceptance_by_depth)}), {sp.steps} verification steps")
+    elif args.draft:
+        log("speculation: off for this request (sampled requests are decoded without a draft for now)")
     return 0
 
 

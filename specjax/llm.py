@@ -24,6 +24,9 @@ from specjax.config import resolve_dtype
 from specjax.params import inference_params
 from specjax.runner import EngineConfig, ModelRunner, StepInput
 from specjax.sampling import SamplingParams, request_key
+from specjax.speculation.chain import ChainDrafter
+from specjax.speculation.stats import SpeculationStats
+from specjax.speculation.tree import TokenTree, tree_bucket
 
 Message = dict
 Prompt = Union[str, Sequence[int], Sequence[Message]]
@@ -35,7 +38,8 @@ class RequestStats:
     generated_tokens: int = 0
     prefill_time_s: float = 0.0  # device time of this request's prefill steps
     ttft_s: float = 0.0  # wall time from the start of generate() to its first token
-    decode_time_s: float = 0.0  # device time of the steps that produced tokens 2..n
+    decode_time_s: float = 0.0  # time of the steps that produced tokens 2..n (drafting included)
+    speculation: SpeculationStats | None = None  # set when the request was decoded speculatively
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -78,7 +82,8 @@ class LLM:
     """
 
     def __init__(self, model: str | os.PathLike | LoadedModel = "smollm2-135m", *, dtype: str = "auto",
-                 engine: EngineConfig | None = None, seed: int | None = None):
+                 engine: EngineConfig | None = None, seed: int | None = None,
+                 draft: str | os.PathLike | LoadedModel | None = None, num_speculative_tokens: int = 4):
         """``model``: a built-in name, a GGUF file, an HF or specjax checkpoint directory, or a
         LoadedModel (``dtype`` is then ignored). On a CPU, bf16 weights are stored as bf16 bits and
         computed with in fp32 (``params.inference_params``)."""
@@ -92,6 +97,11 @@ class LLM:
         self.tokenizer = loaded.tokenizer
         self.model_name = loaded.source
         self.runner = ModelRunner(loaded.config, params, engine or EngineConfig())
+        self.drafter = None if draft is None else _make_drafter(draft, loaded.config)
+        if not 1 <= num_speculative_tokens < 128:
+            raise ValueError(f"num_speculative_tokens must be in [1, 127], got {num_speculative_tokens}")
+        self.num_speculative_tokens = num_speculative_tokens
+        self._tree_size = tree_bucket(num_speculative_tokens + 1)
         # Unseeded requests draw from this key; seeded ones are reproducible in any batch or run.
         self._global_key = jax.random.key(seed if seed is not None else secrets.randbits(63))
         self._requests_started = 0
@@ -136,6 +146,8 @@ class LLM:
             base_key = np.asarray(jax.random.key_data(key), np.uint32)
         output = RequestOutput(prompt=text, prompt_token_ids=ids)
         output.stats.prompt_tokens = len(ids)
+        if self.drafter is not None and params.greedy:
+            output.stats.speculation = SpeculationStats()
         return _Request(index=index, params=params, output=output, max_total=max_total, base_key=base_key,
                         stop_ids=frozenset(stop_ids), detok=self.tokenizer.incremental_decoder())
 
@@ -187,27 +199,71 @@ class LLM:
         waiting = deque(requests)
         running: list[_Request] = []
         start = time.perf_counter()
+
+        def admit(req: _Request) -> None:
+            runner.add_sequence(req.index, req.max_total)
+            if self._speculates(req):
+                self.drafter.start(req.index, req.max_total + self.num_speculative_tokens)
+            running.append(req)
+
+        def finish(req: _Request) -> None:
+            runner.release(req.index)
+            if self._speculates(req):
+                self.drafter.stop(req.index)
+            running.remove(req)
+
         try:
             while waiting or running:
                 while (waiting and len(running) < runner.engine.max_num_seqs
                        and runner.can_admit(waiting[0].max_total)):
-                    req = waiting.popleft()
-                    runner.add_sequence(req.index, req.max_total)
-                    running.append(req)
+                    admit(waiting.popleft())
                 prefilling = [r for r in running if r.prefilled < len(r.output.prompt_token_ids)]
-                batch = prefilling or list(running)  # a copy: finished requests leave `running` below
-                inputs = [self._step_input(r) for r in batch]
-                next_tokens, elapsed = runner.step(inputs)
-                for req, token in zip(batch, next_tokens):
-                    delta = self._advance(req, int(token), elapsed, start)
-                    if delta is not None:
+                speculating = [] if prefilling else [r for r in running if self._speculates(r)]
+                plain = prefilling or [r for r in running if r not in speculating]
+                if speculating:
+                    for req, delta in self._speculative_step(speculating, start):
                         yield req, delta
-                    if req.output.finished:
-                        runner.release(req.index)
-                        running.remove(req)
+                    for req in speculating:
+                        if req.output.finished:
+                            finish(req)
+                if plain:
+                    next_tokens, elapsed = runner.step([self._step_input(r) for r in plain])
+                    for req, token in zip(plain, next_tokens):
+                        delta = self._advance(req, int(token), elapsed, start)
+                        if delta is not None:
+                            yield req, delta
+                        if req.output.finished:
+                            finish(req)
         finally:
-            for req in running:  # an abandoned stream must not leak pages
-                runner.release(req.index)
+            for req in list(running):  # an abandoned stream must not leak pages
+                finish(req)
+
+    def _speculates(self, req: _Request) -> bool:
+        # Greedy requests only: sampled ones need stochastic verification (not built yet).
+        return self.drafter is not None and req.params.greedy
+
+    def _speculative_step(self, batch: list[_Request], start: float) -> Iterator[tuple[_Request, str]]:
+        """Draft a chain per request, verify all chains in one target pass, emit the accepted tokens."""
+        begin = time.perf_counter()
+        trees = []
+        for req in batch:
+            out = req.output
+            remaining = min(req.params.max_tokens - len(out.token_ids),
+                            req.max_total - len(out.prompt_token_ids) - len(out.token_ids))
+            k = min(self.num_speculative_tokens, remaining - 1)
+            context = out.prompt_token_ids + out.token_ids
+            proposals = self.drafter.propose(req.index, context, k) if k > 0 else []
+            trees.append(TokenTree.chain(out.token_ids[-1], proposals, size=self._tree_size))
+        new_tokens, _ = self.runner.verify([r.index for r in batch], trees)
+        elapsed = time.perf_counter() - begin  # drafting included: it is part of what a token costs
+        for req, tree, tokens in zip(batch, trees, new_tokens):
+            req.output.stats.speculation.record(tree.num_nodes - 1, tree.num_nodes - 1, len(tokens) - 1)
+            for i, token in enumerate(tokens):
+                delta = self._advance(req, token, elapsed if i == 0 else 0.0, start)
+                if delta:
+                    yield req, delta
+                if req.output.finished:
+                    break
 
     def _step_input(self, req: _Request) -> StepInput:
         out = req.output
@@ -274,3 +330,21 @@ def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
                 best = n
                 break
     return best
+
+
+def _make_drafter(draft, target_config) -> ChainDrafter:
+    """A chain drafter from a trained draft (name or directory) or any model sharing the tokenizer."""
+    if isinstance(draft, LoadedModel):
+        config, params, vocab = draft.config, inference_params(draft.params), None
+    else:
+        from specjax.checkpoints.registry import resolve_draft
+        from specjax.draft import load_draft
+
+        config, params, vocab = load_draft(resolve_draft(draft))
+        params = inference_params(params)
+    if vocab is None and config.vocab_size != target_config.vocab_size:
+        raise ValueError(f"the draft's vocabulary ({config.vocab_size}) differs from the target's "
+                         f"({target_config.vocab_size}) and it carries no id map")
+    return ChainDrafter(config, params, None if vocab is None else vocab.draft_to_target,
+                        None if vocab is None else vocab.target_to_draft,
+                        engine=EngineConfig(kv_cache_bytes=256 << 20))

@@ -1,19 +1,16 @@
 """The acceptance harness: a draft equal to the target accepts everything, a random one almost nothing."""
 
-import sys
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.acceptance import greedy_continuation, measure, replay_chain  # noqa: E402
-from specjax.config import ModelConfig  # noqa: E402
-from specjax.params import random_params  # noqa: E402
-from specjax.runner import EngineConfig, ModelRunner  # noqa: E402
-from specjax.speculation.chain import ChainDrafter  # noqa: E402
-from specjax.speculation.stats import SpeculationStats  # noqa: E402
+from benchmarks.acceptance import greedy_continuation, measure, replay_chain
+from specjax.config import ModelConfig
+from specjax.params import random_params
+from specjax.runner import EngineConfig, ModelRunner
+from specjax.speculation.chain import ChainDrafter
+from specjax.speculation.stats import SpeculationStats
 
 TARGET = ModelConfig(vocab_size=101, hidden_size=48, intermediate_size=96, num_layers=2, num_heads=4,
                      num_kv_heads=2, head_dim=12, max_position_embeddings=512)

@@ -1,18 +1,15 @@
 """Token trees: construction, validation, masks; greedy tree verification is lossless."""
 
-import sys
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.acceptance import greedy_continuation  # noqa: E402
-from specjax.config import ModelConfig  # noqa: E402
-from specjax.params import random_params  # noqa: E402
-from specjax.runner import EngineConfig, ModelRunner, StepInput  # noqa: E402
-from specjax.speculation.tree import TokenTree, TreeError, stack_trees, tree_bucket  # noqa: E402
+from benchmarks.acceptance import greedy_continuation
+from specjax.config import ModelConfig
+from specjax.params import random_params
+from specjax.runner import EngineConfig, ModelRunner, StepInput
+from specjax.speculation.tree import TokenTree, TreeError, stack_trees, tree_bucket
 
 TARGET = ModelConfig(vocab_size=101, hidden_size=48, intermediate_size=96, num_layers=2, num_heads=4,
                      num_kv_heads=2, head_dim=12, max_position_embeddings=512)

@@ -64,6 +64,29 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
 }
 
 
+# Draft models trained by `python -m training.distill_draft` and committed with the package.
+DRAFTS_DIR = Path(__file__).resolve().parent.parent / "drafts"
+BUILTIN_DRAFTS = {
+    "smollm2-135m-draft-a": "draft for smollm2-135m, distilled from it (training/distill_draft.py --name a)",
+    "smollm2-135m-draft-b": "draft for smollm2-135m, boost-tuned on draft A's misses (--name b)",
+}
+
+
+def resolve_draft(name_or_path: str | os.PathLike) -> Path:
+    """A draft's directory: a built-in draft name or an existing draft directory."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if str(name_or_path) in BUILTIN_DRAFTS:
+        builtin = DRAFTS_DIR / str(name_or_path)
+        if not builtin.is_dir():
+            raise ModelNotFoundError(f"draft {name_or_path!r} is not in this installation ({builtin} is missing); "
+                                     "train it with `python -m training.distill_draft`")
+        return builtin
+    raise ModelNotFoundError(f"unknown draft {str(name_or_path)!r}: not a built-in draft "
+                             f"({', '.join(BUILTIN_DRAFTS)}) and not an existing directory")
+
+
 @dataclass(frozen=True)
 class ResolvedModel:
     """Where a model's files are and which loader reads them."""

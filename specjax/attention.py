@@ -5,6 +5,8 @@ whole committed prefix (``context_lens``) and, among the new tokens, exactly tho
 ``new_mask`` allows. Causal prefill/decode is the lower-triangular mask; token-tree verification
 passes the tree's ancestor mask. New tokens' K/V are not read back from the cache: they are used
 straight from the projection, so a verifier can score a tree and commit only the accepted nodes.
+A draft growing a token tree depth by depth keeps the nodes it has run in the cache just past the
+committed prefix; ``tree_mask`` says which of those cached nodes (the ancestors) each new token sees.
 
 This module holds the pure-JAX reference (XLA everywhere). Pallas kernels plug in behind the same
 signature.
@@ -31,11 +33,14 @@ class AttentionMetadata:
         prefix are ignored; P is bucketed so the step reads only the pages in use).
     context_lens: [B] int32, committed tokens before this step's new tokens.
     new_mask: [B, T, T] bool, ``new_mask[b, i, j]``: new token i may attend to new token j.
+    tree_mask: [B, T, M] bool or None, ``tree_mask[b, i, m]``: new token i also sees the cached token
+        at position ``context_lens[b] + m`` (a draft's earlier tree nodes); None: nothing past the prefix.
     """
 
     block_tables: jax.Array
     context_lens: jax.Array
     new_mask: jax.Array
+    tree_mask: jax.Array | None = None
 
 
 def causal_mask(batch: int, length: int) -> jax.Array:
@@ -73,6 +78,18 @@ def masked_attention(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax
     return out.reshape(b, t, hq, hd).astype(q.dtype)
 
 
+def _prefix_visible(meta: AttentionMetadata, s: int, t: int) -> jax.Array:
+    """[B, T, S] bool: which of the S gathered cache positions each new token sees."""
+    offset = jnp.arange(s)[None, :] - meta.context_lens[:, None]  # [B, S], < 0 inside the committed prefix
+    visible = jnp.broadcast_to((offset < 0)[:, None, :], (offset.shape[0], t, s))
+    if meta.tree_mask is None:
+        return visible
+    m = meta.tree_mask.shape[-1]
+    index = jnp.broadcast_to(jnp.clip(offset, 0, m - 1)[:, None, :], visible.shape)
+    in_tree = ((offset >= 0) & (offset < m))[:, None, :] & jnp.take_along_axis(meta.tree_mask, index, axis=2)
+    return visible | in_tree
+
+
 def paged_attention(q: jax.Array, new_k: jax.Array, new_v: jax.Array, k_pool: jax.Array, v_pool: jax.Array,
                     layer: jax.Array, meta: AttentionMetadata) -> jax.Array:
     """Attention of T new tokens over their committed prefix (paged) and each other (masked).
@@ -96,8 +113,7 @@ def paged_attention(q: jax.Array, new_k: jax.Array, new_v: jax.Array, k_pool: ja
                                precision=precision) * scale
     new_scores = jnp.einsum("btkgd,bskd->bkgts", qg, new_k, preferred_element_type=jnp.float32,
                             precision=precision) * scale
-    prefix_visible = jnp.arange(s)[None, :] < meta.context_lens[:, None]  # [B, S]
-    prefix_scores = jnp.where(prefix_visible[:, None, None, None, :], prefix_scores, MASKED_SCORE)
+    prefix_scores = jnp.where(_prefix_visible(meta, s, t)[:, None, None], prefix_scores, MASKED_SCORE)
     new_scores = jnp.where(meta.new_mask[:, None, None], new_scores, MASKED_SCORE)
 
     probs = jax.nn.softmax(jnp.concatenate([prefix_scores, new_scores], axis=-1), axis=-1)

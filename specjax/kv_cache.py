@@ -65,6 +65,32 @@ def write_kv(cache: KVCache, new_k: jax.Array, new_v: jax.Array, slots: jax.Arra
     return KVCache(k=scatter(cache.k, new_k), v=scatter(cache.v, new_v))
 
 
+def slot_ids(block_tables: jax.Array, positions: jax.Array, valid: jax.Array, page_size: int) -> jax.Array:
+    """Flat slots of sequence positions, computed on the device: [B, T] int32, INVALID_SLOT where
+    ``valid`` is false or the position lies past the block table.
+
+    block_tables: [B, P] int32 page ids; positions: [B, T] int32; valid: [B, T] bool.
+    """
+    page = positions // page_size
+    ok = valid & (positions >= 0) & (page < block_tables.shape[1])
+    pages = jnp.take_along_axis(block_tables, jnp.clip(page, 0, block_tables.shape[1] - 1), axis=1)
+    return jnp.where(ok, pages * page_size + positions % page_size, INVALID_SLOT).astype(jnp.int32)
+
+
+def copy_kv(cache: KVCache, src: jax.Array, dst: jax.Array) -> KVCache:
+    """Copy every layer's K/V from slots ``src`` to slots ``dst`` ([B, T] int32; INVALID_SLOT in
+    ``dst`` skips). All sources are read before any destination is written, so the two may overlap."""
+    n_layers, n_pages, page, hkv, hd = cache.k.shape
+    src = jnp.clip(src.reshape(-1), 0, n_pages * page - 1)
+    dst = dst.reshape(-1)
+
+    def move(pool):
+        flat = pool.reshape(n_layers, n_pages * page, hkv, hd)
+        return flat.at[:, dst].set(flat[:, src], mode="drop").reshape(pool.shape)
+
+    return KVCache(k=move(cache.k), v=move(cache.v))
+
+
 class OutOfPagesError(RuntimeError):
     """The page pool cannot hold what was asked of it."""
 

@@ -240,7 +240,7 @@ class ModelRunner:
                     block_tables=block_tables, context_lens=context_lens,
                     mask=np.where(np.arange(b)[:, None, None] < rows, pad(stacked["mask"], False), eye),
                     parents=pad(stacked["parents"], -1), depths=depths,
-                    num_nodes=pad(stacked["num_nodes"], 1), position_slots=position_slots)
+                    live=pad(stacked["live"], False), position_slots=position_slots)
         (last, path, bonus), elapsed = self._run(self._verify, ("verify", b, n, p), args)
         new_tokens = []
         for row, (seq_id, tree) in enumerate(zip(seq_ids, trees)):
@@ -263,10 +263,10 @@ def _step(params, *, config, cache, tokens, positions, block_tables, context_len
 
 
 def _verify_step(params, *, config, cache, tokens, positions, block_tables, context_lens, mask, parents, depths,
-                 num_nodes, position_slots):
+                 live, position_slots):
     meta = AttentionMetadata(block_tables=block_tables, context_lens=context_lens, new_mask=mask)
     logits, new_k, new_v = forward(params, config, tokens, positions, cache, meta)
-    last, path, bonus = greedy_accept(logits, tokens, parents, depths, mask, num_nodes)
+    last, path, bonus = greedy_accept(logits, tokens, parents, depths, mask, live)
     # Accepted node at depth d lands at position context_len + d; everything else is dropped.
     slots = jnp.where(path, jnp.take_along_axis(position_slots, depths, axis=1), INVALID_SLOT)
     cache = write_kv(cache, new_k, new_v, slots)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from specjax.config import ModelConfig
-from specjax.kv_cache import INVALID_SLOT, OutOfPagesError, PageTable, init_kv_cache, write_kv
+from specjax.kv_cache import INVALID_SLOT, OutOfPagesError, PageTable, copy_kv, init_kv_cache, slot_ids, write_kv
 
 
 def test_pages_are_freed_and_reused():
@@ -81,3 +81,25 @@ def test_truncate_rolls_back_and_slots_are_reused():
     np.testing.assert_array_equal(table.slots("s", table.length("s"), 3), slots_before)
     with pytest.raises(ValueError, match="truncate"):
         table.truncate("s", 8)
+
+
+def test_device_slots_and_copies():
+    """slot_ids is PageTable.slots on the device; copy_kv reads every source before writing, so
+    overlapping moves (tree nodes sliding down to their final positions) are exact."""
+    table = PageTable(num_pages=8, page_size=4)
+    table.add("a")
+    table.reserve("a", 20)
+    blocks = jnp.asarray(table.block_table(["a"], 5))
+    positions = jnp.arange(20)[None]
+    np.testing.assert_array_equal(slot_ids(blocks, positions, positions < 17, 4)[0, :17], table.slots("a", 0, 17))
+    assert np.all(np.asarray(slot_ids(blocks, positions, positions < 17, 4))[0, 17:] == INVALID_SLOT)
+    assert slot_ids(blocks, jnp.array([[20]]), jnp.array([[True]]), 4)[0, 0] == INVALID_SLOT  # past the table
+
+    config = ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=2, num_heads=2, num_kv_heads=1,
+                         head_dim=4)
+    cache = init_kv_cache(config, num_pages=2, page_size=4)
+    values = jnp.arange(8, dtype=jnp.float32)[None, :, None, None] * jnp.ones((2, 8, 1, 4))
+    cache = write_kv(cache, values[:, None], values[:, None], jnp.arange(8)[None])
+    moved = copy_kv(cache, jnp.array([[3, 4, 6]]), jnp.array([[2, 3, INVALID_SLOT]]))  # 3 -> 2 and 4 -> 3
+    flat = np.asarray(moved.k).reshape(2, 8, 4)[0, :, 0]
+    np.testing.assert_array_equal(flat, [0, 1, 3, 4, 4, 5, 6, 7])

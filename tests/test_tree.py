@@ -1,7 +1,8 @@
-"""Token trees: construction, validation, masks; greedy tree verification is lossless."""
+"""Token trees: construction, validation, masks, device trees, merging; greedy tree verification is lossless."""
 
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -9,7 +10,9 @@ from benchmarks.acceptance import greedy_continuation
 from specjax.config import ModelConfig
 from specjax.params import random_params
 from specjax.runner import EngineConfig, ModelRunner, StepInput
-from specjax.speculation.tree import TokenTree, TreeError, stack_trees, tree_bucket
+from specjax.speculation.merge import merge_trees
+from specjax.speculation.tree import TokenTree, TreeError, device_ancestor_mask, stack_trees, tree_bucket
+from specjax.speculation.tree_draft import DraftTree, TreeShape
 
 TARGET = ModelConfig(vocab_size=101, hidden_size=48, intermediate_size=96, num_layers=2, num_heads=4,
                      num_kv_heads=2, head_dim=12, max_position_embeddings=512)
@@ -31,6 +34,62 @@ def test_tree_arrays_masks_and_paths():
     assert sorted(tree.paths()) == [[1, 3], [1, 4], [2, 5]]
     assert tree.pretty().splitlines()[0] == "[0] 7" and "    [3] 3" in tree.pretty()
     assert "paths=3" in repr(tree)
+
+
+def test_device_trees_read_back_and_masks_agree():
+    tree = TokenTree.build(7, tokens=[1, 2, 3, 4, 5, 6], parents=[0, 0, 1, 1, 2, 5])
+    mask = device_ancestor_mask(jnp.asarray(tree.parents[None]), jnp.asarray(stack_trees([tree])["live"]), 6)
+    np.testing.assert_array_equal(np.asarray(mask[0]), tree.ancestor_mask)
+    # The same tree with dead nodes strewn in: node 2 (token 9) and its child are dead.
+    tokens, parents = [7, 1, 9, 2, 3, 8, 4, 5, 6], [-1, 0, 0, 0, 1, 2, 1, 3, 7]
+    live = [True, True, False, True, True, False, True, True, True]
+    read = TokenTree.from_arrays(tokens, parents, live)
+    assert sorted(read.paths()) == sorted(tree.paths())
+    with pytest.raises(TreeError, match="dead or missing parent"):
+        TokenTree.from_arrays(tokens, parents, [True, True, False] + [True] * 6)  # 8 under the dead 9
+
+
+def test_tree_shapes_count_their_nodes():
+    specinfer = TreeShape((1, 1, 3, 1, 1, 1, 1, 1))
+    assert specinfer.level_sizes == (1, 1, 1, 3, 3, 3, 3, 3, 3) and specinfer.num_nodes == 21
+    assert specinfer.num_fed == 1 + 1 + 3 * 5 and specinfer.samples
+    beam = TreeShape((4, 4, 4), beam=2, budget=10)
+    assert beam.level_sizes == (1, 4, 8, 8) and beam.num_nodes == 10 and not beam.samples
+    assert TreeShape(()).num_nodes == 1
+    with pytest.raises(ValueError, match="positive integers"):
+        TreeShape((2, 0))
+    with pytest.raises(ValueError, match="budget 30 exceeds"):
+        TreeShape((2, 2), budget=30)
+
+
+def _draft_tree(tokens, parents, live):
+    """A DraftTree of one row from lists (the fields merging does not read are placeholders)."""
+    n = len(tokens)
+
+    def row(x, dtype):
+        return jnp.asarray([x], dtype)
+
+    return DraftTree(tokens=row(tokens, jnp.int32), parents=row(parents, jnp.int32), depths=row(
+        TokenTree.build(tokens[0], tokens[1:], [max(p, 0) for p in parents[1:]]).depths[:n], jnp.int32),
+        live=row(live, bool), scratch=jnp.full((1, n), -1, jnp.int32), logq=jnp.zeros((1, n)),
+        q_logits=jnp.zeros((1, n, 16)), length=jnp.zeros(1, jnp.int32))
+
+
+def test_merged_trees_keep_every_sequence_and_share_prefixes():
+    """SpecInfer Def. 3.2: every token sequence of every draft's tree is in the merged tree, and
+    sequences with a common prefix share its nodes."""
+    a = _draft_tree([7, 1, 2, 3, 4, 9], [-1, 0, 0, 1, 1, 2], [True] * 5 + [False])  # 9 is dead
+    b = _draft_tree([7, 1, 5, 3, 6], [-1, 0, 0, 1, 2], [True] * 5)  # 1 -> 3 repeats a's path
+    merged = merge_trees([a, b], size=16, max_depth=3)
+    tree = TokenTree.from_arrays(merged.tokens[0], merged.parents[0], merged.live[0])
+    assert sorted(tree.paths()) == [[1, 3], [1, 4], [2], [5, 6]]
+    assert tree.num_nodes == 7  # root, 1, 2, 3, 4, 5, 6: b's 1 and 1 -> 3 were shared
+    np.testing.assert_array_equal(np.asarray(merged.mask[0]), device_ancestor_mask(
+        merged.parents, merged.live, 3)[0])
+    # Every proposal still points at the merged node it became and the node it hangs under.
+    canon, under = np.asarray(merged.canon[0]), np.asarray(merged.under[0])
+    assert canon[6] == 1 and canon[8] == 3 and under[8] == 1  # b's nodes 1 and 3 sit at 6 and 8
+    assert list(np.asarray(merged.draft[0, :10])) == [-1, 0, 0, 0, 0, 0, 1, 1, 1, 1]
 
 
 def test_bad_trees_are_rejected():

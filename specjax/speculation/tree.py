@@ -9,6 +9,10 @@ parent has a smaller index (nodes are in topological order, e.g. by depth). Padd
 Arrays per tree: tokens [N] int32, parents [N] int32 (-1 for the root and padding), depths [N]
 int32 (root 0). The visibility mask ``ancestor_mask`` [N, N] says which nodes each node sees (its
 ancestors and itself); together with the committed prefix it is the attention mask of verification.
+
+On the device, trees drafted inside a jitted step keep their static size and mark nodes with a
+``live`` [B, N] flag instead (a node whose parent is dead is dead; dead nodes are padding wherever
+they sit); ``device_ancestor_mask`` builds their masks, ``TokenTree.from_arrays`` reads one back.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 TREE_SIZES = (16, 32, 64, 128)
@@ -60,6 +66,20 @@ class TokenTree:
         tree = cls(tokens=all_tokens, parents=all_parents, num_nodes=n)
         tree.validate()
         return tree
+
+    @classmethod
+    def from_arrays(cls, tokens, parents, live) -> "TokenTree":
+        """One device tree ([N] tokens, parents, live; dead nodes anywhere) as a compact TokenTree."""
+        tokens, parents, live = np.asarray(tokens), np.asarray(parents), np.asarray(live, bool)
+        kept = np.flatnonzero(live)
+        if kept.size == 0 or kept[0] != 0:
+            raise TreeError("a device tree needs a live root at node 0")
+        index = np.full(len(tokens), -1)
+        index[kept] = np.arange(kept.size)
+        new_parents = index[parents[kept[1:]]]
+        if np.any(parents[kept[1:]] < 0) or np.any(new_parents < 0):
+            raise TreeError("a live node has a dead or missing parent")
+        return cls.build(int(tokens[0]), tokens[kept[1:]].tolist(), new_parents.tolist())
 
     @classmethod
     def chain(cls, root_token: int, tokens: Sequence[int], size: int | None = None) -> "TokenTree":
@@ -133,8 +153,23 @@ class TokenTree:
                 f"paths={len(self.paths())})")
 
 
+def device_ancestor_mask(parents: jax.Array, live: jax.Array, max_depth: int) -> jax.Array:
+    """[B, N, N] bool ancestor-or-self masks of device trees (parents, live [B, N]; no node deeper
+    than ``max_depth``). Dead rows see only themselves, like padding."""
+    n = parents.shape[-1]
+    eye = jnp.broadcast_to(jnp.eye(n, dtype=bool), parents.shape + (n,))
+    has_parent = (live & (parents >= 0))[..., None]
+    parent_rows = jnp.clip(parents, 0, n - 1)[..., None]
+
+    def extend(_, mask):  # each pass adds one more generation of ancestors
+        return eye | (has_parent & jnp.take_along_axis(mask, parent_rows, axis=-2))
+
+    return jax.lax.fori_loop(0, max_depth, extend, eye)
+
+
 def stack_trees(trees: Sequence[TokenTree]) -> dict[str, np.ndarray]:
-    """[B, N] tokens, parents, depths and [B, N, N] masks of same-size trees, for a verification step."""
+    """[B, N] tokens, parents, depths, live flags and [B, N, N] masks of same-size trees, for a
+    verification step."""
     sizes = {t.size for t in trees}
     if len(sizes) != 1:
         raise TreeError(f"trees in one step must share a size, got {sorted(sizes)}")
@@ -143,5 +178,5 @@ def stack_trees(trees: Sequence[TokenTree]) -> dict[str, np.ndarray]:
         "parents": np.stack([t.parents for t in trees]),
         "depths": np.stack([t.depths for t in trees]),
         "mask": np.stack([t.ancestor_mask for t in trees]),
-        "num_nodes": np.array([t.num_nodes for t in trees], np.int32),
+        "live": np.stack([np.arange(t.size) < t.num_nodes for t in trees]),
     }

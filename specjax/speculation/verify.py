@@ -3,6 +3,22 @@
 Greedy: the accepted path follows, from the root, the child whose token is the target's argmax at
 its parent; the target's argmax at the last accepted node is the bonus token. The output is the
 target's greedy decoding token for token.
+
+Stochastic: SpecInfer's multi-step speculative sampling (MSS). At the current node, with p the
+target's distribution there (the request's temperature / top-k / top-p applied), the proposals
+under it are tried in turn; proposal x drawn from q is accepted with probability
+min(1, p(x) / q(x)), and on rejection p becomes normalize(max(0, p - q)). When every proposal is
+rejected the bonus token is drawn from what is left of p. Each trial is one step of ordinary
+speculative sampling, which emits a token distributed as its p *provided x was drawn from q
+given everything tried before it*; chained, the emitted token follows the target's p exactly.
+
+That proviso decides what q is. A draft's k children of a node are drawn without replacement,
+so the i-th child's q is the draft's distribution with its earlier siblings' tokens removed and
+renormalised, and siblings are tried in draw order (itself random). Deterministic proposals
+(greedy drafts, budgeted trees) have a point mass q: accepted with probability p(x), and a
+rejection zeroes p(x). Children of different drafts are independent, so each draft's siblings
+start again from that draft's distribution. A duplicate of an already rejected token has
+p(x) = 0 by then and is rejected, but its residual step still counts.
 """
 
 from __future__ import annotations
@@ -12,18 +28,18 @@ import jax.numpy as jnp
 
 
 def greedy_accept(logits: jax.Array, tokens: jax.Array, parents: jax.Array, depths: jax.Array,
-                  mask: jax.Array, num_nodes: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+                  mask: jax.Array, live: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Longest accepted path of each tree.
 
     logits [B, N, V] (the target's, at every node); tokens, parents, depths [B, N] int32;
-    mask [B, N, N] ancestor-or-self; num_nodes [B]. Returns (last [B] int32: deepest accepted node,
+    mask [B, N, N] ancestor-or-self; live [B, N] bool (false for padding). Returns (last [B] int32: deepest accepted node,
     path [B, N] bool: the root and accepted nodes, bonus [B] int32: the target's token after ``last``).
     """
     n = tokens.shape[1]
     index = jnp.arange(n)
     prediction = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B, N]
     parent_prediction = jnp.take_along_axis(prediction, jnp.maximum(parents, 0), axis=1)
-    ok = ((tokens == parent_prediction) | (index == 0)) & (index < num_nodes[:, None])
+    ok = ((tokens == parent_prediction) | (index == 0)) & live
     accepted = ~jnp.any(mask & ~ok[:, None, :], axis=-1)  # every ancestor-or-self matched
     # Deepest accepted node; among equals (duplicate siblings) the lowest index.
     score = jnp.where(accepted, depths * (n + 1) + (n - index), -1)
@@ -31,3 +47,55 @@ def greedy_accept(logits: jax.Array, tokens: jax.Array, parents: jax.Array, dept
     path = jnp.take_along_axis(mask, last[:, None, None], axis=1)[:, 0]
     bonus = jnp.take_along_axis(prediction, last[:, None], axis=1)[:, 0]
     return last, path, bonus
+
+
+def mss_accept(target_probs: jax.Array, tokens: jax.Array, mask: jax.Array, canon: jax.Array, parents: jax.Array,
+               group: jax.Array, proposed: jax.Array, draft_probs: jax.Array, deterministic: jax.Array,
+               keys: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Multi-step speculative sampling over each row's proposals.
+
+    target_probs [B, N, V]: the target's processed distribution at every tree node; tokens [B, N];
+    mask [B, N, N] ancestor-or-self of the tree; per proposal (indexed like the nodes, see
+    ``merge.MergedTree``): canon [B, N] the node accepting it moves to, parents [B, N] the tree
+    node it is a child of, group [B, N] equal for one draft's siblings (tried in index order),
+    proposed [B, N] bool, draft_probs [B, N, V] the draft distribution it was drawn from (before
+    removing earlier siblings), deterministic [B, N] bool (point-mass proposals); keys [B] typed.
+    Returns (last [B], path [B, N] bool, bonus [B]) like ``greedy_accept``.
+    """
+    return jax.vmap(_mss_row)(target_probs, tokens, mask, canon, parents, group, proposed, draft_probs,
+                              deterministic, keys)
+
+
+def _normalized(x: jax.Array, fallback: jax.Array) -> jax.Array:
+    total = jnp.sum(x)
+    return jnp.where(total > 0, x / jnp.where(total > 0, total, 1.0), fallback)
+
+
+def _mss_row(target_probs, tokens, mask, canon, parents, group, proposed, draft_probs, deterministic, key):
+    n, v = target_probs.shape
+    index = jnp.arange(n)
+    # Children of one node are contiguous in this order, and every node's come after its parent's.
+    order = jnp.argsort(jnp.where(proposed, parents * n + index, n * n + index))
+    uniforms = jax.random.uniform(jax.random.fold_in(key, 0), (n,))
+    vocab = jnp.arange(v)
+
+    def trial(carry, j):
+        node, p, q, current_group = carry
+        active = proposed[j] & (parents[j] == node)
+        q_j = jnp.where(group[j] != current_group, draft_probs[j], q)  # first sibling of its draft here
+        x = tokens[j]
+        point = vocab == x
+        q_x = jnp.where(deterministic[j], 1.0, q_j[x])
+        accept = active & (uniforms[j] * q_x < p[x])
+        reject = active & ~accept
+        residual = _normalized(jnp.maximum(p - jnp.where(deterministic[j], point, q_j), 0.0), p)
+        without_x = _normalized(jnp.where(point, 0.0, q_j), q_j)
+        p = jnp.where(accept, target_probs[canon[j]], jnp.where(reject, residual, p))
+        q = jnp.where(reject, without_x, q)
+        current_group = jnp.where(reject, group[j], jnp.where(accept, -1, current_group))
+        return (jnp.where(accept, canon[j], node), p, q, current_group), None
+
+    init = (jnp.int32(0), target_probs[0], jnp.zeros(v, target_probs.dtype), jnp.int32(-1))
+    (last, p, _, _), _ = jax.lax.scan(trial, init, order)
+    bonus = jax.random.categorical(jax.random.fold_in(key, 1), jnp.log(p)).astype(jnp.int32)
+    return last, mask[last], bonus

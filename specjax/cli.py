@@ -13,6 +13,8 @@ examples:
   specjax generate --chat --prompt "What is speculative decoding?" --max-tokens 200
   specjax generate --model ./my-hf-checkpoint --prompt "def fib(n):" --temperature 0.8 --seed 1
   specjax generate --draft smollm2-135m-draft-a --prompt "Write a Python function that reverses a list."
+  specjax generate --speculate tree --draft smollm2-135m-draft-a --draft smollm2-135m-draft-b \
+      --expansion 1,1,3,1,1,1,1,1 --prompt "def quicksort(xs):"
   specjax models
 
 Models are named (see `specjax models`) or given as a local GGUF file or Hugging Face checkpoint
@@ -45,16 +47,48 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                      help="weights dtype; auto is bf16 on GPUs, fp32 on CPU (bfloat16 on a CPU stores bf16 "
                           "weights and computes in fp32: about 1.3x faster, slightly different numerics)")
-    gen.add_argument("--draft", help="speculate with this draft model (a built-in draft name or a draft "
-                     "directory); greedy requests are verified losslessly by the target")
+    gen.add_argument("--draft", action="append", default=[],
+                     help="speculate with this draft model (a built-in draft name or a draft directory); repeat "
+                          "for several drafts, whose trees are merged. The target verifies losslessly, greedy "
+                          "and sampled alike")
+    gen.add_argument("--speculate", choices=["chain", "tree"], default="chain",
+                     help="chain: each draft proposes --speculative-tokens tokens in a row; tree: token trees "
+                          "grown by --expansion (default: %(default)s)")
     gen.add_argument("--speculative-tokens", "-k", type=int, default=4,
-                     help="draft tokens proposed per verification step (default: %(default)s)")
+                     help="chain length per verification step (default: %(default)s)")
+    gen.add_argument("--expansion", default="1,1,3,1,1,1,1,1",
+                     help="tree: children per node at each depth, comma-separated (default: SpecInfer's %(default)s)")
+    gen.add_argument("--max-nodes", type=int, default=64,
+                     help="tree: most nodes of the merged tree, root included, at most 128 (default: %(default)s)")
+    gen.add_argument("--dynamic", action="store_true",
+                     help="tree: keep only the --max-nodes most probable nodes (by cumulative draft probability)")
     gen.add_argument("--no-stream", action="store_true", help="print the text only when done")
     gen.add_argument("--quiet", "-q", action="store_true", help="print only the generated text, no statistics")
 
     commands.add_parser("models", help="list the built-in model names",
                         description="List the built-in model names and where each comes from.")
     return parser
+
+
+def _speculation(args):
+    """The TreeSpeculation the speculation flags ask for, or None without --draft."""
+    from specjax.speculation.speculator import TreeSpeculation
+
+    if not args.draft:
+        if args.speculate == "tree" or args.dynamic:
+            raise ValueError("--speculate tree and --dynamic need at least one --draft")
+        return None
+    if args.speculate == "chain":
+        if not 1 <= args.speculative_tokens < 128:
+            raise ValueError(f"--speculative-tokens must be in [1, 127], got {args.speculative_tokens}")
+        return TreeSpeculation(drafts=tuple(args.draft), expansion=(1,) * args.speculative_tokens,
+                               max_nodes=min(128, 1 + len(args.draft) * args.speculative_tokens))
+    try:
+        expansion = tuple(int(k) for k in args.expansion.split(",") if k.strip())
+    except ValueError:
+        raise ValueError(f"--expansion takes comma-separated integers, got {args.expansion!r}") from None
+    return TreeSpeculation(drafts=tuple(args.draft), expansion=expansion, max_nodes=args.max_nodes,
+                           dynamic=args.dynamic)
 
 
 def _generate(args) -> int:
@@ -75,8 +109,9 @@ def _generate(args) -> int:
         raise ValueError("--system needs --chat")
 
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    speculation = _speculation(args)
     log(f"loading {args.model} …")
-    llm = LLM(args.model, dtype=args.dtype, draft=args.draft, num_speculative_tokens=args.speculative_tokens)
+    llm = LLM(args.model, dtype=args.dtype, speculation=speculation)
     if args.no_stream:
         output = llm.generate(prompt, params)[0]
         print(output.text, flush=True)
@@ -90,16 +125,15 @@ def _generate(args) -> int:
         f"finish: {output.finish_reason}]")
     log(f"prompt {s.prompt_tokens} tokens, prefill {s.prefill_time_s * 1e3:.1f} ms, "
         f"time to first token {s.ttft_s * 1e3:.1f} ms")
-    compile_s = llm.runner.compile_time_s + (llm.drafter.runner.compile_time_s if llm.drafter else 0.0)
     log(f"generated {s.generated_tokens} tokens, decode {s.decode_tokens_per_s:.1f} tokens/s "
-        f"(compile {compile_s:.1f} s, not counted)")
+        f"(compile {llm.compile_time_s:.1f} s, not counted)")
     if s.speculation is not None and s.speculation.steps:
         sp = s.speculation
-        log(f"speculation: draft {args.draft}, k={args.speculative_tokens}: {sp.tau:.2f} tokens per target step, "
+        shape = (f"chain of {args.speculative_tokens}" if args.speculate == "chain"
+                 else f"tree <{args.expansion}>, at most {args.max_nodes} nodes{' (dynamic)' if args.dynamic else ''}")
+        log(f"speculation: {' + '.join(args.draft)}, {shape}: {sp.tau:.2f} tokens per target step, "
             f"acceptance {sp.acceptance_rate:.0%} (by depth: "
             f"{' '.join(f'{a:.2f}' for a in sp.acceptance_by_depth)}), {sp.steps} verification steps")
-    elif args.draft:
-        log("speculation: off for this request (sampled requests are decoded without a draft for now)")
     return 0
 
 

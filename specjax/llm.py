@@ -24,9 +24,8 @@ from specjax.config import resolve_dtype
 from specjax.params import inference_params
 from specjax.runner import EngineConfig, ModelRunner, StepInput
 from specjax.sampling import SamplingParams, request_key
-from specjax.speculation.chain import ChainDrafter
+from specjax.speculation.speculator import TreeSpeculation, TreeSpeculator
 from specjax.speculation.stats import SpeculationStats
-from specjax.speculation.tree import TokenTree, tree_bucket
 
 Message = dict
 Prompt = Union[str, Sequence[int], Sequence[Message]]
@@ -79,14 +78,34 @@ class LLM:
 
     >>> llm = LLM("smollm2-135m")
     >>> out = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=16))
+
+    Speculative decoding, lossless for greedy and sampled requests alike:
+
+    >>> llm = LLM("smollm2-135m", speculation=TreeSpeculation(
+    ...     drafts=["smollm2-135m-draft-a", "smollm2-135m-draft-b"], expansion=(1, 1, 3, 1, 1, 1, 1, 1)))
     """
 
     def __init__(self, model: str | os.PathLike | LoadedModel = "smollm2-135m", *, dtype: str = "auto",
                  engine: EngineConfig | None = None, seed: int | None = None,
-                 draft: str | os.PathLike | LoadedModel | None = None, num_speculative_tokens: int = 4):
+                 draft: str | os.PathLike | LoadedModel | None = None, num_speculative_tokens: int = 4,
+                 speculation: TreeSpeculation | None = None):
         """``model``: a built-in name, a GGUF file, an HF or specjax checkpoint directory, or a
         LoadedModel (``dtype`` is then ignored). On a CPU, bf16 weights are stored as bf16 bits and
-        computed with in fp32 (``params.inference_params``)."""
+        computed with in fp32 (``params.inference_params``).
+
+        ``speculation``: token trees from draft models (``TreeSpeculation``). ``draft`` with
+        ``num_speculative_tokens`` is the short form of a chain from one draft,
+        ``TreeSpeculation(drafts=[draft], expansion=(1,) * num_speculative_tokens)``.
+        """
+        if draft is not None and speculation is not None:
+            raise ValueError("give either draft= (a chain) or speculation=TreeSpeculation(...), not both")
+        if not isinstance(num_speculative_tokens, int) or not 1 <= num_speculative_tokens < 128:
+            raise ValueError(f"num_speculative_tokens must be in [1, 127], got {num_speculative_tokens}")
+        if draft is not None:
+            speculation = TreeSpeculation(drafts=(draft,), expansion=(1,) * num_speculative_tokens,
+                                          max_nodes=num_speculative_tokens + 1)
+        if speculation is not None and not isinstance(speculation, TreeSpeculation):
+            raise TypeError(f"speculation must be a TreeSpeculation, got {type(speculation).__name__}")
         loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=resolve_dtype(dtype))
         params = inference_params(loaded.params)
         self.weights = ("bfloat16 weights, fp32 arithmetic" if params.layers.wqkv.dtype == jnp.uint16
@@ -97,11 +116,14 @@ class LLM:
         self.tokenizer = loaded.tokenizer
         self.model_name = loaded.source
         self.runner = ModelRunner(loaded.config, params, engine or EngineConfig())
-        self.drafter = None if draft is None else _make_drafter(draft, loaded.config)
-        if not 1 <= num_speculative_tokens < 128:
-            raise ValueError(f"num_speculative_tokens must be in [1, 127], got {num_speculative_tokens}")
-        self.num_speculative_tokens = num_speculative_tokens
-        self._tree_size = tree_bucket(num_speculative_tokens + 1)
+        self.speculation = speculation
+        self.speculator = None
+        if speculation is not None:
+            self.speculator = TreeSpeculator(self.runner, [_load_draft(d, loaded) for d in speculation.drafts],
+                                             speculation.tree_shapes())
+            if not (self._fits(self.speculator.depth + 2) and self.speculator.fits(2)):
+                raise ValueError(f"a tree of depth {self.speculator.depth} with {speculation.max_nodes} nodes does "
+                                 "not fit the KV cache: lower max_nodes or the expansion, or raise kv_cache_bytes")
         # Unseeded requests draw from this key; seeded ones are reproducible in any batch or run.
         self._global_key = jax.random.key(seed if seed is not None else secrets.randbits(63))
         self._requests_started = 0
@@ -109,6 +131,18 @@ class LLM:
     @property
     def max_model_len(self) -> int:
         return self.runner.max_model_len
+
+    @property
+    def compile_time_s(self) -> float:
+        """Seconds spent compiling steps so far (never counted in any step's time)."""
+        return self.runner.compile_time_s + (self.speculator.all_compile_time_s if self.speculator else 0.0)
+
+    def _extra_tokens(self) -> int:
+        """Cache positions a sequence needs past its last token: a verified tree writes its depth ahead."""
+        return self.speculator.depth if self.speculator else 0
+
+    def _fits(self, num_tokens: int) -> bool:
+        return self.runner.pages.pages_for(num_tokens) <= self.runner.pages.num_pages
 
     # -- inputs ---------------------------------------------------------------------------------
     def _prompt_ids(self, prompt: Prompt) -> tuple[str | None, list[int]]:
@@ -134,9 +168,12 @@ class LLM:
             raise ValueError(f"prompt {index} has {len(ids)} tokens; the context holds {self.max_model_len} "
                              "(prompt plus at least one generated token)")
         max_total = min(len(ids) + params.max_tokens, self.max_model_len)
-        if self.runner.pages.pages_for(max_total) > self.runner.pages.num_pages:
-            raise ValueError(f"prompt {index} needs {max_total} tokens of KV cache; the pool holds "
-                             f"{self.runner.pages.num_pages * self.runner.pages.page_size}")
+        if not self._fits(max_total + self._extra_tokens()):
+            raise ValueError(f"prompt {index} needs {max_total + self._extra_tokens()} tokens of KV cache; the pool "
+                             f"holds {self.runner.pages.num_pages * self.runner.pages.page_size}")
+        if self.speculator is not None and not self.speculator.fits(max_total):
+            raise ValueError(f"prompt {index} needs {max_total} tokens and the tree's scratch in each draft's KV "
+                             "cache, more than a draft's pool holds")
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids.update(self.tokenizer.eos_token_ids)
@@ -146,7 +183,7 @@ class LLM:
             base_key = np.asarray(jax.random.key_data(key), np.uint32)
         output = RequestOutput(prompt=text, prompt_token_ids=ids)
         output.stats.prompt_tokens = len(ids)
-        if self.drafter is not None and params.greedy:
+        if self.speculator is not None:
             output.stats.speculation = SpeculationStats()
         return _Request(index=index, params=params, output=output, max_total=max_total, base_key=base_key,
                         stop_ids=frozenset(stop_ids), detok=self.tokenizer.incremental_decoder())
@@ -200,25 +237,34 @@ class LLM:
         running: list[_Request] = []
         start = time.perf_counter()
 
+        speculator = self.speculator
+
         def admit(req: _Request) -> None:
-            runner.add_sequence(req.index, req.max_total)
-            if self._speculates(req):
-                self.drafter.start(req.index, req.max_total + self.num_speculative_tokens)
+            runner.add_sequence(req.index, req.max_total + self._extra_tokens())
+            if speculator is not None:
+                try:
+                    speculator.start(req.index, req.max_total)
+                except Exception:
+                    runner.release(req.index)
+                    raise
             running.append(req)
 
         def finish(req: _Request) -> None:
             runner.release(req.index)
-            if self._speculates(req):
-                self.drafter.stop(req.index)
+            if speculator is not None:
+                speculator.stop(req.index)
             running.remove(req)
+
+        def can_admit(req: _Request) -> bool:
+            return (runner.can_admit(req.max_total + self._extra_tokens())
+                    and (speculator is None or speculator.can_admit(req.max_total)))
 
         try:
             while waiting or running:
-                while (waiting and len(running) < runner.engine.max_num_seqs
-                       and runner.can_admit(waiting[0].max_total)):
+                while waiting and len(running) < runner.engine.max_num_seqs and can_admit(waiting[0]):
                     admit(waiting.popleft())
                 prefilling = [r for r in running if r.prefilled < len(r.output.prompt_token_ids)]
-                speculating = [] if prefilling else [r for r in running if self._speculates(r)]
+                speculating = [] if prefilling or speculator is None else list(running)
                 plain = prefilling or [r for r in running if r not in speculating]
                 if speculating:
                     for req, delta in self._speculative_step(speculating, start):
@@ -227,7 +273,10 @@ class LLM:
                         if req.output.finished:
                             finish(req)
                 if plain:
-                    next_tokens, elapsed = runner.step([self._step_input(r) for r in plain])
+                    inputs = [self._step_input(r) for r in plain]
+                    if speculator is not None:  # drafts read every prompt chunk the target reads
+                        speculator.prefill(inputs)
+                    next_tokens, elapsed = runner.step(inputs)
                     for req, token in zip(plain, next_tokens):
                         delta = self._advance(req, int(token), elapsed, start)
                         if delta is not None:
@@ -238,32 +287,29 @@ class LLM:
             for req in list(running):  # an abandoned stream must not leak pages
                 finish(req)
 
-    def _speculates(self, req: _Request) -> bool:
-        # Greedy requests only: sampled ones need stochastic verification (not built yet).
-        return self.drafter is not None and req.params.greedy
-
     def _speculative_step(self, batch: list[_Request], start: float) -> Iterator[tuple[_Request, str]]:
-        """Draft a chain per request, verify all chains in one target pass, emit the accepted tokens."""
-        begin = time.perf_counter()
-        trees = []
+        """Draft a tree per request, verify all trees in one target pass, emit the accepted tokens.
+
+        Sampled requests are verified by multi-step speculative sampling: their tokens follow the
+        target's distribution exactly, as plain sampling's do (not the same tokens for a seed)."""
+        inputs = []
         for req in batch:
-            out = req.output
-            remaining = min(req.params.max_tokens - len(out.token_ids),
-                            req.max_total - len(out.prompt_token_ids) - len(out.token_ids))
-            k = min(self.num_speculative_tokens, remaining - 1)
-            context = out.prompt_token_ids + out.token_ids
-            proposals = self.drafter.propose(req.index, context, k) if k > 0 else []
-            trees.append(TokenTree.chain(out.token_ids[-1], proposals, size=self._tree_size))
-        new_tokens, _ = self.runner.verify([r.index for r in batch], trees)
-        elapsed = time.perf_counter() - begin  # drafting included: it is part of what a token costs
-        for req, tree, tokens in zip(batch, trees, new_tokens):
-            req.output.stats.speculation.record(tree.num_nodes - 1, tree.num_nodes - 1, len(tokens) - 1)
-            for i, token in enumerate(tokens):
-                delta = self._advance(req, token, elapsed if i == 0 else 0.0, start)
+            out, p = req.output, req.params
+            inputs.append(StepInput(seq_id=req.index, tokens=out.prompt_token_ids + out.token_ids,
+                                    temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, base_key=req.base_key,
+                                    sample_index=len(out.token_ids)))
+        new_tokens, records, elapsed = self.speculator.step(inputs)  # drafting included in elapsed
+        for req, (proposed, depth, accepted), tokens in zip(batch, records, new_tokens):
+            used = 0
+            for token in tokens:
+                delta = self._advance(req, token, elapsed if used == 0 else 0.0, start)
+                used += 1
                 if delta:
                     yield req, delta
                 if req.output.finished:
                     break
+            # A finishing request may not need every accepted token: tau counts what it received.
+            req.output.stats.speculation.record(proposed, depth, accepted, tokens=used)
 
     def _step_input(self, req: _Request) -> StepInput:
         out = req.output
@@ -332,19 +378,27 @@ def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
     return best
 
 
-def _make_drafter(draft, target_config) -> ChainDrafter:
-    """A chain drafter from a trained draft (name or directory) or any model sharing the tokenizer."""
+def _load_draft(draft, target: LoadedModel):
+    """(config, params, draft_to_target, target_to_draft) of a trained draft (name or directory) or
+    of any model sharing the target's tokenizer; the maps are None for the target's own vocabulary."""
     if isinstance(draft, LoadedModel):
-        config, params, vocab = draft.config, inference_params(draft.params), None
-    else:
+        config, params, vocab = draft.config, draft.params, None
+        if (draft.tokenizer is not None and target.tokenizer is not None
+                and draft.tokenizer.backend.get_vocab() != target.tokenizer.backend.get_vocab()):
+            raise ValueError(f"the draft {draft.source} has another tokenizer than the target {target.source}")
+    elif isinstance(draft, (str, os.PathLike)):
         from specjax.checkpoints.registry import resolve_draft
         from specjax.draft import load_draft
 
         config, params, vocab = load_draft(resolve_draft(draft))
-        params = inference_params(params)
-    if vocab is None and config.vocab_size != target_config.vocab_size:
+    else:
+        raise TypeError(f"a draft is a draft name, a draft directory or a LoadedModel, got {type(draft).__name__}")
+    target_vocab = target.config.vocab_size
+    if vocab is None and config.vocab_size != target_vocab:
         raise ValueError(f"the draft's vocabulary ({config.vocab_size}) differs from the target's "
-                         f"({target_config.vocab_size}) and it carries no id map")
-    return ChainDrafter(config, params, None if vocab is None else vocab.draft_to_target,
-                        None if vocab is None else vocab.target_to_draft,
-                        engine=EngineConfig(kv_cache_bytes=256 << 20))
+                         f"({target_vocab}) and it carries no id map")
+    if vocab is not None and vocab.target_size != target_vocab:
+        raise ValueError(f"the draft's id map is for a vocabulary of {vocab.target_size} tokens; the target has "
+                         f"{target_vocab}")
+    return (config, inference_params(params), None if vocab is None else vocab.draft_to_target,
+            None if vocab is None else vocab.target_to_draft)

@@ -82,3 +82,12 @@ def test_greedy_continuation_stops_at_stop_ids(target):
 def test_stats_reject_inconsistent_steps():
     with pytest.raises(ValueError):
         SpeculationStats().record(proposed=2, depth=3, accepted=1)
+    with pytest.raises(ValueError):
+        SpeculationStats().record(proposed=3, depth=3, accepted=1, tokens=3)
+
+
+def test_a_finishing_step_counts_only_the_tokens_delivered():
+    stats = SpeculationStats()
+    stats.record(proposed=6, depth=3, accepted=3)
+    stats.record(proposed=6, depth=3, accepted=3, tokens=2)  # the request needed two more tokens
+    assert stats.tokens == 6 and stats.tau == 3.0 and stats.acceptance_rate == 0.5

@@ -1,7 +1,7 @@
 """Speculation metrics, the same everywhere they are reported.
 
 tau: mean tokens produced per target verification step (accepted draft tokens + the target's own
-token); acceptance rate: accepted / proposed draft tokens; acceptance at depth d: of the steps
+token; a request's last step counts only the tokens it still needed); acceptance rate: accepted / proposed draft tokens; acceptance at depth d: of the steps
 whose path reached depth d - 1, the share that accepted a token at depth d; wasted share: proposed
 tokens that were not accepted.
 """
@@ -20,11 +20,14 @@ class SpeculationStats:
     reached: list[int] = field(default_factory=list)  # reached[d]: steps with a proposal at depth d + 1
     accepted_at: list[int] = field(default_factory=list)  # accepted_at[d]: steps that accepted depth d + 1
 
-    def record(self, proposed: int, depth: int, accepted: int) -> None:
+    def record(self, proposed: int, depth: int, accepted: int, tokens: int | None = None) -> None:
         """One verification step: ``proposed`` draft tokens over a tree (or chain) of ``depth``
-        levels, of which the first ``accepted`` levels of one path were accepted."""
-        if not 0 <= accepted <= depth <= proposed:
-            raise ValueError(f"inconsistent step: proposed={proposed} depth={depth} accepted={accepted}")
+        levels, of which the first ``accepted`` levels of one path were accepted. ``tokens``: what
+        the step delivered, when a finishing request needed fewer than its ``accepted + 1``."""
+        tokens = accepted + 1 if tokens is None else tokens
+        if not (0 <= accepted <= depth <= proposed and 1 <= tokens <= accepted + 1):
+            raise ValueError(f"inconsistent step: proposed={proposed} depth={depth} accepted={accepted} "
+                             f"tokens={tokens}")
         grow = depth - len(self.reached)
         if grow > 0:
             self.reached.extend([0] * grow)
@@ -34,7 +37,7 @@ class SpeculationStats:
         for d in range(accepted):
             self.accepted_at[d] += 1
         self.steps += 1
-        self.tokens += accepted + 1
+        self.tokens += tokens
         self.proposed += proposed
         self.accepted += accepted
 

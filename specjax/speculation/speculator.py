@@ -1,0 +1,233 @@
+"""Tree speculation in the LLM engine: host-side bookkeeping around ``specinfer.speculative_step``.
+
+``TreeSpeculation`` is what a user asks for (drafts, expansion vector, node budget).
+``TreeSpeculator`` owns the drafts' runners (their page pools), keeps each draft's cache in step
+with the sequence, turns a batch of requests into a ``StepBatch`` from the page tables (rows,
+pending tokens and pages bucketed to powers of two) and runs it compiled per bucket, timing
+compilation apart like the runner does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from specjax.config import ModelConfig
+from specjax.kv_cache import kv_bytes_per_token
+from specjax.params import Params
+from specjax.runner import ModelRunner, StepInput, next_power_of_two
+from specjax.sampling import row_keys
+from specjax.speculation.specinfer import SpecInfer, StepBatch, speculative_step
+from specjax.speculation.tree import TREE_SIZES
+from specjax.speculation.tree_draft import DraftModel, TreeShape
+
+SPECINFER_EXPANSION = (1, 1, 3, 1, 1, 1, 1, 1)  # the expansion vector SpecInfer evaluates
+
+
+@dataclass(frozen=True)
+class TreeSpeculation:
+    """Speculate with token trees from one or more draft models (SpecInfer).
+
+    drafts: draft models (built-in draft names, draft directories, or LoadedModels sharing the
+        target's tokenizer); their trees are merged, shared prefixes sharing nodes.
+    expansion: children per node at each depth (SpecInfer's <1,1,3,1,1,1,1,1> by default; a chain
+        of k tokens is ``(1,) * k``).
+    max_nodes: the most nodes (root included) the merged tree may hold, at most 128. An expansion
+        needing more is an error; with ``dynamic`` it is the budget the most probable nodes fill.
+    dynamic: grow each draft's tree best-first: expand the ``beam`` most probable nodes of each
+        depth by ``expansion`` children, then keep the ``(max_nodes - 1) / len(drafts)`` most
+        probable nodes by cumulative draft probability.
+    """
+
+    drafts: tuple
+    expansion: tuple[int, ...] = SPECINFER_EXPANSION
+    max_nodes: int = 64
+    dynamic: bool = False
+    beam: int = 4
+
+    def __post_init__(self):
+        drafts = (self.drafts,) if isinstance(self.drafts, str) else tuple(self.drafts)
+        if not drafts:
+            raise ValueError("TreeSpeculation needs at least one draft")
+        object.__setattr__(self, "drafts", drafts)
+        object.__setattr__(self, "expansion", tuple(self.expansion))
+        if not isinstance(self.max_nodes, int) or not 1 <= self.max_nodes <= TREE_SIZES[-1]:
+            raise ValueError(f"max_nodes must be an integer in [1, {TREE_SIZES[-1]}], got {self.max_nodes!r}")
+        self.tree_shapes()  # every other mistake shows here, before any model is loaded
+
+    def tree_shapes(self) -> tuple[TreeShape, ...]:
+        """Each draft's static tree shape."""
+        count = len(self.drafts)
+        if self.dynamic:
+            shape = TreeShape(self.expansion, beam=self.beam)
+            per_draft = 1 + (self.max_nodes - 1) // count
+            if per_draft < 2 and shape.depth:
+                raise ValueError(f"max_nodes {self.max_nodes} leaves no node per draft for {count} drafts")
+            return (TreeShape(self.expansion, beam=self.beam, budget=min(per_draft, shape.num_candidates)),) * count
+        shape = TreeShape(self.expansion)
+        total = 1 + count * (shape.num_nodes - 1)
+        if total > self.max_nodes:
+            raise ValueError(f"expansion {self.expansion} drafts {shape.num_nodes} nodes per draft, {total} merged "
+                             f"for {count} draft(s): more than max_nodes={self.max_nodes}")
+        return (shape,) * count
+
+
+class TreeSpeculator:
+    """Drafts, verifies and commits token trees for batches of sequences of ``target``.
+
+    drafts: (config, params, draft_to_target or None, target_to_draft or None) per draft; None
+    maps are the identity (a draft with the target's vocabulary). Each draft's page pool has the
+    target's page size and holds as many tokens as the target's, plus every sequence's scratch.
+    """
+
+    def __init__(self, target: ModelRunner, drafts: Sequence[tuple[ModelConfig, Params, np.ndarray | None,
+                                                                    np.ndarray | None]],
+                 shapes: Sequence[TreeShape]):
+        self.target = target
+        self.spec = SpecInfer(target.config, tuple(d[0] for d in drafts), tuple(shapes))
+        engine = target.engine
+        self.runners = []
+        for (config, params, _, _), shape in zip(drafts, shapes):
+            pages = target.pages.num_pages + engine.max_num_seqs * target.pages.pages_for(shape.num_fed)
+            pool = pages * engine.page_size * kv_bytes_per_token(config, params.embed.dtype)
+            self.runners.append(ModelRunner(config, params, dataclasses.replace(engine, kv_cache_bytes=pool)))
+        vocab = target.config.vocab_size
+        identity = np.arange(vocab, dtype=np.int32)
+        self._input_maps = [identity if t2d is None else np.asarray(t2d, np.int32) for *_, t2d in drafts]
+        self.models = tuple(
+            DraftModel(params=params, draft_to_target=np.asarray(identity if d2t is None else d2t, np.int32),
+                       target_to_draft=input_map)
+            for (_, params, d2t, _), input_map in zip(drafts, self._input_maps))
+        self._step = jax.jit(functools.partial(_host_step, self.spec), donate_argnames=("target_cache", "draft_caches"))
+        self._compiled: dict[tuple, jax.stages.Compiled] = {}
+        self.compile_time_s = 0.0
+
+    @property
+    def depth(self) -> int:
+        return self.spec.depth
+
+    @property
+    def all_compile_time_s(self) -> float:
+        return self.compile_time_s + sum(r.compile_time_s for r in self.runners)
+
+    # -- sequence lifecycle: the target's pages are the caller's; it must reserve ``depth`` extra tokens
+    def _draft_tokens(self, max_tokens: int, shape: TreeShape) -> int:
+        return max_tokens + shape.num_fed  # the tree nodes a draft runs sit past the sequence
+
+    def can_admit(self, max_tokens: int) -> bool:
+        return all(r.can_admit(self._draft_tokens(max_tokens, s)) for r, s in zip(self.runners, self.spec.shapes))
+
+    def fits(self, max_tokens: int) -> bool:
+        """Whether the draft pools could ever hold a sequence of ``max_tokens`` tokens."""
+        return all(r.pages.pages_for(self._draft_tokens(max_tokens, s)) <= r.pages.num_pages
+                   for r, s in zip(self.runners, self.spec.shapes))
+
+    def start(self, seq_id, max_tokens: int) -> None:
+        started = []
+        try:
+            for runner, shape in zip(self.runners, self.spec.shapes):
+                runner.add_sequence(seq_id, self._draft_tokens(max_tokens, shape))
+                started.append(runner)
+        except Exception:
+            for runner in started:
+                runner.release(seq_id)
+            raise
+
+    def stop(self, seq_id) -> None:
+        for runner in self.runners:
+            runner.release(seq_id)
+
+    def prefill(self, inputs: Sequence[StepInput]) -> None:
+        """Run prompt chunks (target ids, as the target's prefill runs them) through every draft."""
+        for runner, input_map in zip(self.runners, self._input_maps):
+            runner.step([StepInput(x.seq_id, input_map[np.asarray(x.tokens)].tolist()) for x in inputs])
+
+    # -- one speculative step ------------------------------------------------------------------
+    def step(self, inputs: Sequence[StepInput]) -> tuple[list[list[int]], list[tuple[int, int, int]], float]:
+        """One tree step for each sequence; ``inputs[i].tokens`` is its whole sequence (prompt and
+        output so far; the last token is the root). Returns per sequence its new tokens (accepted,
+        then the bonus token) and (proposed, depth, accepted) for ``SpeculationStats.record``, and
+        the step's seconds (compilation not counted)."""
+        target, spec = self.target, self.spec
+        ids = [x.seq_id for x in inputs]
+        b, _, _ = target._check_batch(ids)
+        rows = len(inputs)
+        sizes = [len(x.tokens) for x in inputs]
+        for seq_id, size in zip(ids, sizes):
+            if target.pages.length(seq_id) != size - 1:
+                raise ValueError(f"sequence {seq_id!r}: the target caches {target.pages.length(seq_id)} tokens, "
+                                 f"the sequence has {size} (all but the root must be cached)")
+        pt = next_power_of_two(max(target.pages.pages_for(n + spec.depth) for n in sizes))
+        draft_lengths = [[r.pages.length(i) for i in ids] for r in self.runners]
+        # Pending tokens are at most the accepted nodes a draft did not run and the root: one width serves.
+        tp = next_power_of_two(max([spec.depth + 1] + [n - length for lengths in draft_lengths
+                                                      for n, length in zip(sizes, lengths)]))
+
+        def pad(x, fill=0):
+            x = np.asarray(x)
+            out = np.full((b,) + x.shape[1:], fill, x.dtype)
+            out[:rows] = x
+            return out
+
+        def pending(lengths):
+            out = np.zeros((rows, tp), np.int32)
+            for row, (x, length) in enumerate(zip(inputs, lengths)):
+                out[row, : len(x.tokens) - length] = x.tokens[length:]
+            return pad(out)
+
+        pds = tuple(next_power_of_two(max(r.pages.pages_for(n + s.num_fed) for n in sizes))
+                    for r, s in zip(self.runners, spec.shapes))
+        batch = StepBatch(
+            active=pad(np.ones(rows, bool), False), root_pos=pad(np.array(sizes, np.int32) - 1),
+            target_blocks=pad(target.pages.block_table(ids, pt)),
+            draft_blocks=tuple(pad(r.pages.block_table(ids, p)) for r, p in zip(self.runners, pds)),
+            draft_lengths=tuple(pad(np.array(lengths, np.int32)) for lengths in draft_lengths),
+            pending=tuple(pending(lengths) for lengths in draft_lengths),
+            pending_len=tuple(pad(np.array(sizes, np.int32) - np.array(lengths, np.int32), 1)
+                              for lengths in draft_lengths),
+            temperature=pad(np.array([x.temperature for x in inputs], np.float32)),
+            top_k=pad(np.array([x.top_k for x in inputs], np.int32)),
+            top_p=pad(np.array([x.top_p for x in inputs], np.float32), 1.0),
+            keys=None)
+        base_keys = pad(np.stack([np.zeros(2, np.uint32) if x.base_key is None else x.base_key for x in inputs]))
+        sample_index = pad(np.array([x.sample_index for x in inputs], np.int32))
+        args = dict(target_params=target.params, drafts=self.models, target_cache=target.cache,
+                    draft_caches=tuple(r.cache for r in self.runners), batch=batch, base_keys=base_keys,
+                    sample_index=sample_index)
+        key = (b, tp, pt, pds)
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            start = time.perf_counter()
+            compiled = self._step.lower(**args).compile(compiler_options=target.compiler_options or None)
+            self._compiled[key] = compiled
+            self.compile_time_s += time.perf_counter() - start
+        start = time.perf_counter()
+        result, target.cache, draft_caches = compiled(**args)
+        for runner, cache in zip(self.runners, draft_caches):
+            runner.cache = cache
+        tokens, count, accepted = np.asarray(result.tokens), np.asarray(result.count), np.asarray(result.accepted)
+        proposed, depth = np.asarray(result.proposed), np.asarray(result.depth)
+        new_lengths = [np.asarray(x) for x in result.draft_lengths]
+        elapsed = time.perf_counter() - start
+
+        new_tokens, records = [], []
+        for row, seq_id in enumerate(ids):
+            target.pages.commit(seq_id, int(accepted[row]) + 1)  # the root and the accepted nodes
+            for runner, lengths, new in zip(self.runners, draft_lengths, new_lengths):
+                runner.pages.commit(seq_id, int(new[row]) - lengths[row])
+            new_tokens.append(tokens[row, : count[row]].tolist())
+            records.append((int(proposed[row]), int(depth[row]), int(accepted[row])))
+        return new_tokens, records, elapsed
+
+
+def _host_step(spec, *, target_params, drafts, target_cache, draft_caches, batch, base_keys, sample_index):
+    # Keys are derived here so the host only ships raw key data: fold_in(request key, token index).
+    keys = row_keys(jax.random.wrap_key_data(base_keys), sample_index)
+    return speculative_step(spec, target_params, drafts, target_cache, draft_caches,
+                            dataclasses.replace(batch, keys=keys))

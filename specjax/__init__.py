@@ -1,7 +1,7 @@
 """specjax: speculative LLM inference in JAX.
 
-The public surface: ``LLM`` and ``SamplingParams`` for generation, ``EngineConfig`` for runtime
-knobs, ``load_model`` for checkpoints. Everything else lives in its own module.
+The public surface: ``LLM`` and ``SamplingParams`` for generation, ``TreeSpeculation`` for
+speculative decoding, ``EngineConfig`` for runtime knobs, ``load_model`` for checkpoints. Everything else lives in its own module.
 """
 
 __version__ = "0.1.0"
@@ -10,6 +10,7 @@ _EXPORTS = {
     "LLM": "specjax.llm",
     "RequestOutput": "specjax.llm",
     "SamplingParams": "specjax.sampling",
+    "TreeSpeculation": "specjax.speculation.speculator",
     "EngineConfig": "specjax.runner",
     "ModelConfig": "specjax.config",
     "load_model": "specjax.checkpoints",

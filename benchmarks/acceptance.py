@@ -110,11 +110,12 @@ def _load_drafter(name: str, target_config, target_params, seed: int) -> tuple[C
         config = target_config.replace(num_layers=2)
         params = random_params(config, jax.random.key(seed))
         return ChainDrafter(config, params, engine=engine), {"kind": "random 2-layer draft"}
+    from specjax.checkpoints.registry import resolve_draft
     from specjax.draft import compute_ratio, load_draft
 
-    draft = load_draft(name)
-    return (ChainDrafter(draft.config, draft.params, draft.vocab.draft_to_target, draft.vocab.target_to_draft,
-                         engine=engine),
+    draft = load_draft(resolve_draft(name))
+    return (ChainDrafter(draft.config, inference_params(draft.params), draft.vocab.draft_to_target,
+                         draft.vocab.target_to_draft, engine=engine),
             {"kind": "trained draft", "config": str(draft.config),
              "compute_ratio": compute_ratio(draft.config, target_config)})
 

@@ -13,7 +13,8 @@ One command runs every stage, each resumable and each done once (outputs under `
 5. for ``--name b`` with ``--boost-from A``: where draft A's argmax misses the target's (boost weights);
 6. training: ``--text-steps`` on the text windows, then ``--gen-steps`` on the generations, AdamW with
    linear warmup and cosine decay over both, orbax checkpoints every ``--save-every`` steps;
-7. export: the final draft to ``--out`` (``specjax.draft.save_draft``).
+7. export: the final draft to ``--out`` (``specjax.draft.save_draft``), matrices in ``--save-dtype``
+   (bf16 by default: the committed drafts are half the size, and the runner computes in fp32 on CPU).
 
 The loss at each position is KL(teacher || draft) over k + 1 buckets: the teacher's top-k tokens
 that the draft vocabulary holds, and one bucket for everything else (the teacher's tail below the
@@ -52,6 +53,7 @@ from specjax.config import ModelConfig
 from specjax.draft import (
     DraftVocab,
     build_draft_vocab,
+    cast_params,
     compute_ratio,
     draft_config,
     flops_per_token,
@@ -409,6 +411,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--boost", type=float, default=4.0, help="loss weight where draft A misses")
     parser.add_argument("--prepare-only", action="store_true", help="stop after the data stages")
     parser.add_argument("--export-only", action="store_true", help="save the latest checkpoint to --out and stop")
+    parser.add_argument("--save-dtype", default="bfloat16", choices=["float32", "bfloat16"],
+                        help="dtype of the exported draft's matrices (bf16 halves the committed size)")
     return parser.parse_args(argv)
 
 
@@ -489,7 +493,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             "generations": None if gen is None else {"windows": gen.rows, "prompts": args.gen_prompts},
             "boost_from": None if args.boost_from is None else str(args.boost_from),
             "command": "python -m training.distill_draft " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))}
-    save_draft(args.out, config, params, vocab, meta, overwrite=True)
+    meta["save_dtype"] = args.save_dtype
+    save_draft(args.out, config, cast_params(params, jnp.dtype(args.save_dtype)), vocab, meta, overwrite=True)
     print(f"[distill] saved draft {args.name} to {args.out} ({meta['steps_done']} steps; last: {last})", flush=True)
 
 

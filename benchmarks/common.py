@@ -81,6 +81,15 @@ def environment() -> dict[str, Any]:
     }
 
 
+def load_warning(env: dict[str, Any]) -> str | None:
+    """A note when other processes were sharing the CPU backend at the start (load above half the cores)."""
+    load = env["load_average_1m"]
+    if env["platform"] != "cpu" or load is None or load <= 0.5 * env["cpu_cores"]:
+        return None
+    return (f"CPU load average was {load:.1f} on {env['cpu_cores']} cores at the start: other processes shared "
+            "the CPU, so timings are pessimistic and noisy")
+
+
 def _jaxlib_version() -> str | None:
     try:
         import jaxlib

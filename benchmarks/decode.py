@@ -468,11 +468,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     dtype = resolve_dtype(args.dtype)
     dtype_name = jnp.dtype(dtype).name
     notes: list[str] = []
-    load = env["load_average_1m"]
-    if env["platform"] == "cpu" and load is not None and load > 0.5 * env["cpu_cores"]:
-        notes.append(f"CPU load average was {load:.1f} on {env['cpu_cores']} cores at the start: "
-                     "other processes shared the CPU, so timings are pessimistic and noisy")
-        print(f"[decode] warning: {notes[-1]}", flush=True)
+    warning = common.load_warning(env)
+    if warning:
+        notes.append(warning)
+        print(f"[decode] warning: {warning}", flush=True)
 
     start = time.perf_counter()
     config, params, source, subject = load_subject(args, dtype)

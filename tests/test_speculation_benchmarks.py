@@ -1,16 +1,20 @@
 """The speculation benchmarks end to end on a tiny random model saved to disk: acceptance of chains and
-trees through the real speculative step. Each script's main() runs as its command line would."""
+trees through the real speculative step, the interleaved timing against plain decoding, and the
+verification cost curve. Each script's main() runs as its command line would."""
 
 import json
 
 import jax
+import numpy as np
 import pytest
 from tokenizers import Tokenizer as Backend, models, pre_tokenizers
 
-from benchmarks import acceptance
-from specjax.checkpoints import save_checkpoint
+from benchmarks import acceptance, speculative
+from specjax.checkpoints import load_model, save_checkpoint
 from specjax.config import ModelConfig
+from specjax.llm import LLM
 from specjax.params import random_params
+from specjax.runner import EngineConfig
 from specjax.speculation.speculator import SPECINFER_EXPANSION
 from specjax.tokenizer import Tokenizer
 
@@ -80,10 +84,68 @@ def test_methods_are_planned_within_the_node_budget():
         acceptance.plan_methods(["beam"], ["a"])
 
 
+# ---------------------------------------------------------------------------- speculative.py
+def test_generation_is_timed_interleaved_against_plain_decoding(target_dir, tmp_path, capsys):
+    # A tree from the target itself: its first child at each node is the target's own next token.
+    payload = run(speculative, ["--target", str(target_dir), "--draft", "target", "--methods", "tree",
+                                "--expansion", "2,1,1", "--max-nodes", "16", "--rounds", "2", *WORKLOAD], tmp_path)
+    plain, tree = payload["methods"]
+    assert plain["label"] == "plain" and plain["speculation"] is None and plain["speedup"] == 1.0
+    spec = tree["speculation"]
+    assert tree["kind"] == "tree" and tree["nodes"] == 7
+    assert spec["tau"] == 1 + K and spec["acceptance_by_depth"] == [1.0] * K and spec["acceptance_rate"] == 0.5
+    assert tree["identical"] == plain["identical"] == 4 and tree["tokens"] == plain["tokens"] == 4 * MAX_TOKENS
+    assert tree["speedup"] == pytest.approx(tree["tokens_per_s"] / plain["tokens_per_s"])
+    assert tree["decode_speedup"] > 0 and len(tree["run_speedups"]) == 4 and plain["run_speedups"] == [1.0] * 4
+    # Two groups of one request, two rounds: each group starts with the next method in turn.
+    assert [(r["round"], r["group"], r["label"].split()[0]) for r in payload["runs"]] == [
+        (0, 0, "plain"), (0, 0, "tree"), (0, 1, "tree"), (0, 1, "plain"),
+        (1, 0, "plain"), (1, 0, "tree"), (1, 1, "tree"), (1, 1, "plain")]
+    assert all(r["seconds"] > 0 and r["output_tokens"] == [MAX_TOKENS] for r in payload["runs"])
+    assert "speedup" in capsys.readouterr().out
+
+
+def test_a_run_that_compiled_is_run_again(target_dir):
+    llm = LLM(load_model(target_dir), engine=EngineConfig(page_size=16, kv_cache_bytes=1 << 20))
+    outputs, seconds, reruns = speculative.timed_generate(llm, [[5, 6, 7]], acceptance.greedy_params(4))
+    assert reruns == 1 and llm.compile_time_s > 0 and len(outputs[0].token_ids) == 4
+    assert speculative.timed_generate(llm, [[5, 6, 7]], acceptance.greedy_params(4))[2] == 0
+
+
+def test_the_schedule_rotates_which_method_goes_first():
+    order = speculative.schedule(["a", "b", "c"], groups=2, rounds=2)
+    assert [label for _, _, label in order] == list("abc" "bca" "cab" "abc")
+    assert [(r, g) for r, g, _ in order[::3]] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+
+def test_the_verification_cost_curve(target_dir, tmp_path):
+    # Both prefixes fit one page: the second reuses the first's compiled steps.
+    payload = run(speculative, ["--verify-cost", "--target", str(target_dir), "--tree-sizes", "1,4",
+                                "--batch-sizes", "2", "--prefix-lens", "10,20", "--repeats", "2",
+                                "--page-size", "64"], tmp_path)
+    assert [(r["batch"], r["prefix"]) for r in payload["results"]] == [(2, 10), (2, 20)]
+    for result in payload["results"]:
+        assert result["decode"]["n"] == 2 and result["decode"]["median_ms"] > 0
+        assert [t["nodes"] for t in result["trees"]] == [1, 4]
+        for t in result["trees"]:
+            assert t["n"] == 2 and t["x_decode"] == pytest.approx(t["median_ms"] / result["decode"]["median_ms"])
+            assert t["nodes_per_decode_step"] == pytest.approx(t["nodes"] / t["x_decode"])
+
+
+def test_cost_trees_are_heap_ordered_binary_trees_of_exactly_their_size():
+    tree = speculative.cost_tree(6, VOCAB, np.random.default_rng(0))
+    assert tree.size == tree.num_nodes == 6
+    assert tree.parents.tolist() == [-1, 0, 0, 1, 1, 2] and tree.depths.tolist() == [0, 1, 1, 2, 2, 2]
+
+
 @pytest.mark.parametrize("script, argv, message", [
     (acceptance, ["--draft", "a", "--methods", "merged"], "at least two drafts"),
     (acceptance, ["--draft", "a", "--max-nodes", "16"], "more than max_nodes=16"),
     (acceptance, ["--draft", "a", "--k", "2,x"], "comma-separated integers"),
+    (speculative, [], "at least one --draft"),
+    (speculative, ["--draft", "a", "--methods", "chain-replay"], "no speed to measure"),
+    (speculative, ["--verify-cost", "--draft", "a"], "drop --draft"),
+    (speculative, ["--verify-cost", "--tree-sizes", "256"], "at most 128 nodes"),
 ])
 def test_bad_arguments_fail_before_any_model_loads(script, argv, message, capsys):
     with pytest.raises(SystemExit) as exc:

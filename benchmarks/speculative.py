@@ -27,8 +27,8 @@ Verification cost mode (``--verify-cost``): the target's one-pass verification s
 binary trees of random tokens and prefixes are committed without computing them: neither the shape
 nor the K/V values change the work. Every step is rolled back, so all see the same prefix. The first
 run of each step is a warm-up; the table shows the median of ``--repeats`` runs, its ratio to the
-decode step's median and the nodes verified per decode step's time. The engine pads trees to 16, 32,
-64 or 128 nodes, so smaller trees cost it what 16 do.
+decode step's median and the nodes verified per decode step's time. ``ModelRunner.verify`` pads
+trees to a power of two; the speculative step verifies its trees unpadded.
 
 Results: a table on stdout and JSON in benchmarks/results/speculative-<subject>-<device>-<date>.json.
 """
@@ -314,8 +314,8 @@ def run_verify_cost(args, env: dict) -> tuple[dict, str]:
             for r in results for t in r["trees"]]
     notes = [f"median of {args.repeats} runs after a warm-up, interleaved with the decode step; compilation "
              f"({runner.compile_time_s:.0f} s) excluded; measured in {time.perf_counter() - start:.0f} s",
-             f"x decode: verification / decode step at the same batch and prefix; the engine pads trees to "
-             f"{', '.join(map(str, TREE_SIZES))} nodes"]
+             f"x decode: verification / decode step at the same batch and prefix; trees of exactly their size "
+             f"(ModelRunner.verify pads trees to {', '.join(map(str, TREE_SIZES))} nodes)"]
     warning = common.load_warning(env)
     if warning:
         notes.append(f"warning: {warning}")

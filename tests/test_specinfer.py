@@ -30,7 +30,7 @@ NEW_TOKENS = 24
 PAGE = 4  # small pages: every sequence and every draft scratch crosses page boundaries
 # Module-level jits, so every test with the same SpecInfer and shapes shares one compilation.
 INIT = jax.jit(init_state, static_argnums=0, static_argnames=("max_new_tokens", "page_size"))
-STEP = jax.jit(step, static_argnums=0)
+STEP = jax.jit(step, static_argnums=0, static_argnames="all_greedy")
 
 
 def _no_mask_meta(b, t):
@@ -75,14 +75,15 @@ def expected(targets, prompts):
     return [np.asarray(reference_greedy(t, *prompts, config=TARGET, steps=NEW_TOKENS)) for t in targets]
 
 
-def _generate(spec, target, drafts, prompts, temperature=None, max_new_tokens=NEW_TOKENS, **sampling):
+def _generate(spec, target, drafts, prompts, temperature=None, max_new_tokens=NEW_TOKENS, all_greedy=False,
+              **sampling):
     """Speculative generation to every row's limit; returns the final state and each step's result."""
     state = INIT(spec, target, drafts, *prompts, max_new_tokens=max_new_tokens, page_size=PAGE,
                  temperature=temperature, **sampling)
     results = []
     while bool(jnp.any(state.length < state.limit)):
         active = np.asarray(state.length < state.limit)
-        state, result = STEP(spec, state, target, drafts)
+        state, result = STEP(spec, state, target, drafts, all_greedy=all_greedy)
         results.append((active, jax.tree_util.tree_map(np.asarray, result)))
     return state, results
 
@@ -135,8 +136,9 @@ def test_greedy_speculation_equals_plain_greedy(case, targets, prompts, expected
     accepted = []
     for target, want in zip(targets, expected):
         drafts = make_drafts(target)
-        for temperature in (None, mixed):
-            state, results = _generate(spec, target, drafts, prompts, temperature)
+        # The all-greedy step (no draft distributions, no sampling) must do what the general one does.
+        for temperature, all_greedy in ((None, False), (None, True), (mixed, False)):
+            state, results = _generate(spec, target, drafts, prompts, temperature, all_greedy=all_greedy)
             tokens = np.asarray(state.tokens)
             rows = range(len(want)) if temperature is None else greedy_rows
             for row in rows:
@@ -280,6 +282,22 @@ def test_multi_step_speculative_sampling_follows_the_target_exactly(temperature,
     observed = np.bincount(sequences @ (6 ** np.arange(length)[::-1]), minlength=exact.size)
     assert observed[exact == 0].sum() == 0  # never a token the target's filters exclude
     assert _chi_square_p(observed, exact * rows) > 1e-3
+
+
+@pytest.mark.parametrize("top_k", [0, 3, 40, 70])
+def test_draft_distributions_on_draft_ids_widen_to_those_on_target_ids(top_k):
+    """Drafts process their logits on their own ids; widened to the target's ids, that is the
+    distribution processing the widened logits gives (top-k past the draft's vocabulary included)."""
+    _, draft = _reduced_vocab_draft(3)
+    rows = 64
+    logits = 3 * jax.random.normal(jax.random.key(0), (rows, 64))
+    temperature = jax.random.uniform(jax.random.key(1), (rows,), minval=0.3, maxval=1.5).at[:4].set(0.0)
+    top_p = jax.random.uniform(jax.random.key(2), (rows,), minval=0.5, maxval=1.0).at[4:8].set(1.0)
+    settings = (temperature, jnp.full(rows, top_k, jnp.int32), top_p)
+    on_draft_ids = draft.on_target_ids(process_logits(logits, *settings))
+    on_target_ids = process_logits(draft.on_target_ids(logits), *settings)
+    np.testing.assert_array_equal(np.isfinite(on_draft_ids), np.isfinite(on_target_ids))
+    np.testing.assert_allclose(jax.nn.softmax(on_draft_ids), jax.nn.softmax(on_target_ids), atol=1e-6)
 
 
 def test_the_documented_jitted_loop_runs():

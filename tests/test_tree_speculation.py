@@ -95,7 +95,7 @@ def test_draft_shorthand_is_a_chain(target, draft):
     # (Its generation is tested in test_llm.py with the built-in model as its own draft.)
     llm = LLM(target, engine=ENGINE, draft=draft, num_speculative_tokens=3)
     assert llm.speculation == TreeSpeculation(drafts=(draft,), expansion=(1, 1, 1), max_nodes=4)
-    assert llm.speculator.spec.num_nodes == 16 and llm.speculator.depth == 3
+    assert llm.speculator.spec.num_nodes == 4 and llm.speculator.depth == 3  # verified unpadded
 
 
 def test_bad_speculation_settings_fail_before_any_compilation(target, draft, tmp_path):

@@ -2,7 +2,7 @@
 
 The merged tree holds every token sequence of every draft's tree, and sequences with a common
 prefix share that prefix's nodes. On the device it is the drafts' trees laid end to end under one
-root (draft 0's nodes, then draft 1's, ...), padded to a tree bucket; a node whose root path
+root (draft 0's nodes, then draft 1's, ...), padded to the size asked for; a node whose root path
 already appears earlier is marked dead and its children are hung on that earlier node. Nothing
 moves, so each draft's nodes keep their index and the verifier still sees every proposal: which
 draft made it, under which of that draft's nodes, from which distribution (see
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from specjax.params import pytree_dataclass
 from specjax.speculation.tree import device_ancestor_mask
-from specjax.speculation.tree_draft import DraftTree
+from specjax.speculation.tree_draft import DraftModel, DraftTree
 
 
 @pytree_dataclass
@@ -29,8 +29,9 @@ class MergedTree:
     ancestor-or-self. Per proposal (every node of every draft's tree, at the same index): canon
     [B, N] the merged node it became; under [B, N] the merged node it is a child of; group [B, N]
     int32, equal for siblings of one draft; proposed [B, N] bool; q_logits [B, N, V] the
-    processed draft logits it was drawn from; draft [B, N] int32 which draft; scratch [B, N] its
-    offset in that draft's scratch (-1: not run).
+    processed draft logits it was drawn from, on the target's ids (None when the drafts kept no
+    distributions: all-greedy trees); draft [B, N] int32 which draft; scratch [B, N] its offset in
+    that draft's scratch (-1: not run).
     """
 
     tokens: jax.Array
@@ -42,7 +43,7 @@ class MergedTree:
     under: jax.Array
     group: jax.Array
     proposed: jax.Array
-    q_logits: jax.Array
+    q_logits: jax.Array | None
     draft: jax.Array
     scratch: jax.Array
 
@@ -56,8 +57,10 @@ def segments(sizes: Sequence[int]) -> list[int]:
     return starts
 
 
-def merge_trees(trees: Sequence[DraftTree], size: int, max_depth: int) -> MergedTree:
-    """Merge the drafts' trees (same batch and root) into arrays of ``size`` nodes."""
+def merge_trees(trees: Sequence[DraftTree], size: int, max_depth: int, drafts: Sequence[DraftModel] = ()
+                ) -> MergedTree:
+    """Merge the drafts' trees (same batch and root) into arrays of ``size`` nodes; ``drafts`` (the
+    models that drafted them) put their distributions on the target's ids, when they kept any."""
     b = trees[0].tokens.shape[0]
     starts = segments([t.tokens.shape[1] for t in trees])
     total = starts[-1] + trees[-1].tokens.shape[1] - 1
@@ -82,10 +85,16 @@ def merge_trees(trees: Sequence[DraftTree], size: int, max_depth: int) -> Merged
     draft = jnp.concatenate([jnp.full((b, 1), -1, jnp.int32)]
                             + [jnp.full((b, t.tokens.shape[1] - 1), s, jnp.int32) for s, t in enumerate(trees)]
                             + [jnp.full((b, pad), -1, jnp.int32)], axis=1)
-    # Each proposal carries the distribution at its own parent (drafts differ at the shared root).
-    q_logits = jnp.concatenate([trees[0].q_logits[:, :1]] + [
-        jnp.take_along_axis(t.q_logits, jnp.maximum(t.parents[:, 1:], 0)[:, :, None], 1) for t in trees]
-        + [jnp.full((b, pad, trees[0].q_logits.shape[-1]), -jnp.inf, jnp.float32)], axis=1)
+    q_logits = None
+    if trees[0].q_logits is not None:
+        # Each proposal carries the distribution at its own parent (drafts differ at the shared root),
+        # widened to the target's ids only here, for the proposals: the root and padding see none.
+        vocab = drafts[0].target_to_draft.shape[0]
+        q_logits = jnp.concatenate(
+            [jnp.full((b, 1, vocab), -jnp.inf, jnp.float32)]
+            + [d.on_target_ids(jnp.take_along_axis(t.q_logits, jnp.maximum(t.parents[:, 1:], 0)[:, :, None], 1))
+               for t, d in zip(trees, drafts, strict=True)]
+            + [jnp.full((b, pad, vocab), -jnp.inf, jnp.float32)], axis=1)
 
     index = jnp.arange(size)
     canon = jnp.broadcast_to(index, (b, size))

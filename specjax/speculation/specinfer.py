@@ -85,8 +85,9 @@ class SpecInfer:
 
     @property
     def num_nodes(self) -> int:
-        """Static size of the verified tree: ``merged_nodes`` rounded up to a tree bucket."""
-        return tree_bucket(self.merged_nodes)
+        """Static size of the verified tree: exactly ``merged_nodes``. The shapes fix it, so padding
+        to a bucket would save no compilation, and every padded node costs verification time."""
+        return self.merged_nodes
 
 
 @pytree_dataclass
@@ -146,9 +147,11 @@ def verify_tree(config: ModelConfig, params: Params, cache: KVCache, block_table
 
 
 def speculative_step(spec: SpecInfer, target_params: Params, drafts: tuple[DraftModel, ...], target_cache: KVCache,
-                     draft_caches: tuple[KVCache, ...], batch: StepBatch
+                     draft_caches: tuple[KVCache, ...], batch: StepBatch, all_greedy: bool = False
                      ) -> tuple[StepResult, KVCache, tuple[KVCache, ...]]:
-    """Draft, verify, accept and commit for every active row (pure; jit with ``spec`` static)."""
+    """Draft, verify, accept and commit for every active row (pure; jit with ``spec`` and
+    ``all_greedy`` static). ``all_greedy``: every row is greedy (temperature 0), which skips the
+    draft distributions and multi-step speculative sampling altogether; the result is the same."""
     b = batch.active.shape[0]
     n, d = spec.num_nodes, spec.depth
     rows = jnp.arange(b)[:, None]
@@ -158,10 +161,10 @@ def speculative_step(spec: SpecInfer, target_params: Params, drafts: tuple[Draft
                                  lengths=batch.draft_lengths[s], pending=batch.pending[s],
                                  pending_len=batch.pending_len[s], active=batch.active,
                                  temperature=batch.temperature, top_k=batch.top_k, top_p=batch.top_p,
-                                 key=jax.vmap(jax.random.fold_in, (0, None))(batch.keys, 2 + s))
+                                 key=jax.vmap(jax.random.fold_in, (0, None))(batch.keys, 2 + s), all_greedy=all_greedy)
         trees.append(tree)
         new_caches.append(cache)
-    tree = merge_trees(trees, n, d)
+    tree = merge_trees(trees, n, d, drafts)
 
     logits, new_k, new_v = verify_tree(spec.target, target_params, target_cache, batch.target_blocks, batch.root_pos,
                                        tree.tokens, tree.depths, tree.mask)
@@ -180,7 +183,7 @@ def speculative_step(spec: SpecInfer, target_params: Params, drafts: tuple[Draft
     def greedy():
         return greedy_accept(logits, tree.tokens, tree.parents, tree.depths, tree.mask, tree.live)
 
-    last, path, bonus = jax.lax.cond(jnp.any(sampled), stochastic, greedy)
+    last, path, bonus = greedy() if all_greedy else jax.lax.cond(jnp.any(sampled), stochastic, greedy)
     page = target_cache.page_size
     positions = batch.root_pos[:, None] + tree.depths
     target_cache = write_kv(target_cache, new_k, new_v,
@@ -292,9 +295,10 @@ def init_state(spec: SpecInfer, target_params: Params, drafts: tuple[DraftModel,
                      temperature=temperature, top_k=top_k, top_p=top_p, keys=keys)
 
 
-def step(spec: SpecInfer, state: SpecState, target_params: Params, drafts: tuple[DraftModel, ...]
-         ) -> tuple[SpecState, StepResult]:
-    """One speculative step for every row still short of its limit (pure; jit with ``spec`` static)."""
+def step(spec: SpecInfer, state: SpecState, target_params: Params, drafts: tuple[DraftModel, ...],
+         all_greedy: bool = False) -> tuple[SpecState, StepResult]:
+    """One speculative step for every row still short of its limit (pure; jit with ``spec`` and
+    ``all_greedy`` static; ``all_greedy`` promises that every row is greedy, see ``speculative_step``)."""
     b, capacity = state.tokens.shape
     active = state.length < state.limit
     span = jnp.arange(spec.depth + 1)
@@ -307,7 +311,7 @@ def step(spec: SpecInfer, state: SpecState, target_params: Params, drafts: tuple
                       temperature=state.temperature, top_k=state.top_k, top_p=state.top_p,
                       keys=row_keys(state.keys, state.length))
     result, target_cache, draft_caches = speculative_step(spec, target_params, drafts, state.target_cache,
-                                                          state.draft_caches, batch)
+                                                          state.draft_caches, batch, all_greedy)
     positions = state.length[:, None] + span
     keep = active[:, None] & (span < result.count[:, None]) & (positions < state.limit[:, None])
     tokens = state.tokens.at[jnp.arange(b)[:, None], jnp.where(keep, positions, capacity)].set(result.tokens, mode="drop")

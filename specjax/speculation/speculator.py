@@ -104,7 +104,8 @@ class TreeSpeculator:
             DraftModel(params=params, draft_to_target=np.asarray(identity if d2t is None else d2t, np.int32),
                        target_to_draft=input_map)
             for (_, params, d2t, _), input_map in zip(drafts, self._input_maps))
-        self._step = jax.jit(functools.partial(_host_step, self.spec), donate_argnames=("target_cache", "draft_caches"))
+        self._step = jax.jit(functools.partial(_host_step, self.spec), static_argnames=("all_greedy",),
+                             donate_argnames=("target_cache", "draft_caches"))
         self._compiled: dict[tuple, jax.stages.Compiled] = {}
         self.compile_time_s = 0.0
 
@@ -200,11 +201,14 @@ class TreeSpeculator:
         args = dict(target_params=target.params, drafts=self.models, target_cache=target.cache,
                     draft_caches=tuple(r.cache for r in self.runners), batch=batch, base_keys=base_keys,
                     sample_index=sample_index)
-        key = (b, tp, pt, pds)
+        # An all-greedy batch (the common case) compiles its own step without any sampling work.
+        all_greedy = all(x.temperature == 0 for x in inputs)
+        key = (b, tp, pt, pds, all_greedy)
         compiled = self._compiled.get(key)
         if compiled is None:
             start = time.perf_counter()
-            compiled = self._step.lower(**args).compile(compiler_options=target.compiler_options or None)
+            compiled = self._step.lower(**args, all_greedy=all_greedy).compile(
+                compiler_options=target.compiler_options or None)
             self._compiled[key] = compiled
             self.compile_time_s += time.perf_counter() - start
         start = time.perf_counter()
@@ -226,8 +230,9 @@ class TreeSpeculator:
         return new_tokens, records, elapsed
 
 
-def _host_step(spec, *, target_params, drafts, target_cache, draft_caches, batch, base_keys, sample_index):
+def _host_step(spec, *, target_params, drafts, target_cache, draft_caches, batch, base_keys, sample_index,
+               all_greedy):
     # Keys are derived here so the host only ships raw key data: fold_in(request key, token index).
     keys = row_keys(jax.random.wrap_key_data(base_keys), sample_index)
     return speculative_step(spec, target_params, drafts, target_cache, draft_caches,
-                            dataclasses.replace(batch, keys=keys))
+                            dataclasses.replace(batch, keys=keys), all_greedy)

@@ -1,6 +1,7 @@
 """Token trees in static-shaped arrays.
 
-A tree for one sequence holds up to N nodes (N bucketed to 16, 32, 64 or 128). Node 0 is the root:
+A tree for one sequence holds up to N nodes (N bucketed to a power of two up to 128: on a CPU
+each padded node costs verification time, so small trees get small buckets). Node 0 is the root:
 the sequence's last token, already chosen but not yet run through the target, so the target's
 logits at the root score the first speculated level. Every other node is a speculated token whose
 parent has a smaller index (nodes are in topological order, e.g. by depth). Padding nodes past
@@ -24,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-TREE_SIZES = (16, 32, 64, 128)
+TREE_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 def tree_bucket(num_nodes: int) -> int:

@@ -125,6 +125,11 @@ class DraftModel:
         ids = jnp.arange(vocab_size, dtype=jnp.int32)
         return cls(params=params, draft_to_target=ids, target_to_draft=ids)
 
+    def on_target_ids(self, logits: jax.Array) -> jax.Array:
+        """Draft logits [..., N] on the target's ids [..., V], -inf where the draft has no token."""
+        out = jnp.full(logits.shape[:-1] + self.target_to_draft.shape, -jnp.inf, jnp.float32)
+        return out.at[..., self.draft_to_target].set(logits.astype(jnp.float32))
+
 
 @pytree_dataclass
 class DraftTree:
@@ -132,9 +137,10 @@ class DraftTree:
 
     tokens, parents (-1: none), depths [B, n] int32; live [B, n] bool; scratch [B, n] int32, the
     node's offset in the draft cache's scratch (-1: not run); logq [B, n] f32, its cumulative draft
-    log-probability; q_logits [B, n, V] f32, the draft's processed logits *at* the node, on target
-    ids: the distribution its children were drawn from; length [B] int32, the draft cache's
-    committed tokens (root included).
+    log-probability; q_logits [B, n, Vd] f32, the draft's processed logits *at* the node, on the
+    draft's own ids (``DraftModel.on_target_ids`` widens them): the distribution its children were
+    drawn from, or None for trees drafted ``all_greedy`` (no one needs it); length [B] int32, the
+    draft cache's committed tokens (root included).
     """
 
     tokens: jax.Array
@@ -143,14 +149,8 @@ class DraftTree:
     live: jax.Array
     scratch: jax.Array
     logq: jax.Array
-    q_logits: jax.Array
+    q_logits: jax.Array | None
     length: jax.Array
-
-
-def _target_logits(draft: DraftModel, logits: jax.Array, vocab_size: int) -> jax.Array:
-    """Draft logits [..., N] on the target's ids [..., V], -inf where the draft has no token."""
-    out = jnp.full(logits.shape[:-1] + (vocab_size,), -jnp.inf, jnp.float32)
-    return out.at[..., draft.draft_to_target].set(logits.astype(jnp.float32))
 
 
 def _rows(x: jax.Array, width: int) -> jax.Array:
@@ -183,7 +183,7 @@ class _Layout:
 
 def draft_tree(config: ModelConfig, shape: TreeShape, draft: DraftModel, cache: KVCache, *, block_tables: jax.Array,
                lengths: jax.Array, pending: jax.Array, pending_len: jax.Array, active: jax.Array,
-               temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, key: jax.Array
+               temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, key: jax.Array, all_greedy: bool = False
                ) -> tuple[DraftTree, KVCache]:
     """Draft a tree per row.
 
@@ -191,12 +191,16 @@ def draft_tree(config: ModelConfig, shape: TreeShape, draft: DraftModel, cache: 
     lengths [B] committed draft tokens; pending [B, Tp] target ids the draft has not run yet, the
     last valid one (``pending_len`` [B] >= 1) the root; active [B] bool (padding rows write
     nothing); temperature, top_k, top_p [B] the requests' sampling settings; key [B] typed keys.
+    ``all_greedy`` (static): every row is greedy, so the sampling settings and keys are ignored and
+    no distribution is kept (``q_logits`` None).
+
+    Everything runs on the draft's own ids: only the tokens are mapped to the target's.
     """
     b, tp = pending.shape
-    vocab = draft.target_to_draft.shape[0]
+    vocab = draft.draft_to_target.shape[0]
     page = cache.page_size
     if max(shape.expansion, default=0) > vocab:
-        raise ValueError(f"expansion {shape.expansion} asks for more children than the {vocab} tokens there are")
+        raise ValueError(f"expansion {shape.expansion} asks for more children than the draft's {vocab} tokens")
     layout = _Layout.of(shape)
     w, kmax, n = layout.width, layout.children, layout.size
     greedy = temperature == 0
@@ -216,7 +220,8 @@ def draft_tree(config: ModelConfig, shape: TreeShape, draft: DraftModel, cache: 
             jnp.take_along_axis(pending, (pending_len - 1)[:, None], 1)[:, 0]),
         parents=jnp.full((b, n), -1, jnp.int32), depths=jnp.zeros((b, n), jnp.int32),
         live=jnp.zeros((b, n), bool).at[:, 0].set(True), scratch=jnp.full((b, n), -1, jnp.int32),
-        logq=jnp.zeros((b, n), jnp.float32), q_logits=jnp.full((b, n, vocab), -jnp.inf, jnp.float32), length=length)
+        logq=jnp.zeros((b, n), jnp.float32),
+        q_logits=None if all_greedy else jnp.full((b, n, vocab), -jnp.inf, jnp.float32), length=length)
     ancestors = jnp.zeros((b, n, max(shape.num_fed, 1)), bool)  # scratch offsets of each node's run ancestors
 
     def grow(tree, ancestors, frontier, frontier_ok, logits, depth, slots, k, start):
@@ -224,16 +229,17 @@ def draft_tree(config: ModelConfig, shape: TreeShape, draft: DraftModel, cache: 
         node from slot ``start`` on, of which the first ``k`` are drafted."""
         fw = frontier.shape[1]
         frontier_live = jnp.take_along_axis(tree.live, frontier, 1) & frontier_ok
-        full = _target_logits(draft, logits, vocab)
-        processed = process_logits(full.reshape(b * fw, vocab), _rows(temperature, fw), _rows(top_k, fw),
-                                   _rows(top_p, fw)).reshape(b, fw, vocab)
-        ranking = jnp.where(greedy[:, None, None], full, processed)
-        scores = ranking
-        if shape.samples:  # Gumbel noise only where a row samples; an all-greedy batch skips drawing it
-            noise = jax.lax.cond(jnp.any(draws), lambda: jax.vmap(lambda row_key: jax.random.gumbel(
-                jax.random.fold_in(row_key, depth), (fw, vocab)))(key), lambda: jnp.zeros((b, fw, vocab)))
-            scores = jnp.where(draws, processed + noise, ranking)
-        top, children = jax.lax.top_k(scores, slots)  # [B, fw, slots], in draw order
+        logits = logits.astype(jnp.float32)
+        ranking = scores = logits
+        if not all_greedy:
+            processed = process_logits(logits.reshape(b * fw, vocab), _rows(temperature, fw), _rows(top_k, fw),
+                                       _rows(top_p, fw)).reshape(b, fw, vocab)
+            ranking = scores = jnp.where(greedy[:, None, None], logits, processed)
+            if shape.samples:  # Gumbel noise only where a row samples; a batch without one skips drawing it
+                noise = jax.lax.cond(jnp.any(draws), lambda: jax.vmap(lambda row_key: jax.random.gumbel(
+                    jax.random.fold_in(row_key, depth), (fw, vocab)))(key), lambda: jnp.zeros((b, fw, vocab)))
+                scores = jnp.where(draws, processed + noise, ranking)
+        top, children = jax.lax.top_k(scores, slots)  # [B, fw, slots] draft ids, in draw order
         live = frontier_live[:, :, None] & jnp.isfinite(top) & (jnp.arange(slots) < k)
         logq = (jnp.take_along_axis(tree.logq, frontier, 1)[:, :, None]
                 + jnp.take_along_axis(jax.nn.log_softmax(ranking, axis=-1), children, 2))
@@ -242,15 +248,16 @@ def draft_tree(config: ModelConfig, shape: TreeShape, draft: DraftModel, cache: 
         def put(x, value):
             return jax.lax.dynamic_update_slice_in_dim(x, value.astype(x.dtype), start, axis=1)
 
+        q_logits = tree.q_logits
+        if not all_greedy:
+            q_logits = q_logits.at[rows, frontier].set(
+                jnp.where(frontier_ok[:, :, None], processed, jnp.take_along_axis(q_logits, frontier[:, :, None], 1)))
         tree = DraftTree(
-            tokens=put(tree.tokens, children.reshape(b, count)),
+            tokens=put(tree.tokens, draft.draft_to_target[children].reshape(b, count)),
             parents=put(tree.parents, jnp.repeat(frontier, slots, axis=1)),
             depths=put(tree.depths, jnp.full((b, count), depth)),
             live=put(tree.live, live.reshape(b, count)), scratch=tree.scratch,
-            logq=put(tree.logq, logq.reshape(b, count)),
-            q_logits=tree.q_logits.at[rows, frontier].set(jnp.where(frontier_ok[:, :, None], processed,
-                                                                      jnp.take_along_axis(tree.q_logits, frontier[:, :, None], 1))),
-            length=tree.length)
+            logq=put(tree.logq, logq.reshape(b, count)), q_logits=q_logits, length=tree.length)
         ancestors = put(ancestors, jnp.repeat(jnp.take_along_axis(ancestors, frontier[:, :, None], 1), slots, 1))
         return tree, ancestors, start + jnp.arange(count), live.reshape(b, count), logq.reshape(b, count)
 
@@ -321,7 +328,7 @@ def _compact(tree: DraftTree, layout: _Layout) -> DraftTree:
     parents = jnp.asarray(new_index)[tree.parents[:, pick]]
     return DraftTree(tokens=tree.tokens[:, pick], parents=parents, depths=tree.depths[:, pick],
                      live=tree.live[:, pick], scratch=tree.scratch[:, pick], logq=tree.logq[:, pick],
-                     q_logits=tree.q_logits[:, pick], length=tree.length)
+                     q_logits=None if tree.q_logits is None else tree.q_logits[:, pick], length=tree.length)
 
 
 def _keep_most_probable(tree: DraftTree, budget: int) -> DraftTree:
@@ -335,7 +342,7 @@ def _keep_most_probable(tree: DraftTree, budget: int) -> DraftTree:
     new_index = jnp.full((b, n), -1, jnp.int32).at[rows, kept].set(jnp.arange(budget, dtype=jnp.int32))
 
     def take(x):
-        return jnp.take_along_axis(x, kept.reshape(kept.shape + (1,) * (x.ndim - 2)), 1)
+        return None if x is None else jnp.take_along_axis(x, kept.reshape(kept.shape + (1,) * (x.ndim - 2)), 1)
 
     old_parents = take(tree.parents)
     parents = jnp.where(old_parents >= 0, jnp.take_along_axis(new_index, jnp.maximum(old_parents, 0), 1), -1)

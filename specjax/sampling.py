@@ -150,6 +150,14 @@ def row_keys(base_keys: jax.Array, steps: jax.Array) -> jax.Array:
     return jax.vmap(fold)(base_keys, steps)
 
 
+def argmax(x: jax.Array) -> jax.Array:
+    """``jnp.argmax`` over the last axis (the first maximum, int32) of NaN-free ``x``, as two plain
+    reductions: XLA's CPU argmax, one reduce over (value, index) pairs, is not vectorised and took
+    0.22 ms per 49k-token row against 0.03 ms (2-core CPU, 2026-11)."""
+    top = jnp.max(x, axis=-1, keepdims=True)
+    return jnp.min(jnp.where(x == top, jnp.arange(x.shape[-1], dtype=jnp.int32), x.shape[-1]), axis=-1)
+
+
 def _cutoffs(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
     """[B] lowest scaled logit kept by top-k then top-p, from one descending sort per row.
 
@@ -195,7 +203,7 @@ def process_logits(
     cutoff = jnp.where(filtered, cutoff, -jnp.inf)
     sampled = jnp.where(scaled >= cutoff[:, None], scaled, -jnp.inf)
     point_mass = jnp.where(
-        jnp.arange(vocab) == jnp.argmax(logits, axis=-1)[:, None], 0.0, -jnp.inf
+        jnp.arange(vocab) == argmax(logits)[:, None], 0.0, -jnp.inf
     )
     return jnp.where(greedy[:, None], point_mass, sampled)
 
@@ -222,7 +230,7 @@ def sample(
     # a mixed batch; an all-greedy batch skips drawing [B, V] Gumbel noise altogether.
     tokens = jax.lax.cond(
         jnp.all(temperature == 0),
-        lambda: jnp.argmax(processed, axis=-1).astype(jnp.int32),
+        lambda: argmax(processed),
         lambda: jax.vmap(jax.random.categorical)(keys, processed).astype(jnp.int32),
     )
     if not return_logprobs:

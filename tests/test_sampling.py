@@ -12,6 +12,7 @@ import pytest
 from specjax.sampling import (
     SamplingParams,
     SamplingParamsError,
+    argmax,
     process_logits,
     request_key,
     row_keys,
@@ -198,6 +199,13 @@ def test_greedy_rows_take_argmax_in_a_mixed_batch():
     assert np.mean(np.asarray(tokens)[~greedy] != argmax[~greedy]) > 0.3  # the others do sample
     # An all-greedy batch (which skips the sort and the Gumbel draw) agrees.
     np.testing.assert_array_equal(sample(logits, keys, jnp.zeros(b), top_k, top_p), argmax)
+
+
+def test_argmax_equals_jnp_argmax_ties_and_masked_rows_included():
+    x = jnp.round(jax.random.normal(jax.random.key(2), (3, 5, 4099)), 1)  # rounding makes ties likely
+    x = x.at[1, 2].set(-jnp.inf).at[2, 0, :7].set(jnp.inf)  # a fully masked row; several +inf
+    np.testing.assert_array_equal(argmax(x), jnp.argmax(x, axis=-1))
+    assert argmax(x).dtype == jnp.int32
 
 
 # ---- filters: support ----

@@ -26,6 +26,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from specjax.sampling import argmax
+
 
 def greedy_accept(logits: jax.Array, tokens: jax.Array, parents: jax.Array, depths: jax.Array,
                   mask: jax.Array, live: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -37,7 +39,7 @@ def greedy_accept(logits: jax.Array, tokens: jax.Array, parents: jax.Array, dept
     """
     n = tokens.shape[1]
     index = jnp.arange(n)
-    prediction = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B, N]
+    prediction = argmax(logits)  # [B, N]
     parent_prediction = jnp.take_along_axis(prediction, jnp.maximum(parents, 0), axis=1)
     ok = ((tokens == parent_prediction) | (index == 0)) & live
     accepted = ~jnp.any(mask & ~ok[:, None, :], axis=-1)  # every ancestor-or-self matched

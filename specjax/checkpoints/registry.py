@@ -68,6 +68,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
 DRAFTS_DIR = Path(__file__).resolve().parent.parent / "drafts"
 BUILTIN_DRAFTS = {
     "smollm2-135m-draft-a": "draft for smollm2-135m, distilled from it (training/distill_draft.py --name a)",
+    "smollm2-135m-draft-b": "draft for smollm2-135m, boost-tuned on draft A's misses (--name b)",
 }
 
 

@@ -97,6 +97,29 @@ class StepInput:
     sample_index: int = 0  # which of the request's tokens this samples: the key is fold_in(base_key, index)
 
 
+class CompiledBuckets:
+    """Executables of jitted functions, one per shape bucket, compiled on first use with the
+    backend's compiler options; compilation is timed in ``compile_time_s``, apart from any run."""
+
+    def __init__(self, compiler_options: dict):
+        self.compiler_options = compiler_options
+        self._executables: dict[tuple, jax.stages.Compiled] = {}
+        self.compile_time_s = 0.0
+
+    def __len__(self) -> int:
+        return len(self._executables)
+
+    def get(self, key: tuple, fn, *args, **kwargs) -> jax.stages.Compiled:
+        """The executable of jitted ``fn`` for bucket ``key``, lowered for ``args``/``kwargs`` if new."""
+        compiled = self._executables.get(key)
+        if compiled is None:
+            start = time.perf_counter()
+            compiled = fn.lower(*args, **kwargs).compile(compiler_options=self.compiler_options or None)
+            self._executables[key] = compiled
+            self.compile_time_s += time.perf_counter() - start
+        return compiled
+
+
 class ModelRunner:
     def __init__(self, config: ModelConfig, params: Params, engine: EngineConfig = EngineConfig()):
         self.config = config
@@ -110,13 +133,17 @@ class ModelRunner:
                                  config.max_position_embeddings, capacity)
         self.cache: KVCache = init_kv_cache(config, num_pages, engine.page_size, self.dtype)
         self.pages = PageTable(num_pages, engine.page_size)
-        self._compiled: dict[tuple[int, int, int], jax.stages.Compiled] = {}  # by (B, T, pages) bucket
-        self.compile_time_s = 0.0
         min_bucket, options = backend_defaults(jax.devices()[0].platform)
         self.min_batch_bucket = engine.min_batch_bucket or min_bucket
         self.compiler_options = dict(engine.compiler_options) if engine.compiler_options is not None else options
+        self._compiled = CompiledBuckets(self.compiler_options)  # by (kind, B, T, pages) bucket
         self._step = jax.jit(functools.partial(_step, config=config), donate_argnames=("cache",))
         self._verify = jax.jit(functools.partial(_verify_step, config=config), donate_argnames=("cache",))
+
+    @property
+    def compile_time_s(self) -> float:
+        """Seconds spent compiling this runner's steps (never counted in a step's time)."""
+        return self._compiled.compile_time_s
 
     # -- sequence lifecycle ------------------------------------------------------------------
     def add_sequence(self, seq_id, max_tokens: int) -> None:
@@ -156,13 +183,7 @@ class ModelRunner:
 
     def _run(self, fn, key: tuple, args: dict):
         """Run jitted ``fn`` with the cache donated, compiling per shape bucket ``key`` (timed apart)."""
-        compiled = self._compiled.get(key)
-        if compiled is None:
-            start = time.perf_counter()
-            compiled = fn.lower(self.params, cache=self.cache, **args).compile(
-                compiler_options=self.compiler_options or None)
-            self._compiled[key] = compiled
-            self.compile_time_s += time.perf_counter() - start
+        compiled = self._compiled.get(key, fn, self.params, cache=self.cache, **args)
         start = time.perf_counter()
         *outputs, self.cache = compiled(self.params, cache=self.cache, **args)
         outputs = [np.asarray(x) for x in outputs]

@@ -21,7 +21,7 @@ import numpy as np
 from specjax.config import ModelConfig
 from specjax.kv_cache import kv_bytes_per_token
 from specjax.params import Params
-from specjax.runner import ModelRunner, StepInput, next_power_of_two
+from specjax.runner import CompiledBuckets, ModelRunner, StepInput, next_power_of_two
 from specjax.sampling import row_keys
 from specjax.speculation.specinfer import SpecInfer, StepBatch, speculative_step
 from specjax.speculation.tree import TREE_SIZES
@@ -106,12 +106,16 @@ class TreeSpeculator:
             for (_, params, d2t, _), input_map in zip(drafts, self._input_maps))
         self._step = jax.jit(functools.partial(_host_step, self.spec), static_argnames=("all_greedy",),
                              donate_argnames=("target_cache", "draft_caches"))
-        self._compiled: dict[tuple, jax.stages.Compiled] = {}
-        self.compile_time_s = 0.0
+        self._compiled = CompiledBuckets(target.compiler_options)
 
     @property
     def depth(self) -> int:
         return self.spec.depth
+
+    @property
+    def compile_time_s(self) -> float:
+        """Seconds spent compiling the speculative step (the drafts' own prefill steps not included)."""
+        return self._compiled.compile_time_s
 
     @property
     def all_compile_time_s(self) -> float:
@@ -204,13 +208,7 @@ class TreeSpeculator:
         # An all-greedy batch (the common case) compiles its own step without any sampling work.
         all_greedy = all(x.temperature == 0 for x in inputs)
         key = (b, tp, pt, pds, all_greedy)
-        compiled = self._compiled.get(key)
-        if compiled is None:
-            start = time.perf_counter()
-            compiled = self._step.lower(**args, all_greedy=all_greedy).compile(
-                compiler_options=target.compiler_options or None)
-            self._compiled[key] = compiled
-            self.compile_time_s += time.perf_counter() - start
+        compiled = self._compiled.get(key, self._step, **args, all_greedy=all_greedy)
         start = time.perf_counter()
         result, target.cache, draft_caches = compiled(**args)
         for runner, cache in zip(self.runners, draft_caches):

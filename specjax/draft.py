@@ -94,9 +94,14 @@ class DraftVocab:
         Softmax of the result equals the draft's distribution placed on target ids, so samplers and
         verifiers (including multi-step speculative sampling) work on target ids unchanged.
         """
-        draft_logits = jnp.asarray(draft_logits)
-        out = jnp.full(draft_logits.shape[:-1] + (self.target_size,), -jnp.inf, draft_logits.dtype)
-        return out.at[..., jnp.asarray(self.draft_to_target)].set(draft_logits)
+        return spread_logits(jnp.asarray(draft_logits), jnp.asarray(self.draft_to_target), self.target_size)
+
+
+def spread_logits(draft_logits: jax.Array, draft_to_target: jax.Array, target_size: int) -> jax.Array:
+    """Draft logits [..., N] placed on the target's ids [..., V] (``draft_to_target`` [N]), -inf where
+    the draft has no token; works inside jit (the device-side ``DraftModel`` uses it too)."""
+    out = jnp.full(draft_logits.shape[:-1] + (target_size,), -jnp.inf, draft_logits.dtype)
+    return out.at[..., draft_to_target].set(draft_logits)
 
 
 def build_draft_vocab(token_counts: np.ndarray, size: int, special_ids: Sequence[int],
@@ -281,4 +286,4 @@ def draft_meta(path: str | os.PathLike) -> dict[str, Any]:
 
 __all__ = ["DRAFT_INPUT_MAP_FILE", "DRAFT_META_FILE", "DRAFT_VOCAB_FILE", "Draft", "DraftVocab",
            "build_draft_vocab", "cast_params", "compute_ratio", "draft_config", "draft_forward", "draft_meta",
-           "flops_per_token", "init_from_target", "load_draft", "save_draft"]
+           "flops_per_token", "init_from_target", "load_draft", "save_draft", "spread_logits"]

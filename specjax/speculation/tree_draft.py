@@ -36,6 +36,7 @@ import numpy as np
 
 from specjax.attention import AttentionMetadata, causal_mask
 from specjax.config import ModelConfig
+from specjax.draft import spread_logits
 from specjax.kv_cache import KVCache, slot_ids, write_kv
 from specjax.model import forward
 from specjax.params import Params, pytree_dataclass
@@ -127,8 +128,7 @@ class DraftModel:
 
     def on_target_ids(self, logits: jax.Array) -> jax.Array:
         """Draft logits [..., N] on the target's ids [..., V], -inf where the draft has no token."""
-        out = jnp.full(logits.shape[:-1] + self.target_to_draft.shape, -jnp.inf, jnp.float32)
-        return out.at[..., self.draft_to_target].set(logits.astype(jnp.float32))
+        return spread_logits(logits.astype(jnp.float32), self.draft_to_target, self.target_to_draft.shape[0])
 
 
 @pytree_dataclass

@@ -24,7 +24,7 @@ from specjax.kv_cache import INVALID_SLOT, KVCache, PageTable, init_kv_cache, kv
 from specjax.model import forward
 from specjax.params import Params
 from specjax.speculation.tree import TokenTree, stack_trees
-from specjax.speculation.verify import greedy_accept
+from specjax.speculation.verify import greedy_accept, mss_accept
 
 
 def next_power_of_two(n: int, minimum: int = 1) -> int:
@@ -138,7 +138,8 @@ class ModelRunner:
         self.compiler_options = dict(engine.compiler_options) if engine.compiler_options is not None else options
         self._compiled = CompiledBuckets(self.compiler_options)  # by (kind, B, T, pages) bucket
         self._step = jax.jit(functools.partial(_step, config=config), donate_argnames=("cache",))
-        self._verify = jax.jit(functools.partial(_verify_step, config=config), donate_argnames=("cache",))
+        self._verify = jax.jit(functools.partial(_verify_step, config=config), donate_argnames=("cache",),
+                               static_argnames=("all_greedy",))
 
     @property
     def compile_time_s(self) -> float:
@@ -181,9 +182,10 @@ class ModelRunner:
         context_lens[: len(seq_ids)] = lengths
         return block_tables, context_lens
 
-    def _run(self, fn, key: tuple, args: dict):
-        """Run jitted ``fn`` with the cache donated, compiling per shape bucket ``key`` (timed apart)."""
-        compiled = self._compiled.get(key, fn, self.params, cache=self.cache, **args)
+    def _run(self, fn, key: tuple, args: dict, static: dict | None = None):
+        """Run jitted ``fn`` with the cache donated, compiling per shape bucket ``key`` (timed apart);
+        ``static``: its static arguments (they select the executable, so ``key`` must cover them)."""
+        compiled = self._compiled.get(key, fn, self.params, cache=self.cache, **args, **(static or {}))
         start = time.perf_counter()
         *outputs, self.cache = compiled(self.params, cache=self.cache, **args)
         outputs = [np.asarray(x) for x in outputs]
@@ -228,22 +230,29 @@ class ModelRunner:
             self.pages.commit(x.seq_id, len(x.tokens))
         return next_tokens[:n], elapsed
 
-    def verify(self, seq_ids: Sequence, trees: Sequence[TokenTree]) -> tuple[list[list[int]], float]:
-        """Score each sequence's token tree in one target pass; keep the greedy-accepted path.
+    def verify(self, seq_ids: Sequence, trees: Sequence[TokenTree], sampling_inputs: Sequence[StepInput] | None = None
+               ) -> tuple[list[list[int]], float]:
+        """Score each sequence's token tree in one target pass; keep the accepted path.
 
         A tree's root is the sequence's last token (chosen, not yet run). The root's and the
-        accepted nodes' K/V are committed; rejected nodes leave no trace. Returns, per sequence,
-        the new tokens (accepted speculated tokens, then the target's bonus token) and the seconds
-        the step took.
+        accepted nodes' K/V are committed; rejected nodes leave no trace. Proposals are
+        deterministic (a point mass each, e.g. from a suffix cache): greedy rows accept the
+        target's argmax path; sampled rows (``sampling_inputs``: each row's temperature, top-k,
+        top-p and key, ``tokens`` unused; None = all greedy) run multi-step speculative sampling,
+        so their tokens follow the target's distribution exactly. Returns, per sequence, the new
+        tokens (accepted speculated tokens, then the target's bonus token) and the step's seconds.
         """
         if len(seq_ids) != len(trees):
             raise ValueError(f"{len(seq_ids)} sequences but {len(trees)} trees")
+        if sampling_inputs is not None and len(sampling_inputs) != len(seq_ids):
+            raise ValueError(f"{len(seq_ids)} sequences but {len(sampling_inputs)} sampling inputs")
         b, p, lengths = self._check_batch(seq_ids)
         stacked = stack_trees(trees)
         n = stacked["tokens"].shape[1]
         rows = len(seq_ids)
 
         def pad(x, fill):
+            x = np.asarray(x)
             out = np.full((b,) + x.shape[1:], fill, x.dtype)
             out[:rows] = x
             return out
@@ -257,12 +266,21 @@ class ModelRunner:
             position_slots[row, :span] = self.pages.slots(seq_id, length, span)
         block_tables, context_lens = self._prefix(seq_ids, b, p, lengths)
         eye = np.broadcast_to(np.eye(n, dtype=bool), (b, n, n))
+        sampled = sampling_inputs or [StepInput(s, []) for s in seq_ids]
+        all_greedy = all(x.temperature == 0 for x in sampled)
         args = dict(tokens=pad(stacked["tokens"], 0), positions=context_lens[:, None] + depths,
                     block_tables=block_tables, context_lens=context_lens,
                     mask=np.where(np.arange(b)[:, None, None] < rows, pad(stacked["mask"], False), eye),
                     parents=pad(stacked["parents"], -1), depths=depths,
-                    live=pad(stacked["live"], False), position_slots=position_slots)
-        (last, path, bonus), elapsed = self._run(self._verify, ("verify", b, n, p), args)
+                    live=pad(stacked["live"], False), position_slots=position_slots,
+                    temperature=pad(np.array([x.temperature for x in sampled], np.float32), 0.0),
+                    top_k=pad(np.array([x.top_k for x in sampled], np.int32), 0),
+                    top_p=pad(np.array([x.top_p for x in sampled], np.float32), 1.0),
+                    base_keys=pad(np.stack([np.zeros(2, np.uint32) if x.base_key is None else x.base_key
+                                            for x in sampled]), 0),
+                    sample_index=pad(np.array([x.sample_index for x in sampled], np.int32), 0))
+        (last, path, bonus), elapsed = self._run(self._verify, ("verify", b, n, p, all_greedy), args,
+                                                 static=dict(all_greedy=all_greedy))
         new_tokens = []
         for row, (seq_id, tree) in enumerate(zip(seq_ids, trees)):
             nodes = np.nonzero(path[row])[0]  # ancestors come first: parents precede children
@@ -284,10 +302,27 @@ def _step(params, *, config, cache, tokens, positions, block_tables, context_len
 
 
 def _verify_step(params, *, config, cache, tokens, positions, block_tables, context_lens, mask, parents, depths,
-                 live, position_slots):
+                 live, position_slots, temperature, top_k, top_p, base_keys, sample_index, all_greedy):
     meta = AttentionMetadata(block_tables=block_tables, context_lens=context_lens, new_mask=mask)
     logits, new_k, new_v = forward(params, config, tokens, positions, cache, meta)
-    last, path, bonus = greedy_accept(logits, tokens, parents, depths, mask, live)
+    b, n = tokens.shape
+
+    def greedy():
+        return greedy_accept(logits, tokens, parents, depths, mask, live)
+
+    def stochastic():
+        vocab = logits.shape[-1]
+        probs = jax.nn.softmax(sampling.process_logits(
+            logits.reshape(b * n, vocab), jnp.repeat(temperature, n), jnp.repeat(top_k, n), jnp.repeat(top_p, n)),
+            axis=-1).reshape(b, n, vocab)
+        keys = sampling.row_keys(jax.random.wrap_key_data(base_keys), sample_index)
+        index = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+        proposed = live & (index > 0)
+        # Host trees hold distinct siblings, each its own node: canon is the node, siblings share a group.
+        return mss_accept(probs, tokens, mask, index, parents, parents, proposed, None, None,
+                          jax.vmap(jax.random.fold_in, (0, None))(keys, 1))
+
+    last, path, bonus = greedy() if all_greedy else jax.lax.cond(jnp.any(temperature > 0), stochastic, greedy)
     # Accepted node at depth d lands at position context_len + d; everything else is dropped.
     slots = jnp.where(path, jnp.take_along_axis(position_slots, depths, axis=1), INVALID_SLOT)
     cache = write_kv(cache, new_k, new_v, slots)

@@ -284,6 +284,41 @@ def test_multi_step_speculative_sampling_follows_the_target_exactly(temperature,
     assert _chi_square_p(observed, exact * rows) > 1e-3
 
 
+def test_host_trees_sampled_through_the_runner_follow_the_target_exactly():
+    """Trees proposed on the host (point-mass proposals, as a suffix cache makes) verified by
+    ``ModelRunner.verify`` at temperature 1: the first two tokens after the root, over 4096 keys,
+    against the target's exact joint distribution. Rows whose whole tree was rejected get their
+    second token from a plain sampled step."""
+    rows, batch, prompt, root = 4096, 512, [1, 2, 3], 4
+    params = random_params(SMALL_VOCAB, jax.random.key(0), scale=0.3)
+    runner = ModelRunner(SMALL_VOCAB, params, EngineConfig(page_size=8, max_num_seqs=batch, kv_cache_bytes=1 << 20))
+    # Two children of the root (one of them with two children of its own), a third one deeper.
+    tree = TokenTree.build(root, [0, 2, 1, 5, 3], [0, 0, 1, 1, 2], size=8)
+    firsts = []
+    for start in range(0, rows, batch):
+        ids = list(range(start, start + batch))
+        keys = [np.asarray(jax.random.key_data(jax.random.key(i)), np.uint32) for i in ids]
+        for i in ids:
+            runner.add_sequence(i, 16)
+        runner.step([StepInput(i, prompt) for i in ids])
+        sampling = [StepInput(i, [], temperature=1.0, base_key=k, sample_index=0) for i, k in zip(ids, keys)]
+        new_tokens, _ = runner.verify(ids, [tree] * batch, sampling)
+        short = [row for row, new in enumerate(new_tokens) if len(new) == 1]
+        if short:
+            second, _ = runner.step([StepInput(ids[r], new_tokens[r], temperature=1.0, base_key=keys[r],
+                                               sample_index=1) for r in short])
+            for r, token in zip(short, second):
+                new_tokens[r] = new_tokens[r] + [int(token)]
+        firsts += [new[:2] for new in new_tokens]
+        for i in ids:
+            runner.release(i)
+    sequences = np.array(firsts)
+    exact = _exact_distribution(params, prompt + [root], 2, 1.0, 0, 1.0)
+    observed = np.bincount(sequences @ np.array([6, 1]), minlength=exact.size)
+    assert 0.05 < np.isin(sequences[:, 0], [0, 2]).mean() < 0.95  # proposals were accepted and rejected
+    assert _chi_square_p(observed, exact * rows) > 1e-3
+
+
 @pytest.mark.parametrize("top_k", [0, 3, 40, 70])
 def test_draft_distributions_on_draft_ids_widen_to_those_on_target_ids(top_k):
     """Drafts process their logits on their own ids; widened to the target's ids, that is the

@@ -62,8 +62,14 @@ def mss_accept(target_probs: jax.Array, tokens: jax.Array, mask: jax.Array, cano
     node it is a child of, group [B, N] equal for one draft's siblings (tried in index order),
     proposed [B, N] bool, draft_probs [B, N, V] the draft distribution it was drawn from (before
     removing earlier siblings), deterministic [B, N] bool (point-mass proposals); keys [B] typed.
+    ``draft_probs`` None: every proposal is a point mass (trees proposed on the host, e.g. from a
+    suffix cache), and ``deterministic`` is ignored.
     Returns (last [B], path [B, N] bool, bonus [B]) like ``greedy_accept``.
     """
+    if draft_probs is None:
+        # A [B, N, 1] placeholder: with every proposal deterministic no draft probability is read.
+        draft_probs = jnp.zeros(tokens.shape + (1,), target_probs.dtype)
+        deterministic = jnp.ones(tokens.shape, bool)
     return jax.vmap(_mss_row)(target_probs, tokens, mask, canon, parents, group, proposed, draft_probs,
                               deterministic, keys)
 
@@ -84,7 +90,8 @@ def _mss_row(target_probs, tokens, mask, canon, parents, group, proposed, draft_
     def trial(carry, j):
         node, p, q, current_group = carry
         active = proposed[j] & (parents[j] == node)
-        q_j = jnp.where(group[j] != current_group, draft_probs[j], q)  # first sibling of its draft here
+        # First sibling of its draft here: its distribution afresh (a [1] placeholder broadcasts).
+        q_j = jnp.where(group[j] != current_group, draft_probs[j], q)
         x = tokens[j]
         point = vocab == x
         q_x = jnp.where(deterministic[j], 1.0, q_j[x])

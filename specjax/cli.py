@@ -15,6 +15,8 @@ examples:
   specjax generate --draft smollm2-135m-draft-a --prompt "Write a Python function that reverses a list."
   specjax generate --speculate tree --draft smollm2-135m-draft-a --draft smollm2-135m-draft-b \
       --expansion 1,1,3,1,1,1,1,1 --prompt "def quicksort(xs):"
+  specjax generate --speculate suffix --suffix-cache ~/.cache/specjax/suffix.npz --prompt "..."
+  specjax generate --speculate hybrid --draft smollm2-135m-draft-a --prompt "..."
   specjax models
 
 Models are named (see `specjax models`) or given as a local GGUF file or Hugging Face checkpoint
@@ -51,9 +53,11 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="speculate with this draft model (a built-in draft name or a draft directory); repeat "
                           "for several drafts, whose trees are merged. The target verifies losslessly, greedy "
                           "and sampled alike")
-    gen.add_argument("--speculate", choices=["chain", "tree"], default="chain",
+    gen.add_argument("--speculate", choices=["chain", "tree", "suffix", "hybrid"], default=None,
                      help="chain: each draft proposes --speculative-tokens tokens in a row; tree: token trees "
-                          "grown by --expansion (default: %(default)s)")
+                          "grown by --expansion; suffix: trees from a suffix cache of the prompt and earlier "
+                          "outputs, no draft model; hybrid: suffix where its draft scores well, else a chain "
+                          "from the --draft models (default: chain with --draft, else none)")
     gen.add_argument("--speculative-tokens", "-k", type=int, default=4,
                      help="chain length per verification step (default: %(default)s)")
     gen.add_argument("--expansion", default="1,1,3,1,1,1,1,1",
@@ -62,6 +66,15 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="tree: most nodes of the merged tree, root included, at most 128 (default: %(default)s)")
     gen.add_argument("--dynamic", action="store_true",
                      help="tree: keep only the --max-nodes most probable nodes (by cumulative draft probability)")
+    gen.add_argument("--max-spec-tokens", type=int, default=31,
+                     help="suffix/hybrid: most speculated tokens per step (default: %(default)s)")
+    gen.add_argument("--spec-factor", type=float, default=1.0,
+                     help="suffix/hybrid: speculate at most this many tokens per matched token (default: %(default)s)")
+    gen.add_argument("--min-token-prob", type=float, default=0.1,
+                     help="suffix/hybrid: drop continuations less likely than this (default: %(default)s)")
+    gen.add_argument("--suffix-cache", metavar="FILE",
+                     help="suffix/hybrid: start from the suffix cache saved in FILE (if it exists) and save it "
+                          "there afterwards, so later runs reuse this run's output")
     gen.add_argument("--no-stream", action="store_true", help="print the text only when done")
     gen.add_argument("--quiet", "-q", action="store_true", help="print only the generated text, no statistics")
 
@@ -71,14 +84,28 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _speculation(args):
-    """The TreeSpeculation the speculation flags ask for, or None without --draft."""
+    """The speculation the flags ask for: None without --draft or --speculate."""
     from specjax.speculation.speculator import TreeSpeculation
+    from specjax.speculation.suffix import HybridSpeculation, SuffixSpeculation
 
-    if not args.draft:
-        if args.speculate == "tree" or args.dynamic:
-            raise ValueError("--speculate tree and --dynamic need at least one --draft")
+    method = args.speculate or ("chain" if args.draft else None)
+    if args.suffix_cache and method not in ("suffix", "hybrid"):
+        raise ValueError("--suffix-cache needs --speculate suffix or hybrid")
+    if method == "suffix":
+        if args.draft:
+            raise ValueError("--speculate suffix uses no draft model: drop --draft (or use --speculate hybrid)")
+        return _suffix(args)
+    if method is None:
+        if args.dynamic:
+            raise ValueError("--dynamic needs --speculate tree and at least one --draft")
         return None
-    if args.speculate == "chain":
+    if not args.draft:
+        raise ValueError(f"--speculate {method} needs at least one --draft")
+    if method == "hybrid":
+        chain = TreeSpeculation(drafts=tuple(args.draft), expansion=(1,) * args.speculative_tokens,
+                                max_nodes=min(128, 1 + len(args.draft) * args.speculative_tokens))
+        return HybridSpeculation(suffix=_suffix(args), tree=chain)
+    if method == "chain":
         if not 1 <= args.speculative_tokens < 128:
             raise ValueError(f"--speculative-tokens must be in [1, 127], got {args.speculative_tokens}")
         return TreeSpeculation(drafts=tuple(args.draft), expansion=(1,) * args.speculative_tokens,
@@ -89,6 +116,27 @@ def _speculation(args):
         raise ValueError(f"--expansion takes comma-separated integers, got {args.expansion!r}") from None
     return TreeSpeculation(drafts=tuple(args.draft), expansion=expansion, max_nodes=args.max_nodes,
                            dynamic=args.dynamic)
+
+
+def _suffix(args):
+    from specjax.speculation.suffix import SuffixSpeculation
+
+    return SuffixSpeculation(max_spec_tokens=args.max_spec_tokens, max_spec_factor=args.spec_factor,
+                             min_token_prob=args.min_token_prob, cache_file=args.suffix_cache)
+
+
+def _describe(args) -> str:
+    method = args.speculate or "chain"
+    suffix = f"suffix cache (at most {args.max_spec_tokens} tokens)"
+    chain = f"{' + '.join(args.draft)}, chain of {args.speculative_tokens}"
+    if method == "suffix":
+        return suffix
+    if method == "hybrid":
+        return f"{suffix}, else {chain}"
+    if method == "chain":
+        return chain
+    return (f"{' + '.join(args.draft)}, tree <{args.expansion}>, at most {args.max_nodes} nodes"
+            f"{' (dynamic)' if args.dynamic else ''}")
 
 
 def _generate(args) -> int:
@@ -129,11 +177,16 @@ def _generate(args) -> int:
         f"(compile {llm.compile_time_s:.1f} s, not counted)")
     if s.speculation is not None and s.speculation.steps:
         sp = s.speculation
-        shape = (f"chain of {args.speculative_tokens}" if args.speculate == "chain"
-                 else f"tree <{args.expansion}>, at most {args.max_nodes} nodes{' (dynamic)' if args.dynamic else ''}")
-        log(f"speculation: {' + '.join(args.draft)}, {shape}: {sp.tau:.2f} tokens per target step, "
+        log(f"speculation: {_describe(args)}: {sp.tau:.2f} tokens per target step, "
             f"acceptance {sp.acceptance_rate:.0%} (by depth: "
             f"{' '.join(f'{a:.2f}' for a in sp.acceptance_by_depth)}), {sp.steps} verification steps")
+        if llm.suffix is not None:
+            sources = ", ".join(f"{n} {source}" for source, n in sp.sources.items())
+            log(f"suffix cache: {1e6 * sp.host_time_s / sp.steps:.0f} µs of host time per step"
+                + (f"; steps by source: {sources}" if sources else ""))
+    if args.suffix_cache:
+        llm.save_suffix_cache(args.suffix_cache)
+        log(f"suffix cache saved to {args.suffix_cache}")
     return 0
 
 

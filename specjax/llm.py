@@ -26,6 +26,7 @@ from specjax.runner import EngineConfig, ModelRunner, StepInput
 from specjax.sampling import SamplingParams, request_key
 from specjax.speculation.speculator import TreeSpeculation, TreeSpeculator
 from specjax.speculation.stats import SpeculationStats
+from specjax.speculation.suffix import HybridSpeculation, SuffixSpeculation, SuffixSpeculator, draft_trees
 
 Message = dict
 Prompt = Union[str, Sequence[int], Sequence[Message]]
@@ -62,7 +63,8 @@ class RequestOutput:
 
 @dataclass
 class _Request:
-    index: int
+    index: int  # position in its generate() call
+    uid: int  # unique within the LLM: the suffix cache and unseeded keys know the request by it
     params: SamplingParams
     output: RequestOutput
     max_total: int  # prompt + output tokens this request may reach
@@ -83,18 +85,26 @@ class LLM:
 
     >>> llm = LLM("smollm2-135m", speculation=TreeSpeculation(
     ...     drafts=["smollm2-135m-draft-a", "smollm2-135m-draft-b"], expansion=(1, 1, 3, 1, 1, 1, 1, 1)))
+
+    Or without a draft model, from a suffix cache of the prompts and of earlier outputs (agentic,
+    repetitive work), alone or falling back to draft-model trees where it has nothing to offer:
+
+    >>> llm = LLM("smollm2-135m", speculation=SuffixSpeculation())
+    >>> llm = LLM("smollm2-135m", speculation=HybridSpeculation(
+    ...     suffix=SuffixSpeculation(), tree=TreeSpeculation(drafts=["smollm2-135m-draft-a"], expansion=(1,) * 4)))
     """
 
     def __init__(self, model: str | os.PathLike | LoadedModel = "smollm2-135m", *, dtype: str = "auto",
                  engine: EngineConfig | None = None, seed: int | None = None,
                  draft: str | os.PathLike | LoadedModel | None = None, num_speculative_tokens: int = 4,
-                 speculation: TreeSpeculation | None = None):
+                 speculation: TreeSpeculation | SuffixSpeculation | HybridSpeculation | None = None):
         """``model``: a built-in name, a GGUF file, an HF or specjax checkpoint directory, or a
         LoadedModel (``dtype`` is then ignored). On a CPU, bf16 weights are stored as bf16 bits and
         computed with in fp32 (``params.inference_params``).
 
-        ``speculation``: token trees from draft models (``TreeSpeculation``). ``draft`` with
-        ``num_speculative_tokens`` is the short form of a chain from one draft,
+        ``speculation``: token trees from draft models (``TreeSpeculation``), from a suffix cache
+        (``SuffixSpeculation``) or from either per request and step (``HybridSpeculation``).
+        ``draft`` with ``num_speculative_tokens`` is the short form of a chain from one draft,
         ``TreeSpeculation(drafts=[draft], expansion=(1,) * num_speculative_tokens)``.
         """
         if draft is not None and speculation is not None:
@@ -104,8 +114,13 @@ class LLM:
         if draft is not None:
             speculation = TreeSpeculation(drafts=(draft,), expansion=(1,) * num_speculative_tokens,
                                           max_nodes=num_speculative_tokens + 1)
-        if speculation is not None and not isinstance(speculation, TreeSpeculation):
-            raise TypeError(f"speculation must be a TreeSpeculation, got {type(speculation).__name__}")
+        if speculation is not None and not isinstance(speculation, (TreeSpeculation, SuffixSpeculation,
+                                                                    HybridSpeculation)):
+            raise TypeError("speculation must be a TreeSpeculation, SuffixSpeculation or HybridSpeculation, "
+                            f"got {type(speculation).__name__}")
+        hybrid = speculation if isinstance(speculation, HybridSpeculation) else None
+        tree = hybrid.tree if hybrid else speculation if isinstance(speculation, TreeSpeculation) else None
+        suffix = hybrid.suffix if hybrid else speculation if isinstance(speculation, SuffixSpeculation) else None
         loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=resolve_dtype(dtype))
         params = inference_params(loaded.params)
         self.weights = ("bfloat16 weights, fp32 arithmetic" if params.layers.wqkv.dtype == jnp.uint16
@@ -118,12 +133,15 @@ class LLM:
         self.runner = ModelRunner(loaded.config, params, engine or EngineConfig())
         self.speculation = speculation
         self.speculator = None
-        if speculation is not None:
-            self.speculator = TreeSpeculator(self.runner, [_load_draft(d, loaded) for d in speculation.drafts],
-                                             speculation.tree_shapes())
+        if tree is not None:
+            self.speculator = TreeSpeculator(self.runner, [_load_draft(d, loaded) for d in tree.drafts],
+                                             tree.tree_shapes())
             if not (self._fits(self.speculator.depth + 2) and self.speculator.fits(2)):
-                raise ValueError(f"a tree of depth {self.speculator.depth} with {speculation.max_nodes} nodes does "
+                raise ValueError(f"a tree of depth {self.speculator.depth} with {tree.max_nodes} nodes does "
                                  "not fit the KV cache: lower max_nodes or the expansion, or raise kv_cache_bytes")
+        self.suffix = SuffixSpeculator(suffix) if suffix is not None else None
+        self._min_score = hybrid.min_score if hybrid else None
+        self._draft_record = [0, 0]  # tokens accepted in draft-model steps, and those steps (hybrid's bar)
         # Unseeded requests draw from this key; seeded ones are reproducible in any batch or run.
         self._global_key = jax.random.key(seed if seed is not None else secrets.randbits(63))
         self._requests_started = 0
@@ -136,6 +154,18 @@ class LLM:
     def compile_time_s(self) -> float:
         """Seconds spent compiling steps so far (never counted in any step's time)."""
         return self.runner.compile_time_s + (self.speculator.all_compile_time_s if self.speculator else 0.0)
+
+    @property
+    def suffix_cache(self):
+        """The global suffix cache (``SuffixCache``) of suffix or hybrid speculation, else None."""
+        return self.suffix.cache if self.suffix else None
+
+    def save_suffix_cache(self, path: str | os.PathLike) -> None:
+        """Save the suffix cache's earlier responses, to start another LLM from them
+        (``SuffixSpeculation(cache_file=path)``)."""
+        if self.suffix is None:
+            raise ValueError("this LLM does not speculate from a suffix cache")
+        self.suffix.cache.save(path)
 
     def _extra_tokens(self) -> int:
         """Cache positions a sequence needs past its last token: a verified tree writes its depth ahead."""
@@ -178,14 +208,15 @@ class LLM:
         if not params.ignore_eos:
             stop_ids.update(self.tokenizer.eos_token_ids)
         base_key = None
+        uid = index + self._requests_started
         if not params.greedy:
-            key = request_key(params.seed, self._global_key, index + self._requests_started)
+            key = request_key(params.seed, self._global_key, uid)
             base_key = np.asarray(jax.random.key_data(key), np.uint32)
         output = RequestOutput(prompt=text, prompt_token_ids=ids)
         output.stats.prompt_tokens = len(ids)
-        if self.speculator is not None:
+        if self.speculator is not None or self.suffix is not None:
             output.stats.speculation = SpeculationStats()
-        return _Request(index=index, params=params, output=output, max_total=max_total, base_key=base_key,
+        return _Request(index=index, uid=uid, params=params, output=output, max_total=max_total, base_key=base_key,
                         stop_ids=frozenset(stop_ids), detok=self.tokenizer.incremental_decoder())
 
     def _requests(self, prompts, sampling_params) -> list[_Request]:
@@ -237,16 +268,20 @@ class LLM:
         running: list[_Request] = []
         start = time.perf_counter()
 
-        speculator = self.speculator
+        speculator, suffix = self.speculator, self.suffix
 
         def admit(req: _Request) -> None:
             runner.add_sequence(req.index, req.max_total + self._extra_tokens())
-            if speculator is not None:
-                try:
+            try:
+                if speculator is not None:
                     speculator.start(req.index, req.max_total)
-                except Exception:
-                    runner.release(req.index)
-                    raise
+                if suffix is not None:
+                    suffix.start(req.uid, req.output.prompt_token_ids)
+            except Exception:
+                runner.release(req.index)
+                if speculator is not None:
+                    speculator.stop(req.index)
+                raise
             running.append(req)
 
         def finish(req: _Request) -> None:
@@ -254,6 +289,8 @@ class LLM:
             if speculator is not None:
                 speculator.stop(req.index)
             running.remove(req)
+            if suffix is not None:  # the output joins the global cache for later requests
+                suffix.stop(req.uid, req.output.prompt_token_ids + req.output.token_ids)
 
         def can_admit(req: _Request) -> bool:
             return (runner.can_admit(req.max_total + self._extra_tokens())
@@ -264,7 +301,7 @@ class LLM:
                 while waiting and len(running) < runner.engine.max_num_seqs and can_admit(waiting[0]):
                     admit(waiting.popleft())
                 prefilling = [r for r in running if r.prefilled < len(r.output.prompt_token_ids)]
-                speculating = [] if prefilling or speculator is None else list(running)
+                speculating = [] if prefilling or (speculator is None and suffix is None) else list(running)
                 plain = prefilling or [r for r in running if r not in speculating]
                 if speculating:
                     for req, delta in self._speculative_step(speculating, start):
@@ -288,18 +325,52 @@ class LLM:
                 finish(req)
 
     def _speculative_step(self, batch: list[_Request], start: float) -> Iterator[tuple[_Request, str]]:
-        """Draft a tree per request, verify all trees in one target pass, emit the accepted tokens.
+        """Speculate a tree per request, verify all trees in one target pass per source, emit the
+        accepted tokens.
 
-        Sampled requests are verified by multi-step speculative sampling: their tokens follow the
-        target's distribution exactly, as plain sampling's do (not the same tokens for a seed)."""
-        inputs = []
+        With a suffix cache each request first asks it for a draft; hybrid speculation sends the
+        requests whose draft scores below its bar to the draft models instead. Sampled requests
+        are verified by multi-step speculative sampling: their tokens follow the target's
+        distribution exactly, as plain sampling's do (not the same tokens for a seed)."""
+        inputs = {}
         for req in batch:
             out, p = req.output, req.params
-            inputs.append(StepInput(seq_id=req.index, tokens=out.prompt_token_ids + out.token_ids,
-                                    temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, base_key=req.base_key,
-                                    sample_index=len(out.token_ids)))
-        new_tokens, records, elapsed = self.speculator.step(inputs)  # drafting included in elapsed
-        for req, (proposed, depth, accepted), tokens in zip(batch, records, new_tokens):
+            inputs[req.uid] = StepInput(seq_id=req.index, tokens=out.prompt_token_ids + out.token_ids,
+                                        temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+                                        base_key=req.base_key, sample_index=len(out.token_ids))
+        suffix_rows, draft_rows = [], []
+        if self.suffix is None:
+            draft_rows = batch
+        else:
+            bar = self._min_score
+            if bar is None:
+                accepted, steps = self._draft_record
+                bar = accepted / steps if steps else 1.0
+            for req in batch:
+                sequence = inputs[req.uid].tokens
+                # A tree deeper than the tokens still allowed would verify positions past the request's pages.
+                draft, seconds = self.suffix.propose(req.uid, sequence, req.max_total - len(sequence) - 1)
+                req.output.stats.speculation.host_time_s += seconds
+                if self.speculator is None or draft is None or draft.score >= bar:
+                    suffix_rows.append((req, draft))
+                else:
+                    draft_rows.append(req)
+        results = []
+        if suffix_rows:
+            trees = draft_trees([inputs[r.uid].tokens[-1] for r, _ in suffix_rows], [d for _, d in suffix_rows])
+            new_tokens, elapsed = self.runner.verify([r.index for r, _ in suffix_rows], trees,
+                                                     [inputs[r.uid] for r, _ in suffix_rows])
+            for (req, _), tree, tokens in zip(suffix_rows, trees, new_tokens):
+                record = (tree.num_nodes - 1, int(tree.depths.max()), len(tokens) - 1)
+                results.append((req, "suffix", record, tokens, elapsed))
+        if draft_rows:
+            new_tokens, records, elapsed = self.speculator.step([inputs[r.uid] for r in draft_rows])
+            for req, record, tokens in zip(draft_rows, records, new_tokens):
+                self._draft_record[0] += record[2]
+                self._draft_record[1] += 1
+                results.append((req, "draft", record, tokens, elapsed))
+        hybrid = self.suffix is not None and self.speculator is not None
+        for req, source, (proposed, depth, accepted), tokens, elapsed in results:
             used = 0
             for token in tokens:
                 delta = self._advance(req, token, elapsed if used == 0 else 0.0, start)
@@ -309,7 +380,8 @@ class LLM:
                 if req.output.finished:
                     break
             # A finishing request may not need every accepted token: tau counts what it received.
-            req.output.stats.speculation.record(proposed, depth, accepted, tokens=used)
+            req.output.stats.speculation.record(proposed, depth, accepted, tokens=used,
+                                                source=source if hybrid else None)
 
     def _step_input(self, req: _Request) -> StepInput:
         out = req.output

@@ -3,7 +3,9 @@
 tau: mean tokens produced per target verification step (accepted draft tokens + the target's own
 token; a request's last step counts only the tokens it still needed); acceptance rate: accepted / proposed draft tokens; acceptance at depth d: of the steps
 whose path reached depth d - 1, the share that accepted a token at depth d; wasted share: proposed
-tokens that were not accepted.
+tokens that were not accepted. host_time_s: seconds the host spent proposing (suffix cache lookups
+and updates), apart from device steps; sources: verification steps per proposal source ("suffix",
+"draft") where a request can use several.
 """
 
 from __future__ import annotations
@@ -19,11 +21,15 @@ class SpeculationStats:
     accepted: int = 0
     reached: list[int] = field(default_factory=list)  # reached[d]: steps with a proposal at depth d + 1
     accepted_at: list[int] = field(default_factory=list)  # accepted_at[d]: steps that accepted depth d + 1
+    host_time_s: float = 0.0
+    sources: dict[str, int] = field(default_factory=dict)
 
-    def record(self, proposed: int, depth: int, accepted: int, tokens: int | None = None) -> None:
+    def record(self, proposed: int, depth: int, accepted: int, tokens: int | None = None,
+               source: str | None = None) -> None:
         """One verification step: ``proposed`` draft tokens over a tree (or chain) of ``depth``
         levels, of which the first ``accepted`` levels of one path were accepted. ``tokens``: what
-        the step delivered, when a finishing request needed fewer than its ``accepted + 1``."""
+        the step delivered, when a finishing request needed fewer than its ``accepted + 1``;
+        ``source``: where the proposal came from, counted in ``sources``."""
         tokens = accepted + 1 if tokens is None else tokens
         if not (0 <= accepted <= depth <= proposed and 1 <= tokens <= accepted + 1):
             raise ValueError(f"inconsistent step: proposed={proposed} depth={depth} accepted={accepted} "
@@ -40,6 +46,8 @@ class SpeculationStats:
         self.tokens += tokens
         self.proposed += proposed
         self.accepted += accepted
+        if source is not None:
+            self.sources[source] = self.sources.get(source, 0) + 1
 
     def merge(self, other: "SpeculationStats") -> "SpeculationStats":
         out = SpeculationStats()
@@ -54,6 +62,9 @@ class SpeculationStats:
             out.tokens += s.tokens
             out.proposed += s.proposed
             out.accepted += s.accepted
+            out.host_time_s += s.host_time_s
+            for source, steps in s.sources.items():
+                out.sources[source] = out.sources.get(source, 0) + steps
         return out
 
     @property
@@ -75,4 +86,6 @@ class SpeculationStats:
     def as_dict(self) -> dict:
         return {"steps": self.steps, "tokens": self.tokens, "proposed": self.proposed, "accepted": self.accepted,
                 "tau": self.tau, "acceptance_rate": self.acceptance_rate, "wasted_share": self.wasted_share,
-                "acceptance_by_depth": self.acceptance_by_depth}
+                "acceptance_by_depth": self.acceptance_by_depth,
+                "host_us_per_step": 1e6 * self.host_time_s / self.steps if self.steps else 0.0,
+                "sources": dict(self.sources)}

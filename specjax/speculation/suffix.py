@@ -1,0 +1,168 @@
+"""Suffix speculation in the LLM engine: trees from the suffix cache, verified by the target alone.
+
+``SuffixSpeculation`` is what a user asks for (SuffixDecoding, no draft model): each step a
+request's tree comes from ``suffix_cache.SuffixCache`` (its prompt and output so far, and every
+earlier response of the same ``LLM``) and is verified in one target pass by
+``ModelRunner.verify``. ``HybridSpeculation`` adds draft models: a request whose suffix draft
+scores low this step speculates with the draft-model tree instead.
+
+``SuffixSpeculator`` is the host side: it keeps the cache in step with each request's tokens,
+asks it for a draft, and turns the draft into a ``TokenTree``. Its seconds are counted apart
+(``host_time_s``) so the host's cost per step can be set against the device's.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+from specjax.speculation.speculator import TreeSpeculation
+from specjax.speculation.suffix_cache import SuffixCache, SuffixDraft
+from specjax.speculation.tree import TREE_SIZES, TokenTree, tree_bucket
+
+
+@dataclass(frozen=True)
+class SuffixSpeculation:
+    """Speculate from a suffix cache of the prompt and earlier outputs (SuffixDecoding).
+
+    max_spec_tokens: speculated tokens per step at most (tree nodes besides the root; 31 fills a
+        32-node bucket). The budget also grows with the match: at most
+        ``max_spec_factor * match_len + max_spec_offset`` tokens after a match of ``match_len``.
+    min_token_prob: drop continuations whose estimated probability (count ratios multiplied
+        along the path) is below this.
+    tree: speculate trees (the most probable continuations, branching) or a single chain.
+    max_depth: longest context suffix matched plus continuation, in tokens; contexts longer than
+        this are matched on their last ``max_depth`` tokens.
+    max_cached_requests: earlier responses kept in the global cache; the oldest leave first. The
+        trie holds up to ``max_depth`` nodes per cached token (about 20 bytes each; repetitive
+        text shares most), so 1000 responses of 1000 tokens take up to about 1 GB of host memory.
+    cache_file: start from the global cache saved there (``LLM.save_suffix_cache``), if it exists.
+    """
+
+    max_spec_tokens: int = 31
+    max_spec_factor: float = 1.0
+    max_spec_offset: float = 0.0
+    min_token_prob: float = 0.1
+    tree: bool = True
+    max_depth: int = 64
+    max_cached_requests: int | None = 1000
+    cache_file: str | os.PathLike | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.max_spec_tokens, int) or not 1 <= self.max_spec_tokens < TREE_SIZES[-1]:
+            raise ValueError(f"max_spec_tokens must be an integer in [1, {TREE_SIZES[-1] - 1}], "
+                             f"got {self.max_spec_tokens!r}")
+        if not self.max_spec_factor > 0:
+            raise ValueError(f"max_spec_factor must be > 0, got {self.max_spec_factor!r}")
+        if not self.max_spec_offset >= 0:
+            raise ValueError(f"max_spec_offset must be >= 0, got {self.max_spec_offset!r}")
+        if not 0 <= self.min_token_prob <= 1:
+            raise ValueError(f"min_token_prob must be in [0, 1], got {self.min_token_prob!r}")
+        if not isinstance(self.max_depth, int) or self.max_depth < 1:
+            raise ValueError(f"max_depth must be a positive integer, got {self.max_depth!r}")
+        if self.max_cached_requests is not None and (not isinstance(self.max_cached_requests, int)
+                                                     or self.max_cached_requests < 0):
+            raise ValueError(f"max_cached_requests must be a non-negative integer or None, "
+                             f"got {self.max_cached_requests!r}")
+
+
+@dataclass(frozen=True)
+class HybridSpeculation:
+    """Suffix speculation where it is confident, draft-model trees elsewhere.
+
+    Each step, a request whose suffix draft scores at least ``min_score`` (the draft's expected
+    accepted tokens: the sum of its nodes' estimated probabilities) is verified with that draft;
+    the others speculate with ``tree``'s drafts. ``min_score`` None compares against the draft
+    models' own record instead: the mean tokens they got accepted per step so far in this ``LLM``
+    (1.0 before their first step), so the suffix draft wins whenever it promises more.
+    """
+
+    suffix: SuffixSpeculation
+    tree: TreeSpeculation
+    min_score: float | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.suffix, SuffixSpeculation):
+            raise TypeError(f"suffix must be a SuffixSpeculation, got {type(self.suffix).__name__}")
+        if not isinstance(self.tree, TreeSpeculation):
+            raise TypeError(f"tree must be a TreeSpeculation, got {type(self.tree).__name__}")
+        if self.min_score is not None and not self.min_score >= 0:
+            raise ValueError(f"min_score must be >= 0 or None, got {self.min_score!r}")
+
+
+class SuffixSpeculator:
+    """The suffix cache of one LLM, kept in step with its requests.
+
+    Callers name requests by ids unique within their LLM; the cache knows them by that id under
+    this speculator's own random prefix, since a loaded cache holds other LLMs' requests. The
+    cache learns a request's tokens lazily: each ``propose`` or ``stop`` first adds the tokens
+    generated since the last call.
+    """
+
+    def __init__(self, settings: SuffixSpeculation):
+        self.settings = settings
+        path = settings.cache_file
+        if path is not None and os.path.exists(path):
+            self.cache = SuffixCache.load(path)
+            if self.cache.max_depth != settings.max_depth:
+                raise ValueError(f"the suffix cache in {path} has max_depth {self.cache.max_depth}; the "
+                                 f"speculation asks for {settings.max_depth}")
+        else:
+            self.cache = SuffixCache(max_depth=settings.max_depth, max_cached_requests=settings.max_cached_requests)
+        self._known: dict = {}  # cache id -> tokens of its sequence the cache holds
+        self._prefix = secrets.token_hex(6)
+        self.host_time_s = 0.0
+
+    def _id(self, request_id) -> str:
+        return f"{self._prefix}-{request_id}"
+
+    def start(self, request_id, prompt: Sequence[int]) -> None:
+        start = time.perf_counter()
+        request_id = self._id(request_id)
+        self.cache.start_request(request_id, prompt)
+        self._known[request_id] = len(prompt)
+        self.host_time_s += time.perf_counter() - start
+
+    def _sync(self, request_id, sequence: Sequence[int]) -> None:
+        known = self._known[request_id]
+        if len(sequence) > known:
+            self.cache.add_active_response(request_id, sequence[known:])
+            self._known[request_id] = len(sequence)
+
+    def stop(self, request_id, sequence: Sequence[int]) -> None:
+        """The request is done: its whole output joins the global cache."""
+        start = time.perf_counter()
+        request_id = self._id(request_id)
+        try:
+            self._sync(request_id, sequence)
+        finally:
+            self.cache.stop_request(request_id)
+            del self._known[request_id]
+            self.host_time_s += time.perf_counter() - start
+
+    def propose(self, request_id, sequence: Sequence[int], max_tokens: int) -> tuple[SuffixDraft | None, float]:
+        """The cache's draft after ``sequence`` (prompt and output; its last token is the root) with
+        at most ``max_tokens`` tokens (None when it may not speculate), and the host seconds spent."""
+        start = time.perf_counter()
+        request_id = self._id(request_id)
+        self._sync(request_id, sequence)
+        draft = None
+        budget = min(self.settings.max_spec_tokens, max_tokens)
+        if budget >= 1:
+            s = self.settings
+            draft = self.cache.speculate(request_id, sequence, max_spec_tokens=budget,
+                                         max_spec_factor=s.max_spec_factor, max_spec_offset=s.max_spec_offset,
+                                         min_token_prob=s.min_token_prob, tree=s.tree)
+        seconds = time.perf_counter() - start
+        self.host_time_s += seconds
+        return draft, seconds
+
+
+def draft_trees(roots: Sequence[int], drafts: Sequence[SuffixDraft | None]) -> list[TokenTree]:
+    """One TokenTree per row (root only where there is no draft), all of the batch's largest bucket."""
+    size = tree_bucket(1 + max(len(d.tokens) if d else 0 for d in drafts))
+    return [TokenTree.build(root, d.tokens if d else [], d.parents if d else [], size)
+            for root, d in zip(roots, drafts)]

@@ -8,8 +8,8 @@ straight from the projection, so a verifier can score a tree and commit only the
 A draft growing a token tree depth by depth keeps the nodes it has run in the cache just past the
 committed prefix; ``tree_mask`` says which of those cached nodes (the ancestors) each new token sees.
 
-This module holds the pure-JAX reference (XLA everywhere). Pallas kernels plug in behind the same
-signature.
+This module holds the pure-JAX reference (XLA everywhere) and ``attention``, the entry point that
+dispatches to the Pallas kernel (``pallas_kernels.tree_attention``) behind the same signature.
 """
 
 from __future__ import annotations
@@ -123,3 +123,21 @@ def paged_attention(q: jax.Array, new_k: jax.Array, new_v: jax.Array, k_pool: ja
     out = out + jnp.einsum("bkgts,bskd->btkgd", new_probs.astype(new_v.dtype), new_v,
                            preferred_element_type=jnp.float32, precision=precision)
     return out.reshape(b, t, hq, hd).astype(q.dtype)
+
+
+def attention(q: jax.Array, new_k: jax.Array, new_v: jax.Array, k_pool: jax.Array, v_pool: jax.Array,
+              layer: jax.Array, meta: AttentionMetadata, backend: str | None = None) -> jax.Array:
+    """``paged_attention`` on the backend ``pallas_kernels.backend.use_pallas`` picks.
+
+    backend: "auto" (the Pallas kernel on NVIDIA GPUs when it supports the call, XLA otherwise),
+    "pallas" (forced; interpreted off GPUs; errors on calls past the kernel's limits) or "xla";
+    None reads ``$SPECJAX_ATTENTION`` (default "auto"). Decided at trace time.
+    """
+    # Imported here: the kernel module imports this one for its reference and metadata.
+    from pallas_kernels import backend as kernel_backend
+    from pallas_kernels import tree_attention
+
+    supported = tree_attention.unsupported_reason(q, k_pool, meta) is None
+    if kernel_backend.use_pallas(backend, supported):
+        return tree_attention.tree_attention(q, new_k, new_v, k_pool, v_pool, layer, meta)
+    return paged_attention(q, new_k, new_v, k_pool, v_pool, layer, meta)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from specjax.attention import AttentionMetadata, masked_attention, paged_attention
+from specjax.attention import AttentionMetadata, attention, masked_attention
 from specjax.config import ModelConfig, matmul_precision
 from specjax.kv_cache import KVCache
 from specjax.params import Params, widen_bf16_bits
@@ -105,7 +105,7 @@ def forward(
             attn = masked_attention(q, k, v, meta.new_mask)
         else:
             k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
-            attn = paged_attention(q, k, v, cache.k, cache.v, index, meta)
+            attn = attention(q, k, v, cache.k, cache.v, index, meta)
         attn = _dot(attn.reshape(b, t, c.q_size), w.wo)
         if w.bo is not None:
             attn = attn + w.bo.astype(attn.dtype)

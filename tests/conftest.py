@@ -1,8 +1,19 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures, and the skip of ``@pytest.mark.gpu`` tests off NVIDIA GPUs."""
 
 from pathlib import Path
 
 import pytest
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    if not gpu_items:  # asking for the device starts JAX's backends: only when it matters
+        return
+    from pallas_kernels.backend import on_nvidia_gpu
+
+    if not on_nvidia_gpu():
+        for item in gpu_items:
+            item.add_marker(pytest.mark.skip(reason="needs an NVIDIA GPU"))
 
 
 @pytest.fixture(scope="session")

@@ -72,7 +72,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-splits", type=int, default=None, help="prefix splits of the Pallas kernel (auto)")
     parser.add_argument("--interpret", action="store_true",
                         help="run interpreted (any device); defaults shrink to a smoke run: " + str(SMOKE))
-    parser.add_argument("--copy-bytes", type=int, help=f"array size for the copy bandwidth (default {FULL['copy_bytes']})")
+    parser.add_argument("--copy-bytes", type=int,
+                        help=f"array size for the copy bandwidth (default {FULL['copy_bytes']})")
     parser.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/kernels-...)")
     args = parser.parse_args(argv)
     for name, value in (SMOKE if args.interpret else FULL).items():
@@ -188,8 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
          "jax % copy", "xla / pallas", "max |pallas - xla|"],
         [[r["batch"], r["prefix"], r["tree"], _cell(r, "pallas", "median_s", 1e3), _cell(r, "xla", "median_s", 1e3),
           _cell(r, "jax", "median_s", 1e3), _cell(r, "pallas", "bandwidth_bytes_per_s", 1e-9, 1),
-          percent_of_copy(r, "pallas"), percent_of_copy(r, "jax"), speedup(r), common.fmt(r.get("max_abs_diff_vs_xla"), 4)]
-         for r in rows],
+          percent_of_copy(r, "pallas"), percent_of_copy(r, "jax"), speedup(r),
+          common.fmt(r.get("max_abs_diff_vs_xla"), 4)] for r in rows],
         notes=[f"copy bandwidth {peak / 1e9:,.1f} GB/s ({copy['kernel']}); GB/s = K/V bytes of the prefix / median"],
     )
     payload = {"environment": env, "copy_bandwidth": copy, "config": vars(args), "results": rows}

@@ -17,11 +17,12 @@ Each row sees two sets of keys, both through one online softmax in fp32:
   is a bitmask packed in the wrapper (``pack_bits``): bit j of word w of a row says whether it sees
   local key ``32 w + j``, so the kernel reads a word per 32 keys instead of a [T, T] bool mask.
 
-Limits: at most ``MAX_NEW_TOKENS`` new tokens and ``MAX_TREE_NODES`` cached tree nodes per call;
-head_dim and the page size must be powers of two (Triton tiles). Longer prefill chunks go to the
-XLA reference under ``auto`` dispatch (``specjax.attention.attention``); forcing ``pallas`` on them
-raises. A row that sees no key at all (padding) gets zeros, where the reference averages keys it
-cannot see: neither value is used.
+Limits (``unsupported_reason``): at most ``MAX_NEW_TOKENS`` new tokens and ``MAX_TREE_NODES``
+cached tree nodes per call; head_dim a power of two of at least 16 and the page size a power of two
+(Triton tiles). Longer prefill chunks, and any call past these limits, go to the XLA reference under
+``auto`` dispatch (``specjax.attention.attention``); forcing ``pallas`` on them raises. A row that
+sees no key at all (padding) gets zeros, where the reference averages keys it cannot see: neither
+value is used.
 """
 
 from __future__ import annotations
@@ -57,8 +58,8 @@ def unsupported_reason(q: jax.Array, k_pool: jax.Array, meta: AttentionMetadata)
         return f"{t} new tokens per sequence exceed the kernel's limit of {MAX_NEW_TOKENS}"
     if meta.tree_mask is not None and meta.tree_mask.shape[-1] > MAX_TREE_NODES:
         return f"{meta.tree_mask.shape[-1]} cached tree nodes exceed the kernel's limit of {MAX_TREE_NODES}"
-    if not _is_power_of_two(hd):
-        return f"head_dim {hd} is not a power of two"
+    if hd < MIN_TILE or not _is_power_of_two(hd):
+        return f"head_dim {hd} is not a power of two of at least {MIN_TILE}"
     if not _is_power_of_two(k_pool.shape[2]):
         return f"page size {k_pool.shape[2]} is not a power of two"
     return None

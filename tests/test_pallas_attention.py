@@ -90,7 +90,7 @@ CASES = {
     "single-node": (dict(context_lens=[5, 0], t=1, hq=6, hkv=2), dict(num_splits=2, block_k=16)),
     "decode-gqa8-default-splits": (dict(context_lens=[1, 16, 37], t=1, hq=8, hkv=1, masks="causal"), {}),
     "prefill-chunk": (dict(context_lens=[6, 0], t=40, hq=4, hkv=2, masks="causal"), dict(num_splits=2)),
-    "prefill-chunk-at-limit": (dict(context_lens=[3], t=MAX_NEW_TOKENS, hq=2, hkv=2, hd=8, masks="causal"),
+    "prefill-chunk-at-limit": (dict(context_lens=[3], t=MAX_NEW_TOKENS, hq=2, hkv=2, masks="causal"),
                                dict(num_splits=1)),
     "bf16": (dict(context_lens=[9, 21], t=10, hq=6, hkv=2, dtype=jnp.bfloat16), dict(num_splits=2, block_k=16)),
     "draft-tree-nodes": (dict(context_lens=[6, 3, 0], t=3, hq=4, hkv=2, tree_nodes=5), dict(num_splits=2,
@@ -172,6 +172,8 @@ def test_bad_inputs_raise_clear_errors():
                        dataclasses.replace(meta, context_lens=meta.context_lens[:1]))
     with pytest.raises(ValueError, match="block_k must be a power of two"):
         tree_attention(q, new_k, new_v, k_pool, v_pool, layer, meta, block_k=24)
+    with pytest.raises(ValueError, match="head_dim 8 is not a power of two of at least 16"):
+        tree_attention(q[..., :8], new_k[..., :8], new_v[..., :8], k_pool[..., :8], v_pool[..., :8], layer, meta)
 
 
 def test_model_forward_with_pallas_equals_xla(monkeypatch):
@@ -192,6 +194,19 @@ def test_model_forward_with_pallas_equals_xla(monkeypatch):
         assert ("pallas_call" in str(traced.jaxpr)) == (choice == "pallas")
         logits[choice] = np.asarray(traced.lower().compile()())
     np.testing.assert_allclose(logits["pallas"], logits["xla"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [
+    dict(t=16, tree_nodes=5, dtype=jnp.bfloat16),  # draft tree step
+    dict(t=1, masks="causal", dtype=jnp.float32),  # fp32 decode
+    dict(t=MAX_NEW_TOKENS, masks="causal", dtype=jnp.bfloat16),  # prefill chunk, several row blocks
+])
+def test_kernel_lowers_to_triton_for_cuda(shape):
+    """Without a GPU, CI still checks that Pallas's Triton lowering accepts the kernel (every op it
+    uses, power-of-two tiles) at Llama-3-8B's heads; compiling the Triton IR needs a GPU."""
+    args = _inputs(np.random.default_rng(9), context_lens=[100, 37], hq=32, hkv=8, hd=128, page=16, **shape)
+    kernel = jax.jit(lambda *a: tree_attention(*a, interpret=False))
+    assert "__gpu$xla.gpu.triton" in kernel.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
 @pytest.mark.gpu

@@ -1,9 +1,10 @@
 """The offline generation API: ``LLM(model).generate(prompts, SamplingParams)``.
 
-Requests are scheduled onto the ModelRunner with continuous batching: up to ``max_num_seqs`` run
-at once, each with pages reserved for its prompt plus ``max_tokens``; a finished request frees its
-pages and the next waiting one joins. Steps that have prompt chunks to prefill run before decode
-steps. Everything the user can get wrong is checked before the first compilation.
+Requests are scheduled onto the ModelRunner with continuous batching (``Scheduler``): up to
+``max_num_seqs`` run at once, each with pages reserved for its prompt plus ``max_tokens``; a
+finished request frees its pages and the next waiting one joins. Steps that have prompt chunks to
+prefill run before decode steps. Everything the user can get wrong is checked before the first
+compilation. The server (``serving.engine``) runs the same Scheduler, one step at a time.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" (EOS, stop token or stop string) or "length"
+    finish_reason: str | None = None  # "stop" (EOS, stop token or stop string), "length" or "abort"
     stats: RequestStats = field(default_factory=RequestStats)
 
     @property
@@ -61,16 +62,28 @@ class RequestOutput:
         return self.finish_reason is not None
 
 
-@dataclass
-class _Request:
-    index: int  # position in its generate() call
-    uid: int  # unique within the LLM: the suffix cache and unseeded keys know the request by it
+class RequestError(ValueError):
+    """A request the LLM cannot serve; ``param`` names the input at fault ("prompt" or "max_tokens")."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(eq=False)  # the scheduler's lists hold requests by identity
+class Request:
+    """One request as the Scheduler runs it: settings, output so far and decoding state."""
+
+    uid: int  # unique within the LLM: the runner, drafts, suffix cache and unseeded keys know it by this
     params: SamplingParams
     output: RequestOutput
     max_total: int  # prompt + output tokens this request may reach
+    reserved: int  # KV tokens held for it: max_total, plus the tree depth a verification writes ahead
     base_key: np.ndarray | None
     stop_ids: frozenset[int]
     detok: object
+    speculate: bool  # decoded by the LLM's speculation; else by plain steps
+    arrival: float = field(default_factory=time.perf_counter)  # time to first token counts from here
     prefilled: int = 0
     pending_text: str = ""  # decoded text held back while it could still become a stop string
 
@@ -190,36 +203,48 @@ class LLM:
         raise TypeError("a prompt is a string, a non-empty list of token ids, or a non-empty list of chat messages "
                         f"({{'role': ..., 'content': ...}}); got {type(prompt).__name__}")
 
-    def _make_request(self, index: int, prompt: Prompt, params: SamplingParams) -> _Request:
+    def _make_request(self, uid: int, label: str, prompt: Prompt, params: SamplingParams,
+                      speculate: bool = True) -> Request:
         text, ids = self._prompt_ids(prompt)
         if not ids:
-            raise ValueError(f"prompt {index} is empty after tokenization")
+            raise RequestError(f"{label} is empty after tokenization", "prompt")
         if len(ids) >= self.max_model_len:
-            raise ValueError(f"prompt {index} has {len(ids)} tokens; the context holds {self.max_model_len} "
-                             "(prompt plus at least one generated token)")
+            raise RequestError(f"{label} has {len(ids)} tokens; the context holds {self.max_model_len} "
+                               "(prompt plus at least one generated token)", "prompt")
+        speculate = speculate and (self.speculator is not None or self.suffix is not None)
         max_total = min(len(ids) + params.max_tokens, self.max_model_len)
-        if not self._fits(max_total + self._extra_tokens()):
-            raise ValueError(f"prompt {index} needs {max_total + self._extra_tokens()} tokens of KV cache; the pool "
-                             f"holds {self.runner.pages.num_pages * self.runner.pages.page_size}")
-        if self.speculator is not None and not self.speculator.fits(max_total):
-            raise ValueError(f"prompt {index} needs {max_total} tokens and the tree's scratch in each draft's KV "
-                             "cache, more than a draft's pool holds")
+        reserved = max_total + (self._extra_tokens() if speculate else 0)
+        if not self._fits(reserved):
+            raise RequestError(f"{label} needs {reserved} tokens of KV cache; the pool "
+                               f"holds {self.runner.pages.num_pages * self.runner.pages.page_size}", "max_tokens")
+        if speculate and self.speculator is not None and not self.speculator.fits(max_total):
+            raise RequestError(f"{label} needs {max_total} tokens and the tree's scratch in each draft's KV "
+                               "cache, more than a draft's pool holds", "max_tokens")
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids.update(self.tokenizer.eos_token_ids)
         base_key = None
-        uid = index + self._requests_started
         if not params.greedy:
             key = request_key(params.seed, self._global_key, uid)
             base_key = np.asarray(jax.random.key_data(key), np.uint32)
         output = RequestOutput(prompt=text, prompt_token_ids=ids)
         output.stats.prompt_tokens = len(ids)
-        if self.speculator is not None or self.suffix is not None:
+        if speculate:
             output.stats.speculation = SpeculationStats()
-        return _Request(index=index, uid=uid, params=params, output=output, max_total=max_total, base_key=base_key,
-                        stop_ids=frozenset(stop_ids), detok=self.tokenizer.incremental_decoder())
+        return Request(uid=uid, params=params, output=output, max_total=max_total, reserved=reserved,
+                       base_key=base_key, stop_ids=frozenset(stop_ids), detok=self.tokenizer.incremental_decoder(),
+                       speculate=speculate)
 
-    def _requests(self, prompts, sampling_params) -> list[_Request]:
+    def new_request(self, prompt: Prompt, params: SamplingParams, *, speculate: bool = True) -> Request:
+        """One validated request for a Scheduler (``RequestError`` names the input at fault).
+        ``speculate=False`` decodes it by plain steps even where the LLM speculates."""
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"expected SamplingParams, got {type(params).__name__}")
+        request = self._make_request(self._requests_started, "the prompt", prompt, params, speculate)
+        self._requests_started += 1
+        return request
+
+    def _requests(self, prompts, sampling_params) -> list[Request]:
         if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
                                         and (isinstance(prompts[0], dict) or isinstance(prompts[0], (int, np.integer)))):
             prompts = [prompts]
@@ -234,7 +259,8 @@ class LLM:
         for p in params_list:
             if not isinstance(p, SamplingParams):
                 raise TypeError(f"expected SamplingParams, got {type(p).__name__}")
-        requests = [self._make_request(i, p, sp) for i, (p, sp) in enumerate(zip(prompts, params_list))]
+        requests = [self._make_request(self._requests_started + i, f"prompt {i}", p, sp)
+                    for i, (p, sp) in enumerate(zip(prompts, params_list))]
         self._requests_started += len(requests)
         return requests
 
@@ -262,69 +288,116 @@ class LLM:
                 yield delta
 
     # -- the loop ------------------------------------------------------------------------------
-    def _run(self, requests: list[_Request]) -> Iterator[tuple[_Request, str]]:
-        runner = self.runner
-        waiting = deque(requests)
-        running: list[_Request] = []
-        start = time.perf_counter()
-
-        speculator, suffix = self.speculator, self.suffix
-
-        def admit(req: _Request) -> None:
-            runner.add_sequence(req.index, req.max_total + self._extra_tokens())
-            try:
-                if speculator is not None:
-                    speculator.start(req.index, req.max_total)
-                if suffix is not None:
-                    suffix.start(req.uid, req.output.prompt_token_ids)
-            except Exception:
-                runner.release(req.index)
-                if speculator is not None:
-                    speculator.stop(req.index)
-                raise
-            running.append(req)
-
-        def finish(req: _Request) -> None:
-            runner.release(req.index)
-            if speculator is not None:
-                speculator.stop(req.index)
-            running.remove(req)
-            if suffix is not None:  # the output joins the global cache for later requests
-                suffix.stop(req.uid, req.output.prompt_token_ids + req.output.token_ids)
-
-        def can_admit(req: _Request) -> bool:
-            return (runner.can_admit(req.max_total + self._extra_tokens())
-                    and (speculator is None or speculator.can_admit(req.max_total)))
-
+    def _run(self, requests: list[Request]) -> Iterator[tuple[Request, str]]:
+        scheduler = Scheduler(self)
+        for req in requests:
+            scheduler.add(req)
         try:
-            while waiting or running:
-                while waiting and len(running) < runner.engine.max_num_seqs and can_admit(waiting[0]):
-                    admit(waiting.popleft())
-                prefilling = [r for r in running if r.prefilled < len(r.output.prompt_token_ids)]
-                speculating = [] if prefilling or (speculator is None and suffix is None) else list(running)
-                plain = prefilling or [r for r in running if r not in speculating]
-                if speculating:
-                    for req, delta in self._speculative_step(speculating, start):
-                        yield req, delta
-                    for req in speculating:
-                        if req.output.finished:
-                            finish(req)
-                if plain:
-                    inputs = [self._step_input(r) for r in plain]
-                    if speculator is not None:  # drafts read every prompt chunk the target reads
-                        speculator.prefill(inputs)
-                    next_tokens, elapsed = runner.step(inputs)
-                    for req, token in zip(plain, next_tokens):
-                        delta = self._advance(req, int(token), elapsed, start)
-                        if delta is not None:
-                            yield req, delta
-                        if req.output.finished:
-                            finish(req)
+            while scheduler.has_work:
+                for req, delta, _ in scheduler.step():
+                    yield req, delta
         finally:
-            for req in list(running):  # an abandoned stream must not leak pages
-                finish(req)
+            for req in list(scheduler.running):  # an abandoned stream must not leak pages
+                scheduler.abort(req)
 
-    def _speculative_step(self, batch: list[_Request], start: float) -> Iterator[tuple[_Request, str]]:
+
+class Scheduler:
+    """Continuous batching of one LLM's requests, one step at a time.
+
+    Each ``step`` admits waiting requests in order while slots and KV pages allow, runs the prompt
+    chunks still to prefill and then, when nothing is prefilling or with ``interleave``, one decode
+    step: speculative for the requests that speculate, plain for the others. ``LLM.generate`` runs
+    a Scheduler per call; the server runs one for its whole life. Not thread-safe: one thread adds,
+    aborts and steps, so device steps never overlap.
+    """
+
+    def __init__(self, llm: LLM, *, interleave: bool = False):
+        self.llm = llm
+        self.interleave = interleave  # decode while others prefill, so long prompts do not stall streams
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def abort(self, request: Request) -> bool:
+        """Drop a waiting or running request, freeing its pages now; False if it is not here."""
+        if request in self.waiting:
+            self.waiting.remove(request)
+        elif request in self.running:
+            self._finish(request)
+        else:
+            return False
+        request.output.finish_reason = "abort"
+        return True
+
+    def _can_admit(self, req: Request) -> bool:
+        speculator = self.llm.speculator if req.speculate else None
+        return self.llm.runner.can_admit(req.reserved) and (speculator is None or speculator.can_admit(req.max_total))
+
+    def _admit(self, req: Request) -> None:
+        runner, speculator = self.llm.runner, self.llm.speculator if req.speculate else None
+        suffix = self.llm.suffix if req.speculate else None
+        runner.add_sequence(req.uid, req.reserved)
+        try:
+            if speculator is not None:
+                speculator.start(req.uid, req.max_total)
+            if suffix is not None:
+                suffix.start(req.uid, req.output.prompt_token_ids)
+        except Exception:
+            runner.release(req.uid)
+            if speculator is not None:
+                speculator.stop(req.uid)
+            raise
+        self.running.append(req)
+
+    def _finish(self, req: Request) -> None:
+        self.llm.runner.release(req.uid)
+        if req.speculate and self.llm.speculator is not None:
+            self.llm.speculator.stop(req.uid)
+        self.running.remove(req)
+        if req.speculate and self.llm.suffix is not None:  # the output joins the global cache for later requests
+            self.llm.suffix.stop(req.uid, req.output.prompt_token_ids + req.output.token_ids)
+
+    def step(self) -> list[tuple[Request, str, bool]]:
+        """Admit what fits and run one step; returns (request, new text, finished) for each token
+        that gave a request text or finished it. Finished requests have left, their pages freed."""
+        max_seqs = self.llm.runner.engine.max_num_seqs
+        while self.waiting and len(self.running) < max_seqs and self._can_admit(self.waiting[0]):
+            self._admit(self.waiting.popleft())
+        prefilling = [r for r in self.running if r.prefilled < len(r.output.prompt_token_ids)]
+        decoding = ([r for r in self.running if r not in prefilling]
+                    if self.interleave or not prefilling else [])
+        events = []
+        if prefilling:
+            events += self._plain_step(prefilling)
+        if speculating := [r for r in decoding if r.speculate]:
+            events += self._speculative_step(speculating)
+        if plain := [r for r in decoding if not r.speculate]:
+            events += self._plain_step(plain)
+        for req, _, finished in events:
+            if finished:
+                self._finish(req)
+        return events
+
+    def _plain_step(self, batch: list[Request]) -> list[tuple[Request, str, bool]]:
+        inputs = [self._step_input(r) for r in batch]
+        drafted = [x for x, r in zip(inputs, batch) if r.speculate]
+        if self.llm.speculator is not None and drafted:  # drafts read every prompt chunk the target reads
+            self.llm.speculator.prefill(drafted)
+        next_tokens, elapsed = self.llm.runner.step(inputs)
+        events = []
+        for req, token in zip(batch, next_tokens):
+            delta = self._advance(req, int(token), elapsed)
+            if delta or req.output.finished:
+                events.append((req, delta or "", req.output.finished))
+        return events
+
+    def _speculative_step(self, batch: list[Request]) -> list[tuple[Request, str, bool]]:
         """Speculate a tree per request, verify all trees in one target pass per source, emit the
         accepted tokens.
 
@@ -332,78 +405,81 @@ class LLM:
         requests whose draft scores below its bar to the draft models instead. Sampled requests
         are verified by multi-step speculative sampling: their tokens follow the target's
         distribution exactly, as plain sampling's do (not the same tokens for a seed)."""
+        llm = self.llm
         inputs = {}
         for req in batch:
             out, p = req.output, req.params
-            inputs[req.uid] = StepInput(seq_id=req.index, tokens=out.prompt_token_ids + out.token_ids,
+            inputs[req.uid] = StepInput(seq_id=req.uid, tokens=out.prompt_token_ids + out.token_ids,
                                         temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
                                         base_key=req.base_key, sample_index=len(out.token_ids))
         suffix_rows, draft_rows = [], []
-        if self.suffix is None:
+        if llm.suffix is None:
             draft_rows = batch
         else:
-            bar = self._min_score
+            bar = llm._min_score
             if bar is None:
-                accepted, steps = self._draft_record
+                accepted, steps = llm._draft_record
                 bar = accepted / steps if steps else 1.0
             for req in batch:
                 sequence = inputs[req.uid].tokens
                 # A tree deeper than the tokens still allowed would verify positions past the request's pages.
-                draft, seconds = self.suffix.propose(req.uid, sequence, req.max_total - len(sequence) - 1)
+                draft, seconds = llm.suffix.propose(req.uid, sequence, req.max_total - len(sequence) - 1)
                 req.output.stats.speculation.host_time_s += seconds
-                if self.speculator is None or draft is None or draft.score >= bar:
+                if llm.speculator is None or draft is None or draft.score >= bar:
                     suffix_rows.append((req, draft))
                 else:
                     draft_rows.append(req)
         results = []
         if suffix_rows:
             trees = draft_trees([inputs[r.uid].tokens[-1] for r, _ in suffix_rows], [d for _, d in suffix_rows])
-            new_tokens, elapsed = self.runner.verify([r.index for r, _ in suffix_rows], trees,
+            new_tokens, elapsed = llm.runner.verify([r.uid for r, _ in suffix_rows], trees,
                                                      [inputs[r.uid] for r, _ in suffix_rows])
             for (req, _), tree, tokens in zip(suffix_rows, trees, new_tokens):
                 record = (tree.num_nodes - 1, int(tree.depths.max()), len(tokens) - 1)
                 results.append((req, "suffix", record, tokens, elapsed))
         if draft_rows:
-            new_tokens, records, elapsed = self.speculator.step([inputs[r.uid] for r in draft_rows])
+            new_tokens, records, elapsed = llm.speculator.step([inputs[r.uid] for r in draft_rows])
             for req, record, tokens in zip(draft_rows, records, new_tokens):
-                self._draft_record[0] += record[2]
-                self._draft_record[1] += 1
+                llm._draft_record[0] += record[2]
+                llm._draft_record[1] += 1
                 results.append((req, "draft", record, tokens, elapsed))
-        hybrid = self.suffix is not None and self.speculator is not None
+        hybrid = llm.suffix is not None and llm.speculator is not None
+        events = []
         for req, source, (proposed, depth, accepted), tokens, elapsed in results:
             used = 0
             for token in tokens:
-                delta = self._advance(req, token, elapsed if used == 0 else 0.0, start)
+                delta = self._advance(req, token, elapsed if used == 0 else 0.0)
                 used += 1
-                if delta:
-                    yield req, delta
+                if delta or req.output.finished:
+                    events.append((req, delta or "", req.output.finished))
                 if req.output.finished:
                     break
             # A finishing request may not need every accepted token: tau counts what it received.
             req.output.stats.speculation.record(proposed, depth, accepted, tokens=used,
                                                 source=source if hybrid else None)
+        return events
 
-    def _step_input(self, req: _Request) -> StepInput:
+    def _step_input(self, req: Request) -> StepInput:
         out = req.output
         prompt = out.prompt_token_ids
         if req.prefilled < len(prompt):
-            tokens = prompt[req.prefilled: req.prefilled + self.runner.engine.prefill_chunk]
+            tokens = prompt[req.prefilled: req.prefilled + self.llm.runner.engine.prefill_chunk]
         else:
             tokens = out.token_ids[-1:]
         p = req.params
-        return StepInput(seq_id=req.index, tokens=tokens, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+        return StepInput(seq_id=req.uid, tokens=tokens, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
                          base_key=req.base_key, sample_index=len(out.token_ids))
 
-    def _advance(self, req: _Request, token: int, elapsed: float, start: float) -> str | None:
+    def _advance(self, req: Request, token: int, elapsed: float) -> str | None:
         """Account a step's result to a request; returns its new text, or None mid-prefill."""
         out, stats = req.output, req.output.stats
         prompt_len = len(out.prompt_token_ids)
         if req.prefilled < prompt_len:
-            req.prefilled = min(prompt_len, req.prefilled + self.runner.engine.prefill_chunk)
+            req.prefilled = min(prompt_len, req.prefilled + self.llm.runner.engine.prefill_chunk)
             stats.prefill_time_s += elapsed
             if req.prefilled < prompt_len:
                 return None
-            stats.ttft_s = time.perf_counter() - start
+            stats.ttft_s = time.perf_counter() - req.arrival
         else:
             stats.decode_time_s += elapsed
         out.token_ids.append(token)

@@ -196,7 +196,7 @@ def _combine(acc: jax.Array, row_max: jax.Array, row_sum: jax.Array) -> jax.Arra
     return out / jnp.where(total > 0, total, 1.0)[..., None]
 
 
-def default_num_splits(programs: int, steps: int) -> int:
+def _default_num_splits(programs: int, steps: int) -> int:
     """Prefix splits so that ``programs`` (sequences x KV heads x row blocks) times splits fills the GPU."""
     return max(1, min(steps, pl.cdiv(TARGET_PROGRAMS, programs)))
 
@@ -235,7 +235,7 @@ def tree_attention(q: jax.Array, new_k: jax.Array, new_v: jax.Array, k_pool: jax
     padded_rows = row_blocks * tile_rows
     pages_per_step = max(1, block_k // page)
     steps = pl.cdiv(max(p, 1), pages_per_step)
-    splits = num_splits or default_num_splits(b * hkv * row_blocks, steps)
+    splits = num_splits or _default_num_splits(b * hkv * row_blocks, steps)
     pages_per_split = pl.cdiv(steps, splits) * pages_per_step
 
     # Flat ids into the pool's [L * N] pages (a free reshape), so the kernel needs no layer index.

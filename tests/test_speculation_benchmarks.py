@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer as Backend, models, pre_tokenizers
 
-from benchmarks import acceptance, speculative
+from benchmarks import acceptance, speculative, suffix
 from specjax.checkpoints import load_model, save_checkpoint
 from specjax.config import ModelConfig
 from specjax.llm import LLM
@@ -151,3 +151,18 @@ def test_bad_arguments_fail_before_any_model_loads(script, argv, message, capsys
     with pytest.raises(SystemExit) as exc:
         script.main(argv)
     assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- suffix.py
+def test_suffix_benchmark_warms_its_cache_and_stays_lossless(target_dir, tmp_path):
+    payload = run(suffix, ["--target", str(target_dir), "--draft", "target", "--k", str(K), "--workload", "code",
+                           "--methods", "draft,suffix-warm,hybrid-cold", "--n", "2", "--warm", "2",
+                           "--max-tokens", str(MAX_TOKENS), "--max-spec-tokens", "7"], tmp_path)
+    methods = {m["method"]: m for m in payload["methods"]}
+    assert list(methods) == ["plain", "draft", "suffix-warm", "hybrid-cold"]
+    assert all(m["identical"] == 2 for m in methods.values())  # lossless: every output is plain greedy's
+    assert methods["draft"]["tau"] > K  # the target drafting for itself: all accepted but the last steps
+    for name in ("suffix-warm", "hybrid-cold"):
+        assert methods[name]["tau"] >= 1 and methods[name]["host_us_per_step"] > 0
+    assert set(methods["hybrid-cold"]["sources"]) <= {"suffix", "draft"}
+    assert all(m["tokens_per_s"] > 0 for m in methods.values())

@@ -100,7 +100,8 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict]:
             for m in messages]
 
 
-def sampling_params(body: _Generation, max_tokens: int) -> SamplingParams:
+def sampling_params(body: _Generation, max_tokens: int, limit_param: str = "max_tokens") -> SamplingParams:
+    """The request's SamplingParams; ``limit_param`` names the field ``max_tokens`` came from."""
     if body.n not in (None, 1):
         raise ApiError(400, f"n must be 1 (one choice per request), got {body.n}", "n")
     settings = dict(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed,
@@ -109,7 +110,8 @@ def sampling_params(body: _Generation, max_tokens: int) -> SamplingParams:
         return SamplingParams(max_tokens=max_tokens, **{k: v for k, v in settings.items() if v is not None})
     except SamplingParamsError as e:  # its messages start with the setting's name
         name = str(e).split()[0]
-        raise ApiError(400, str(e), name if name in settings or name == "max_tokens" else None) from None
+        param = limit_param if name == "max_tokens" else name if name in settings else None
+        raise ApiError(400, str(e), param) from None
 
 
 def speculate(body: _Generation, method: str | None) -> bool:

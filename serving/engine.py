@@ -47,7 +47,10 @@ class Stream:
 
     def _put(self, item) -> None:
         """From the engine thread: a (text, finished) piece, or an exception to raise in the reader."""
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the event loop is closed: nobody is reading any more
+            pass
 
     async def __aiter__(self):
         while not self.finished:

@@ -34,8 +34,14 @@ from specjax.llm import RequestError
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 
 
-def create_app(engine: Engine, *, model_name: str, api_key: str | None = None) -> FastAPI:
-    """The FastAPI app serving ``engine``'s LLM as ``model_name``; it starts and stops the engine."""
+def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
+               default_max_tokens: int | None = None) -> FastAPI:
+    """The FastAPI app serving ``engine``'s LLM as ``model_name``; it starts and stops the engine.
+
+    ``default_max_tokens``: the output limit of requests that set none; None follows OpenAI (16 for
+    completions, the rest of the context for chat). KV pages are reserved for the whole limit when a
+    request starts, so a smaller default lets more chat requests run at once.
+    """
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -118,25 +124,29 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None) -
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         if body.max_tokens is not None and body.max_completion_tokens is not None:
             raise ApiError(400, "give max_tokens or max_completion_tokens, not both", "max_completion_tokens")
-        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        return await generate(request, body, chat_messages(body.messages), max_tokens, chat=True)
+        if body.max_completion_tokens is not None:
+            return await generate(request, body, chat_messages(body.messages), body.max_completion_tokens,
+                                  chat=True, limit_param="max_completion_tokens")
+        return await generate(request, body, chat_messages(body.messages), body.max_tokens, chat=True)
 
-    async def generate(request: Request, body, prompt, max_tokens: int | None, *, chat: bool):
+    async def generate(request: Request, body, prompt, max_tokens: int | None, *, chat: bool,
+                       limit_param: str = "max_tokens"):
         check_model(body.model)
         prompt_param = "messages" if chat else "prompt"
-        default = llm.max_model_len if chat else COMPLETION_DEFAULT_MAX_TOKENS  # LLM caps it at the context
-        params = sampling_params(body, max_tokens if max_tokens is not None else default)
+        # The LLM caps a limit at the context, so a default may exceed it.
+        default = default_max_tokens or (llm.max_model_len if chat else COMPLETION_DEFAULT_MAX_TOKENS)
+        params = sampling_params(body, max_tokens if max_tokens is not None else default, limit_param)
         try:
             req = llm.new_request(prompt, params, speculate=speculate(body, engine.metrics.method))
         except RequestError as e:
-            raise ApiError(400, str(e), prompt_param if e.param == "prompt" else e.param) from None
+            raise ApiError(400, str(e), prompt_param if e.param == "prompt" else limit_param) from None
         except ValueError as e:  # token ids outside the vocabulary, a chat template's complaint
             raise ApiError(400, str(e), prompt_param) from None
         prompt_tokens = len(req.output.prompt_token_ids)
         if max_tokens is not None and prompt_tokens + max_tokens > llm.max_model_len:
-            raise ApiError(400, f"max_tokens is {max_tokens}, but the prompt's {prompt_tokens} tokens leave "
+            raise ApiError(400, f"{limit_param} is {max_tokens}, but the prompt's {prompt_tokens} tokens leave "
                                 f"{llm.max_model_len - prompt_tokens} of the context's {llm.max_model_len}",
-                           "max_tokens")
+                           limit_param)
         try:
             stream = engine.submit(req, asyncio.get_running_loop())
         except QueueFull as e:

@@ -98,6 +98,9 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="most requests running at once (default: %(default)s)")
     serve.add_argument("--max-queue", type=int, default=256,
                        help="most requests waiting for a slot or KV pages; more get HTTP 429 (default: %(default)s)")
+    serve.add_argument("--default-max-tokens", type=int,
+                       help="output limit of requests that set none; KV pages are reserved for all of it up front "
+                            "(default: OpenAI's, 16 for completions and the rest of the context for chat)")
     serve.add_argument("--max-model-len", type=int, help="longest prompt plus output (default: the model's context)")
     serve.add_argument("--kv-cache-mb", type=int,
                        help="KV cache size in MiB (default: 1024 on CPU, 85%% of free memory on a GPU)")
@@ -228,7 +231,7 @@ def _serve(args) -> int:
     from specjax.llm import LLM
     from specjax.runner import EngineConfig
 
-    for name in ("max_batch", "max_queue", "kv_cache_mb"):
+    for name in ("max_batch", "max_queue", "kv_cache_mb", "default_max_tokens"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
@@ -241,7 +244,8 @@ def _serve(args) -> int:
     print(f"specjax: loading {args.model} …", file=sys.stderr, flush=True)
     llm = LLM(args.model, dtype=args.dtype, engine=engine_config, seed=args.seed, speculation=speculation)
     engine = Engine(llm, max_queue=args.max_queue)
-    app = create_app(engine, model_name=args.served_model_name or args.model, api_key=args.api_key)
+    app = create_app(engine, model_name=args.served_model_name or args.model, api_key=args.api_key,
+                     default_max_tokens=args.default_max_tokens)
     print(f"specjax: serving {args.served_model_name or args.model} ({llm.weights}, context {llm.max_model_len}"
           f"{', speculation: ' + _describe(args) if speculation else ''})", file=sys.stderr, flush=True)
     Server(app, engine, host=args.host, port=args.port, drain_timeout=args.drain_timeout).run()

@@ -4,6 +4,7 @@ streamed and not, stop strings, seeds, speculation per request, many concurrent 
 streams, bad requests and a schema-driven fuzz pass; and ``specjax serve`` as a process: API key,
 429 under overload and a draining SIGTERM."""
 
+import contextlib
 import http.client
 import json
 import os
@@ -34,7 +35,7 @@ from tests.test_tree_speculation import TARGET, word_tokenizer
 MODEL = "tiny"
 KEY = "test-key"
 # Every batch is padded to 8 rows and every sequence fits one page, so few step shapes compile.
-ENGINE = EngineConfig(page_size=64, kv_cache_bytes=4 << 20, prefill_chunk=32, max_num_seqs=8, min_batch_bucket=8)
+ENGINE = EngineConfig(page_size=128, kv_cache_bytes=4 << 20, prefill_chunk=32, max_num_seqs=8, min_batch_bucket=8)
 # The prompt's contents, then t100 as the assistant's cue.
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}t100{% endif %}"
 # Prompts of 3 or 4 tokens: their prefill steps share one compiled shape.
@@ -52,14 +53,13 @@ def free_socket() -> socket.socket:
     return sock
 
 
-@pytest.fixture(scope="module")
-def server():
-    """The server in a thread; the target is its own draft, so every greedy proposal is accepted."""
-    target = tiny_target()
-    llm = LLM(target, engine=ENGINE, seed=0,
-              speculation=TreeSpeculation(drafts=[target], expansion=(1, 1), max_nodes=3))
+@contextlib.contextmanager
+def serving(llm: LLM, model_name: str, **server_options):
+    """A real server for ``llm`` in a thread, on a free port of 127.0.0.1; yields its URL and the
+    uvicorn server."""
     engine = Engine(llm, max_queue=32)
-    uvicorn_server = Server(create_app(engine, model_name=MODEL, api_key=KEY), engine, log_level="warning")
+    uvicorn_server = Server(create_app(engine, model_name=model_name, api_key=KEY), engine, log_level="warning",
+                            **server_options)
     sock = free_socket()
     thread = threading.Thread(target=uvicorn_server.run, kwargs=dict(sockets=[sock]), daemon=True)
     thread.start()
@@ -67,10 +67,22 @@ def server():
     while not uvicorn_server.started:
         assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
         time.sleep(0.02)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}", llm
-    uvicorn_server.should_exit = True
-    thread.join(30)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", uvicorn_server
+    finally:
+        uvicorn_server.should_exit = True
+        thread.join(30)
     assert llm.runner.pages.num_used == 0
+
+
+@pytest.fixture(scope="module")
+def server():
+    """The server in a thread; the target is its own draft, so every greedy proposal is accepted."""
+    target = tiny_target()
+    llm = LLM(target, engine=ENGINE, seed=0,
+              speculation=TreeSpeculation(drafts=[target], expansion=(1, 1), max_nodes=3))
+    with serving(llm, MODEL) as (url, _):
+        yield url, llm
 
 
 @pytest.fixture(scope="module")
@@ -201,18 +213,35 @@ def test_concurrent_clients_all_complete_once_and_correctly(client, server):
     assert metric(url, "specjax_requests_waiting") == 0
 
 
-def test_a_cancelled_stream_frees_its_pages_at_once(client, server):
+def test_clients_that_leave_cancel_their_requests_and_free_the_pages_at_once(client, server):
     url, _ = server
-    aborted = metric(url, 'specjax_requests_total{finish_reason="abort"}')
-    stream = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=56, temperature=0, stream=True,
+    aborts = 'specjax_requests_total{finish_reason="abort"}'
+
+    def wait_for_abort(before):
+        deadline = time.monotonic() + 10
+        while metric(url, aborts) == before:
+            assert time.monotonic() < deadline, "the server did not notice the client leave"
+            time.sleep(0.01)
+        assert metric(url, "specjax_kv_pages_used") == 0 and metric(url, "specjax_requests_running") == 0
+
+    before = metric(url, aborts)
+    stream = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=120, temperature=0, stream=True,
                                        extra_body={"speculation": "none"})
     next(iter(stream))
     stream.close()
-    deadline = time.monotonic() + 10
-    while metric(url, 'specjax_requests_total{finish_reason="abort"}') == aborted:
-        assert time.monotonic() < deadline, "the server did not notice the client leave"
-        time.sleep(0.02)
-    assert metric(url, "specjax_kv_pages_used") == 0
+    wait_for_abort(before)
+
+    before = metric(url, aborts)
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({"model": MODEL, "prompt": PROMPTS[1], "max_tokens": 120, "speculation": "none"})
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode())
+        deadline = time.monotonic() + 10
+        while metric(url, "specjax_requests_running") == 0:
+            assert time.monotonic() < deadline, "the request never ran"
+            time.sleep(0.005)
+    wait_for_abort(before)
 
 
 def test_metrics_health_and_schema(client, server):
@@ -269,6 +298,10 @@ def test_bad_completion_requests_get_4xx_naming_the_field(server, body, status, 
     ({"model": "tiny", "messages": [{"role": "user", "content": "t1"}], "tools": []}, "tools"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "t1"}], "max_tokens": 4,
       "max_completion_tokens": 4}, "max_completion_tokens"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "t1"}], "max_completion_tokens": 0},
+     "max_completion_tokens"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "t1"}], "max_completion_tokens": 600},
+     "max_completion_tokens"),
 ])
 def test_bad_chat_requests_get_400_naming_the_field(server, body, param):
     got, _, reply = request(server[0], "POST", "/v1/chat/completions", body)
@@ -329,11 +362,42 @@ def test_schema_fuzz_finds_no_server_errors(server):
     assert metric(url, "specjax_kv_pages_used") == 0
 
 
+def test_a_drain_past_its_deadline_cancels_what_still_runs():
+    llm = LLM(tiny_target(), engine=ENGINE)
+    with serving(llm, MODEL, drain_timeout=0) as (url, uvicorn_server):
+        client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+        stream = iter(client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=120, temperature=0,
+                                                stream=True))
+        next(stream)
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(client.completions.create, model=MODEL, prompt=PROMPTS[1], max_tokens=120)
+            deadline = time.monotonic() + 10
+            while metric(url, "specjax_requests_running") < 2:
+                assert time.monotonic() < deadline, "the second request never ran"
+                time.sleep(0.005)
+            uvicorn_server.handle_exit(signal.SIGTERM, None)  # as the signal handler would
+            assert list(stream)[-1].choices[0].finish_reason == "abort"
+            with pytest.raises(openai.InternalServerError) as e:
+                waiting.result(timeout=30)
+            assert e.value.status_code == 503 and "shutting down" in e.value.message
+
+
+@pytest.mark.slow
+def test_the_built_in_model_answers_a_chat(smollm2):
+    """SmolLM2-135M with its own chat template: the reply ends at its end-of-turn token."""
+    llm = LLM(smollm2, engine=EngineConfig(kv_cache_bytes=32 << 20, max_num_seqs=2))
+    with serving(llm, "smollm2-135m") as (url, _):
+        chat = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120).chat.completions.create(
+            model="smollm2-135m", messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=24, temperature=0)
+    assert "Paris" in chat.choices[0].message.content and chat.choices[0].finish_reason == "stop"
+
+
 # -- specjax serve as a process ----------------------------------------------------------------
 def test_serve_process_api_key_overload_and_draining_sigterm(tmp_path):
     """``specjax serve`` with one slot and a one-request queue: the key from the environment, 429
     for a third request, then SIGTERM: 503 for new requests while the running and the waiting one
-    finish, and exit status 0."""
+    (of --default-max-tokens tokens) finish, and exit status 0."""
     target = tiny_target()
     save_checkpoint(tmp_path / "tiny", target.config, target.params, target.tokenizer)
     sock = free_socket()
@@ -342,7 +406,8 @@ def test_serve_process_api_key_overload_and_draining_sigterm(tmp_path):
     url = f"http://127.0.0.1:{port}"
     process = subprocess.Popen(
         [sys.executable, "-m", "specjax.cli", "serve", "--model", str(tmp_path / "tiny"), "--served-model-name",
-         MODEL, "--port", str(port), "--max-batch", "1", "--max-queue", "1", "--kv-cache-mb", "4"],
+         MODEL, "--port", str(port), "--max-batch", "1", "--max-queue", "1", "--kv-cache-mb", "4",
+         "--default-max-tokens", "5"],
         env={**os.environ, "SPECJAX_API_KEY": KEY}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 120
@@ -363,7 +428,7 @@ def test_serve_process_api_key_overload_and_draining_sigterm(tmp_path):
                                             stream=True, extra_body={"ignore_eos": True})
         first = next(iter(running))
         with ThreadPoolExecutor(2) as pool:
-            waiting = pool.submit(greedy, client, PROMPTS[1], 5)
+            waiting = pool.submit(client.completions.create, model=MODEL, prompt=PROMPTS[1], temperature=0)
             while metric(url, "specjax_requests_waiting") < 1:
                 time.sleep(0.01)
             status, headers, reply = request(url, "POST", "/v1/completions",
@@ -377,7 +442,7 @@ def test_serve_process_api_key_overload_and_draining_sigterm(tmp_path):
             rest = list(running)
             assert len((first.choices[0].text + "".join(c.choices[0].text for c in rest)).split()) == 200
             assert rest[-1].choices[0].finish_reason == "length"
-            assert len(waiting.result(timeout=60).split()) == 5
+            assert len(waiting.result(timeout=60).choices[0].text.split()) == 5  # --default-max-tokens
         assert process.wait(timeout=60) == 0
     finally:
         if process.poll() is None:

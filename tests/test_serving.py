@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from serving.engine import Engine
 from serving.server import Server, create_app
+from specjax import cli
 from specjax.checkpoints import LoadedModel, save_checkpoint
 from specjax.llm import LLM
 from specjax.params import random_params
@@ -394,6 +395,17 @@ def test_the_built_in_model_answers_a_chat(smollm2):
 
 
 # -- specjax serve as a process ----------------------------------------------------------------
+@pytest.mark.parametrize("flags, message", [
+    (["--max-batch", "0"], "--max-batch must be positive"),
+    (["--max-queue", "-1"], "--max-queue must be positive"),
+    (["--port", "70000"], "--port must be in"),
+    (["--speculate", "tree"], "needs at least one --draft"),
+])
+def test_serve_refuses_bad_flags_before_loading_anything(flags, message, capsys):
+    assert cli.main(["serve", "--model", "no-such-model", *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_serve_process_api_key_overload_and_draining_sigterm(tmp_path):
     """``specjax serve`` with one slot and a one-request queue: the key from the environment, 429
     for a third request, then SIGTERM: 503 for new requests while the running and the waiting one

@@ -193,6 +193,9 @@ _MIXTRAL = {"d": 4096, "f": 14336, "e": 8, "top_k": 2, "renormalize": True}
 _DEEPSEEK = {"d": 2048, "f": 1408, "e": 64, "top_k": 6, "renormalize": False}
 _TOL = {"float32": (1e-4, 1e-4), "bfloat16": (2e-2, 2e-2)}
 _BF16 = {"dtype": "bfloat16"}
+_PERMUTE_SMALL = ({"m": 10, "d": 8, "num_experts": 8, "top_k": 2, "dtype": "float32"},)
+_PERMUTE_BENCH = ({"m": 8192, "d": 4096, "num_experts": 8, "top_k": 2, **_BF16},
+                  {"m": 8192, "d": 2048, "num_experts": 64, "top_k": 6, **_BF16})
 
 TASKS = (
     Task("moe_topk_router", "moe", 1, "softmax over expert logits, top-k experts and weights (golden logits)",
@@ -205,9 +208,7 @@ TASKS = (
          inputs_note="golden router logits: skewed (Zipf) expert popularity, top-k gaps >= 0.05"),
     Task("moe_permute", "moe", 1, "group token copies by expert (stable), with group sizes and the order",
          permute, _permute_inputs, _permute_oracle,
-         ({"m": 10, "d": 8, "num_experts": 8, "top_k": 2, "dtype": "float32"},),
-         ({"m": 8192, "d": 4096, "num_experts": 8, "top_k": 2, **_BF16},
-          {"m": 8192, "d": 2048, "num_experts": 64, "top_k": 6, **_BF16}),
+         _PERMUTE_SMALL, _PERMUTE_BENCH,
          lambda s: 0.0, static_keys=("num_experts",), vary={"m": 3},
          inputs_note="expert ids from golden router logits"),
     Task("moe_grouped_matmul", "moe", 1, "grouped matmul over experts (ragged_dot): rows of group e times W[e]",
@@ -221,9 +222,7 @@ TASKS = (
          inputs_note="group sizes drawn from a skewed (Zipf) expert popularity; some groups may be empty"),
     Task("moe_unpermute", "moe", 1, "scatter expert outputs back to tokens, weighted by the router",
          unpermute, _unpermute_inputs, _unpermute_oracle,
-         ({"m": 10, "d": 8, "num_experts": 8, "top_k": 2, "dtype": "float32"},),
-         ({"m": 8192, "d": 4096, "num_experts": 8, "top_k": 2, **_BF16},
-          {"m": 8192, "d": 2048, "num_experts": 64, "top_k": 6, **_BF16}),
+         _PERMUTE_SMALL, _PERMUTE_BENCH,
          lambda s: 2 * s["m"] * s["top_k"] * s["d"], vary={"m": 3},
          inputs_note="order from golden expert ids"),
     Task("moe_fused_layer", "moe", 3, "fused SwiGLU MoE layer from router logits (vLLM fused_moe interface)",

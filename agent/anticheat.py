@@ -17,7 +17,9 @@ Static (``static_check``, on the source's AST, before anything runs):
 Dynamic (``Guard``, inside the harness's worker while the candidate's code runs): an audit hook
 refuses writes outside the work directory, reads of the repository (references, harness) and of
 /proc, new processes, sockets, ``gc`` object walks, ``sys._current_frames`` and ctypes; after import and
-after every call the guard checks that timers, ``jax.block_until_ready`` and the harness's functions
+the candidate's module imports through a guarded ``__import__`` that refuses the
+reference, the baselines and process control (modules already loaded by the harness included); after
+every call the guard checks that timers, ``jax.block_until_ready`` and the harness's functions
 are the objects they were, that no thread the candidate started is still alive, and that the module's
 globals are unchanged (state kept between calls). The harness adds what the candidate cannot know:
 fresh random seeds and a fresh shape per run, the reference computed only after the candidate returns.
@@ -215,6 +217,22 @@ class Guard:
         finally:
             self._on = False
             self._threads |= set(threading.enumerate()) - before
+
+    def builtins(self) -> dict:
+        """Builtins for the candidate's module whose ``__import__`` refuses what the static check bans."""
+        import builtins
+
+        real_import = builtins.__import__
+
+        def guarded_import(name, globals=None, locals=None, fromlist=(), level=0):
+            targets = [name] + [f"{name}.{item}" for item in fromlist or ()]
+            if level or any(_under(t, ("agent", "specjax", "pallas_kernels", "gc", "ctypes", "subprocess",
+                                       "threading", "multiprocessing")) or _under(t, BANNED_PREFIXES)
+                            for t in targets):
+                self._refuse(f"imports {name!r} (reference, baseline, harness or process control)")
+            return real_import(name, globals, locals, fromlist, level)
+
+        return {**vars(builtins), "__import__": guarded_import}
 
     def after_call(self, module) -> None:
         """Between-call checks: patched objects, live threads, changed module globals."""

@@ -218,6 +218,7 @@ def _worker() -> None:
         with guard.active():
             loader = importlib.util.spec_from_file_location("candidate_kernel", workdir / "candidate" / "kernel.py")
             module = importlib.util.module_from_spec(loader)
+            module.__builtins__ = guard.builtins()
             loader.loader.exec_module(module)
             kernel = module.kernel
         guard.after_call(module)

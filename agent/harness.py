@@ -8,7 +8,7 @@ Isolation: the static anti-cheat check runs first (``anticheat.static_check``); 
 files are copied into a fresh work directory and a worker process (``python -m agent.harness``) runs
 there with a scrubbed environment (PATH, locale and JAX/CUDA device selection only; HOME and TMPDIR
 point into the work directory), its own session (so every process it leaves is killed with it),
-and resource limits: CPU seconds, file size, no core dumps, and on CPU an address-space cap (not on
+and resource limits it sets on itself before importing JAX: CPU seconds, file size, no core dumps, and on CPU an address-space cap (not on
 GPUs, where CUDA reserves huge virtual ranges); the parent kills it at the wall-clock timeout.
 
 Correctness: for each shape (the task's test shapes on CPU or benchmark shapes on GPU, plus one fresh
@@ -97,7 +97,8 @@ def run_candidate(candidate: Path | str, task: str, *, input_sets: int = 3, shap
     nonce = secrets.token_hex(16)
     spec = {"task": task, "shapes": shapes or ("bench" if gpu else "test"), "timing": timing,
             "seeds": [secrets.randbelow(2**31) for _ in range(input_sets)], "fresh_seed": secrets.randbelow(2**31),
-            "repeats": repeats, "nonce": nonce, "peaks_cache": str(PEAKS_CACHE)}
+            "repeats": repeats, "nonce": nonce, "peaks_cache": str(PEAKS_CACHE),
+            "limits": dataclasses.asdict(limits), "gpu": gpu}
     with tempfile.TemporaryDirectory(prefix="specjax-bench-") as tmp:
         workdir = Path(tmp)
         shutil.copytree(candidate, workdir / "candidate", ignore=shutil.ignore_patterns("__pycache__"))
@@ -106,7 +107,7 @@ def run_candidate(candidate: Path | str, task: str, *, input_sets: int = 3, shap
                    PYTHONDONTWRITEBYTECODE="1", PYTHONHASHSEED=str(secrets.randbelow(2**31)))
         proc = subprocess.Popen([sys.executable, "-m", "agent.harness"], cwd=workdir, env=env, text=True,
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                start_new_session=True, preexec_fn=lambda: _set_limits(limits, gpu))
+                                start_new_session=True)
         try:
             out, err = proc.communicate(json.dumps(spec), timeout=limits.wall_s)
         except subprocess.TimeoutExpired:
@@ -185,6 +186,8 @@ def _worker() -> None:
     # Taken before the candidate can touch them: timing and checks use these objects, not module attributes.
     perf_counter = time.perf_counter
     spec = json.loads(sys.stdin.read())
+    # Set here, before JAX starts (not in a preexec_fn: forking a parent that runs JAX's threads can deadlock).
+    _set_limits(Limits(**spec.pop("limits")), spec.pop("gpu"))
     nonce = spec.pop("nonce")
     import jax
     import numpy as np

@@ -65,7 +65,9 @@ def summarize(label: str, outputs, seconds: float, reference) -> dict:
         for s in stats:
             total = total.merge(s)
         device_s = sum(o.stats.decode_time_s for o in outputs)
-        record.update(total.as_dict())
+        speculation = total.as_dict()
+        speculation["step_tokens"] = speculation.pop("tokens")  # after the prefill's: what tau divides
+        record.update(speculation)
         record["target_step_ms"] = 1e3 * device_s / total.steps if total.steps else 0.0
     return record
 

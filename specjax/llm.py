@@ -29,6 +29,8 @@ from specjax.speculation.speculator import TreeSpeculation, TreeSpeculator
 from specjax.speculation.stats import SpeculationStats
 from specjax.speculation.suffix import HybridSpeculation, SuffixSpeculation, SuffixSpeculator, draft_trees
 
+HYBRID_PRIOR_STEPS = 4  # pseudo draft-model steps of one accepted token each, in hybrid's bar
+
 Message = dict
 Prompt = Union[str, Sequence[int], Sequence[Message]]
 
@@ -418,8 +420,10 @@ class Scheduler:
         else:
             bar = llm._min_score
             if bar is None:
+                # Smoothed towards one token a step, so one unlucky draft step cannot drop the bar to
+                # zero (the suffix cache would then win every later step and the record never recover).
                 accepted, steps = llm._draft_record
-                bar = accepted / steps if steps else 1.0
+                bar = (accepted + HYBRID_PRIOR_STEPS) / (steps + HYBRID_PRIOR_STEPS)
             for req in batch:
                 sequence = inputs[req.uid].tokens
                 # A tree deeper than the tokens still allowed would verify positions past the request's pages.

@@ -76,8 +76,9 @@ class HybridSpeculation:
     Each step, a request whose suffix draft scores at least ``min_score`` (the draft's expected
     accepted tokens: the sum of its nodes' estimated probabilities) is verified with that draft;
     the others speculate with ``tree``'s drafts. ``min_score`` None compares against the draft
-    models' own record instead: the mean tokens they got accepted per step so far in this ``LLM``
-    (1.0 before their first step), so the suffix draft wins whenever it promises more.
+    models' own record instead: the mean tokens they got accepted per step so far in this ``LLM``,
+    smoothed with four pseudo-steps of one token each, so the suffix draft wins whenever it
+    promises more than the draft models have been delivering.
     """
 
     suffix: SuffixSpeculation

@@ -1,0 +1,168 @@
+"""The kernel agent's loop: prompt -> proposals -> anti-cheat + harness -> feedback -> next prompt.
+
+Each round asks the proposer for ``k`` kernels (best-of-k), judges every one in the harness's worker
+process (the agent never imports candidate code), stores each attempt as soon as it is judged and
+builds the next prompt from the task, the device, the best distinct correct kernels so far (the
+population) and the latest failures with their feedback. A job stops on its budget (attempts, wall
+time, tokens), on a plateau (no better kernel for ``plateau`` rounds) or when the proposer has nothing
+left. Re-running a job id resumes it: stored attempts and tokens count against the budget, wall time
+counts per run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from agent import tasks
+from agent.anticheat import ALLOWED_IMPORTS, BANNED_PREFIXES
+from agent.harness import Limits, run_candidate
+from agent.proposers import Context, Proposal, Proposer
+from agent.store import Attempt, Store, quality, rank_key
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    attempts: int = 20
+    wall_s: float | None = None
+    tokens: int | None = None
+    plateau: int | None = 3  # rounds without a better kernel; None never stops for it
+
+
+@dataclasses.dataclass(frozen=True)
+class JobResult:
+    job: str
+    status: str
+    attempts: list[Attempt]
+    best: Attempt | None  # the best correct attempt
+
+
+def device_facts() -> dict:
+    import jax
+
+    backend = jax.default_backend()
+    return {"backend": backend, "device": jax.devices()[0].device_kind,
+            "timed": backend == "gpu", "pallas_interpret": backend != "gpu"}
+
+
+def population(attempts: list[Attempt], size: int) -> list[Attempt]:
+    """The best ``size`` correct attempts with distinct source, best first."""
+    seen, best = set(), []
+    for a in sorted((a for a in attempts if a.correct), key=rank_key, reverse=True):
+        if a.code.strip() not in seen:
+            seen.add(a.code.strip())
+            best.append(a)
+    return best[:size]
+
+
+def build_prompt(task: tasks.Task, device: dict, attempts: list[Attempt], *, population_size: int = 3,
+                 failures: int = 3) -> str:
+    shapes = "\n".join(f"  {json.dumps(s)}  (atol, rtol) = {task.tolerance_for(s)}" for s in task.test_shapes)
+    bench = "\n".join(f"  {json.dumps(s)}" for s in task.bench_shapes)
+    where = (f"{device['device']} ({device['backend']}): kernels are timed against the baselines"
+             if device["timed"] else
+             f"{device['device']} ({device['backend']}): no GPU, so correctness only; run Pallas with "
+             "interpret=jax.default_backend() != \"gpu\"")
+    parts = [
+        f"# Task {task.name} ({task.family}, level {task.level}): {task.summary}",
+        f"Write kernel.py defining kernel(*inputs, **static) that computes what this reference computes "
+        f"(static keyword arguments: {', '.join(task.static_keys) or 'none'}):\n"
+        f"```python\n{inspect.getsource(task.reference)}```",
+        f"Checked on these shapes plus one fresh shape (entries {', '.join(task.vary) or 'none'} redrawn), "
+        f"each with new random inputs:\n{shapes}\nTimed (on a GPU) on:\n{bench}",
+        f"Device: {where}.",
+        f"Rules: import only {', '.join(ALLOWED_IMPORTS)} (not {', '.join(BANNED_PREFIXES)}); no files, "
+        "processes, threads, state kept between calls or special-cased benchmark shapes.",
+    ]
+    for i, a in enumerate(population(attempts, population_size), 1):
+        parts.append(f"## Best kernel so far #{i} (attempt {a.id})\nFeedback: {a.feedback}\n```python\n{a.code}```")
+    failed = [a for a in attempts if not a.correct][-failures:]
+    for a in failed:
+        parts.append(f"## Failed attempt {a.id}\nFeedback: {a.feedback}")
+    if attempts:
+        parts.append("Improve on these: fix what failed, and make the best kernel faster.")
+    return "\n\n".join(parts) + "\n"
+
+
+def feedback(result: dict) -> str:
+    """What the next prompt should know about one harness result, in a few lines."""
+    if result["violations"]:
+        return "rejected by the anti-cheat checks: " + "; ".join(result["violations"])
+    if result["error"]:
+        return f"error: {result['error']}"
+    checks = result.get("checks", [])
+    bad = [c for c in checks if c["ratio"] > 1]
+    if bad:
+        c = max(bad, key=lambda c: c["ratio"])
+        return (f"wrong output: error {c['ratio']:.3g}x the tolerance on shape {json.dumps(c['shape'])} "
+                f"(seed {c['seed']}); {len(bad)} of {len(checks)} checks failed")
+    note = f"correct on {len(checks)} checks (max error {result.get('max_ratio', 0):.3g}x the tolerance)"
+    if result.get("timing"):
+        t = result["timing"]
+        return (f"{note}; {t['candidate_s'] * 1e6:.1f} us on {json.dumps(t['shape'])}, {t['speedup']:.2f}x the best "
+                f"baseline, {t['bandwidth_fraction']:.1%} of peak bandwidth, {t['flops_fraction']:.1%} of peak FLOP/s")
+    return f"{note}; {result.get('timing_note', 'not timed')}"
+
+
+def evaluate(task: str, proposal: Proposal, limits: Limits) -> tuple[bool, str, dict]:
+    """(correct, feedback, harness result) for one proposal; a proposer's or harness's failure is a result too."""
+    if proposal.code is None:
+        return False, proposal.error or "no code", {}
+    with tempfile.TemporaryDirectory(prefix="specjax-agent-") as tmp:
+        (Path(tmp) / "kernel.py").write_text(proposal.code)
+        try:
+            result = run_candidate(tmp, task, limits=limits, **proposal.fidelity)
+        except Exception as e:  # the harness refusing odd arguments must not end the job
+            return False, f"harness error: {type(e).__name__}: {e}", {}
+    return result["correct"], feedback(result), result
+
+
+def _spent(budget: Budget, attempts: list[Attempt], started: float) -> str | None:
+    if len(attempts) >= budget.attempts:
+        return f"budget: {len(attempts)} attempts"
+    if budget.tokens is not None and sum(a.tokens for a in attempts) >= budget.tokens:
+        return f"budget: {sum(a.tokens for a in attempts)} tokens"
+    if budget.wall_s is not None and time.monotonic() - started >= budget.wall_s:
+        return f"budget: {budget.wall_s:.0f} s of wall time"
+    return None
+
+
+def run_job(store: Store, job_id: str, task_name: str, proposer: Proposer, budget: Budget = Budget(), *,
+            k: int = 1, population_size: int = 3, limits: Limits = Limits(wall_s=300)) -> JobResult:
+    """Run (or resume) job ``job_id`` until its budget, a plateau, or the proposer runs dry."""
+    task = tasks.get(task_name)  # an unknown task fails here, before a job is stored
+    store.open_job(job_id, task_name, proposer.name, proposer.config())
+    device = device_facts()
+    attempts = store.attempts(job_id)
+    started = time.monotonic()
+    round_ = max((a.round for a in attempts), default=-1) + 1
+    stale = 0
+    try:
+        while (status := _spent(budget, attempts, started)) is None:
+            before = max(map(quality, attempts), default=None)
+            context = Context(task, build_prompt(task, device, attempts, population_size=population_size),
+                              attempts, min(k, budget.attempts - len(attempts)))
+            proposals = proposer.propose(context)
+            if not proposals:
+                status = "done: the proposer has nothing left to try"
+                break
+            for p in proposals[:context.k]:
+                start = time.monotonic()
+                correct, note, result = evaluate(task_name, p, limits)
+                attempts.append(store.add_attempt(job_id, round_, p.code, p.params, correct, note, result,
+                                                  p.tokens, time.monotonic() - start))
+            round_ += 1
+            stale = stale + 1 if before is not None and max(map(quality, attempts)) <= before else 0
+            if budget.plateau is not None and stale >= budget.plateau:
+                status = f"plateau: no better kernel in {stale} rounds"
+                break
+    except BaseException:
+        store.set_status(job_id, "interrupted")
+        raise
+    store.set_status(job_id, status)
+    best = population(attempts, 1)
+    return JobResult(job_id, status, attempts, best[0] if best else None)

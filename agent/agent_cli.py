@@ -25,10 +25,12 @@ def _run(args) -> int:
     else:
         proposer = OpenAIProposer.from_env(args.base_url, args.model)
     job_id = args.job or f"{args.task}-{args.provider}-{time.strftime('%Y%m%d-%H%M%S')}"
-    budget = Budget(args.budget, args.wall_s, args.tokens, args.plateau or None)
+    # Successive halving ends itself; cutting it at a plateau would drop its later rungs.
+    plateau = args.plateau if args.plateau is not None else (0 if args.provider == "search" else 3)
+    budget = Budget(args.budget, args.wall_s, args.tokens, plateau or None)
     store = Store(args.db)
     try:
-        result = run_job(store, job_id, args.task, proposer, budget, k=args.k)
+        result = run_job(store, job_id, args.task, proposer, budget, k=args.k or (4 if args.provider == "search" else 1))
     finally:
         store.close()
     correct = sum(a.correct for a in result.attempts)
@@ -97,9 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--budget", type=int, default=20, help="attempts in all, resumed ones included")
     run.add_argument("--wall-s", type=float, help="wall-time budget of this run, seconds")
     run.add_argument("--tokens", type=int, help="token budget, resumed attempts included")
-    run.add_argument("--plateau", type=int, default=3, help="stop after this many rounds without a better kernel "
-                                                            "(0: never)")
-    run.add_argument("-k", type=int, default=1, help="proposals per round (best-of-k)")
+    run.add_argument("--plateau", type=int, help="stop after this many rounds without a better kernel (0: never; "
+                                                 "default 3 for openai, 0 for search)")
+    run.add_argument("-k", type=int, help="proposals per round, best-of-k (default 1 for openai, 4 for search)")
     run.add_argument("--job", help="job id; an existing one resumes (default: task-provider-time)")
     run.add_argument("--db", type=Path, default=DEFAULT_DB)
     run.add_argument("--base-url", help="openai: endpoint (default SPECJAX_AGENT_BASE_URL or OPENAI_BASE_URL)")

@@ -60,7 +60,7 @@ def population(attempts: list[Attempt], size: int) -> list[Attempt]:
 
 
 def build_prompt(task: tasks.Task, device: dict, attempts: list[Attempt], *, population_size: int = 3,
-                 failures: int = 3) -> str:
+                 failures: int = 3, failed_lines: int = 80) -> str:
     shapes = "\n".join(f"  {json.dumps(s)}  (atol, rtol) = {task.tolerance_for(s)}" for s in task.test_shapes)
     bench = "\n".join(f"  {json.dumps(s)}" for s in task.bench_shapes)
     where = (f"{device['device']} ({device['backend']}): kernels are timed against the baselines"
@@ -83,6 +83,12 @@ def build_prompt(task: tasks.Task, device: dict, attempts: list[Attempt], *, pop
     failed = [a for a in attempts if not a.correct][-failures:]
     for a in failed:
         parts.append(f"## Failed attempt {a.id}\nFeedback: {a.feedback}")
+    if failed and failed[-1].code:
+        # The latest failure's code, so the fix can start from it (long sources cut: the feedback matters more).
+        lines = failed[-1].code.splitlines()
+        shown = "\n".join(lines[:failed_lines])
+        cut = f"\n({len(lines) - failed_lines} more lines)" if len(lines) > failed_lines else ""
+        parts.append(f"Its code (attempt {failed[-1].id}):\n```python\n{shown}\n```{cut}")
     if attempts:
         parts.append("Improve on these: fix what failed, and make the best kernel faster.")
     return "\n\n".join(parts) + "\n"

@@ -96,6 +96,7 @@ def test_chat_loop_feeds_each_failure_back_until_a_kernel_passes(store):
     assert "def rmsnorm_rope" in prompts[0] and "Failed attempt" not in prompts[0]
     for i, said in enumerate(FAILURES, 1):
         assert all(s in prompts[i] for s in FAILURES[:i])  # every earlier failure, with its feedback
+    assert "from agent.tasks.specjax_ops import rmsnorm_rope" in prompts[3]  # and the latest failure's code
     assert sum(a.tokens for a in result.attempts) == 4 * USAGE["total_tokens"]
     assert store.job("chat").status == result.status
 

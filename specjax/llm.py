@@ -25,9 +25,11 @@ from specjax.config import resolve_dtype
 from specjax.params import inference_params
 from specjax.runner import EngineConfig, ModelRunner, StepInput
 from specjax.sampling import SamplingParams, request_key
+from specjax.speculation.budget import SpeculationBudget, StepCostModel, acceptance_by_depth, calibrate
 from specjax.speculation.speculator import TreeSpeculation, TreeSpeculator
 from specjax.speculation.stats import SpeculationStats
 from specjax.speculation.suffix import HybridSpeculation, SuffixSpeculation, SuffixSpeculator, draft_trees
+from specjax.speculation.tree import tree_bucket
 
 HYBRID_PRIOR_STEPS = 4  # pseudo draft-model steps of one accepted token each, in hybrid's bar
 
@@ -155,6 +157,14 @@ class LLM:
                 raise ValueError(f"a tree of depth {self.speculator.depth} with {tree.max_nodes} nodes does "
                                  "not fit the KV cache: lower max_nodes or the expansion, or raise kv_cache_bytes")
         self.suffix = SuffixSpeculator(suffix) if suffix is not None else None
+        self.budget = None  # batch-aware suffix speculation's per-step sizes
+        if suffix is not None and suffix.batch_aware:
+            if hybrid:
+                raise ValueError("batch_aware suffix speculation does not combine with draft models yet")
+            self.budget = SpeculationBudget(StepCostModel(), tree_bucket(1 + suffix.max_spec_tokens))
+            # The corners of the batch x tree grid; steps as they run fill in the rest.
+            calibrate(self.runner, self.budget.cost, (1, self.runner.engine.max_num_seqs),
+                      (1, self.budget.max_tree), repeats=2)
         self._min_score = hybrid.min_score if hybrid else None
         self._draft_record = [0, 0]  # tokens accepted in draft-model steps, and those steps (hybrid's bar)
         # Unseeded requests draw from this key; seeded ones are reproducible in any batch or run.
@@ -424,10 +434,12 @@ class Scheduler:
                 # zero (the suffix cache would then win every later step and the record never recover).
                 accepted, steps = llm._draft_record
                 bar = (accepted + HYBRID_PRIOR_STEPS) / (steps + HYBRID_PRIOR_STEPS)
-            for req in batch:
+            sizes = (llm.budget.plan([acceptance_by_depth(r.output.stats.speculation) for r in batch]).sizes
+                     if llm.budget is not None else [llm.suffix.settings.max_spec_tokens] * len(batch))
+            for req, size in zip(batch, sizes):
                 sequence = inputs[req.uid].tokens
                 # A tree deeper than the tokens still allowed would verify positions past the request's pages.
-                draft, seconds = llm.suffix.propose(req.uid, sequence, req.max_total - len(sequence) - 1)
+                draft, seconds = llm.suffix.propose(req.uid, sequence, min(size, req.max_total - len(sequence) - 1))
                 req.output.stats.speculation.host_time_s += seconds
                 if llm.speculator is None or draft is None or draft.score >= bar:
                     suffix_rows.append((req, draft))
@@ -438,6 +450,8 @@ class Scheduler:
             trees = draft_trees([inputs[r.uid].tokens[-1] for r, _ in suffix_rows], [d for _, d in suffix_rows])
             new_tokens, elapsed = llm.runner.verify([r.uid for r, _ in suffix_rows], trees,
                                                      [inputs[r.uid] for r, _ in suffix_rows])
+            if llm.budget is not None:
+                llm.budget.cost.observe(len(suffix_rows), trees[0].size, elapsed)
             for (req, _), tree, tokens in zip(suffix_rows, trees, new_tokens):
                 record = (tree.num_nodes - 1, int(tree.depths.max()), len(tokens) - 1)
                 results.append((req, "suffix", record, tokens, elapsed))

@@ -40,6 +40,9 @@ class SuffixSpeculation:
         trie holds up to ``max_depth`` nodes per cached token (about 20 bytes each; repetitive
         text shares most), so 1000 responses of 1000 tokens take up to about 1 GB of host memory.
     cache_file: start from the global cache saved there (``LLM.save_suffix_cache``), if it exists.
+    batch_aware: size each step's speculation by expected tokens per second for the whole batch
+        (``budget.SpeculationBudget``, from timings of this device's steps), so a large batch
+        speculates less, down to none.
     """
 
     max_spec_tokens: int = 31
@@ -50,6 +53,7 @@ class SuffixSpeculation:
     max_depth: int = 64
     max_cached_requests: int | None = 1000
     cache_file: str | os.PathLike | None = None
+    batch_aware: bool = False
 
     def __post_init__(self):
         if not isinstance(self.max_spec_tokens, int) or not 1 <= self.max_spec_tokens < TREE_SIZES[-1]:

@@ -1,0 +1,158 @@
+"""A batch-aware speculation budget: how many tokens each request speculates this step.
+
+Speculating pays when verification is nearly free (a memory-bound accelerator at small batch) and
+costs throughput when every extra token costs real compute (large batch, or a CPU). The
+``StepCostModel`` learns what a verification step of (batch rows, tree bucket) costs on this
+device, from the runner's own step timings; ``SpeculationBudget`` then picks, per step, the one
+tree bucket the batch shares and each row's size within it, to maximise expected tokens per second
+for the whole batch. Size 0 is a root-only tree: the row decodes one token, as a plain step would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from specjax.runner import ModelRunner, next_power_of_two
+from specjax.speculation.stats import SpeculationStats
+from specjax.speculation.tree import TREE_SIZES, TokenTree, tree_bucket
+
+
+def _monotone_interp(x: float, xs: Sequence[float], ys: Sequence[float], proportional: bool) -> float:
+    """Piecewise-linear through (xs, running max of ys), so the estimate never falls as ``x`` grows:
+    flat below the first point; above the last, along the last segment or, ``proportional``, in
+    proportion to ``x`` (which keeps the ratios between the curves of another axis)."""
+    ys = np.maximum.accumulate(np.asarray(ys, float))
+    if x <= xs[-1] or len(xs) == 1 and not proportional:
+        return float(np.interp(x, xs, ys))
+    if proportional:
+        return float(ys[-1] * x / xs[-1])
+    return float(ys[-1] + (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]) * (x - xs[-1]))
+
+
+class StepCostModel:
+    """Seconds of one verification step by (batch bucket, tree bucket): an exponential moving
+    average per key of the steps seen, estimated elsewhere by interpolating the keys seen
+    (monotone in both: linear in tree nodes, and in rows between timed batch buckets; past the
+    largest timed batch, in proportion to rows, so the costs of tree sizes keep their ratios there).
+
+    alpha: weight of each new timing in its key's average.
+    """
+
+    def __init__(self, alpha: float = 0.2):
+        if not 0 < alpha <= 1:
+            raise ValueError(f"alpha must be in (0, 1], got {alpha!r}")
+        self.alpha = alpha
+        self.seconds: dict[tuple[int, int], float] = {}
+
+    @staticmethod
+    def key(rows: int, tree_size: int) -> tuple[int, int]:
+        return next_power_of_two(rows), tree_bucket(tree_size)
+
+    def observe(self, rows: int, tree_size: int, seconds: float) -> None:
+        key = self.key(rows, tree_size)
+        old = self.seconds.get(key)
+        self.seconds[key] = seconds if old is None else old + self.alpha * (seconds - old)
+
+    def cost(self, rows: int, tree_size: int) -> float | None:
+        """Estimated seconds of a step of ``rows`` trees of ``tree_size`` nodes; None before any timing."""
+        if not self.seconds:
+            return None
+        b, t = self.key(rows, tree_size)
+        batches = sorted({kb for kb, _ in self.seconds})
+        # Each timed batch bucket's cost at this tree size, then across batch buckets.
+        per_batch = []
+        for kb in batches:
+            sizes = sorted(kt for kbb, kt in self.seconds if kbb == kb)
+            per_batch.append(_monotone_interp(t, sizes, [self.seconds[(kb, kt)] for kt in sizes], False))
+        return _monotone_interp(b, batches, per_batch, True)
+
+
+def calibrate(runner: ModelRunner, cost: StepCostModel, batch_buckets: Sequence[int] = (1, 8),
+              tree_sizes: Sequence[int] = (1, 16), repeats: int = 3) -> None:
+    """Seed ``cost`` with timings of verification steps of each batch and tree size on short
+    scratch sequences (compiled first; compilation is not timed). Sizes that do not fit the free
+    pages or ``max_num_seqs`` are skipped."""
+    rng = np.random.default_rng(0)
+    vocab = runner.config.vocab_size
+    for rows in batch_buckets:
+        rows = min(rows, runner.engine.max_num_seqs)
+        for size in tree_sizes:
+            need = repeats * size + 1  # every call may commit the whole chain
+            if runner.pages.pages_for(need) * rows > runner.pages.num_free or need > runner.max_model_len:
+                continue
+            ids = [("calibrate", rows, size, i) for i in range(rows)]
+            for seq_id in ids:
+                runner.add_sequence(seq_id, need)
+            try:
+                for _ in range(repeats):
+                    trees = [TokenTree.chain(int(rng.integers(vocab)), rng.integers(0, vocab, size - 1).tolist())
+                             for _ in ids]
+                    _, seconds = runner.verify(ids, trees)
+                    cost.observe(rows, size, seconds)
+            finally:
+                for seq_id in ids:
+                    runner.release(seq_id)
+
+
+def acceptance_by_depth(stats: SpeculationStats | None, prior: float = 0.5, prior_steps: float = 2.0
+                        ) -> list[float]:
+    """A request's chance to accept depth d given depth d - 1 was accepted, d = 1, 2, ...: its
+    record smoothed towards ``prior`` by ``prior_steps`` pseudo-steps, so a new request is neither
+    trusted nor written off on its first steps."""
+    if stats is None or not stats.reached:
+        return [prior]
+    return [(a + prior * prior_steps) / (r + prior_steps) for r, a in zip(stats.reached, stats.accepted_at)]
+
+
+def expected_accepted(acceptance: Sequence[float], size: int) -> float:
+    """Expected accepted tokens of a chain of ``size`` tokens; depths past ``acceptance`` keep its
+    last value."""
+    total, reach = 0.0, 1.0
+    for d in range(size):
+        reach *= acceptance[min(d, len(acceptance) - 1)]
+        total += reach
+    return total
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    sizes: list[int]  # speculated tokens per row (0: root only)
+    tree_size: int  # the tree bucket the rows share
+    tokens_per_s: float  # expected, under the cost model
+    plain_tokens_per_s: float  # of root-only trees for every row, under the same model
+
+
+class SpeculationBudget:
+    """Each step's speculation sizes for a batch, by expected tokens per second.
+
+    Rows share one tree bucket per step, so extra tokens within it cost nothing more: for each
+    candidate bucket (1, 2, 4, ... up to ``max_tree``) every row takes the bucket's full size unless
+    it expects nothing from it, and the bucket with the most expected tokens (one per row plus the
+    expected accepted) per estimated second wins, ties to the smaller. Bucket 1 is plain decoding,
+    so a plan never expects fewer tokens per second than plain decoding under the model. Without
+    timings it speculates fully, as speculation without a budget does.
+    """
+
+    def __init__(self, cost: StepCostModel, max_tree: int = 32):
+        if max_tree not in TREE_SIZES:
+            raise ValueError(f"max_tree must be one of {TREE_SIZES}, got {max_tree!r}")
+        self.cost = cost
+        self.max_tree = max_tree
+
+    def plan(self, acceptance: Sequence[Sequence[float]]) -> BudgetPlan:
+        """``acceptance``: per row, its chance to accept each depth given the one before."""
+        rows = len(acceptance)
+        best = None
+        for size in (s for s in TREE_SIZES if s <= self.max_tree):
+            sizes = [size - 1 if expected_accepted(a, size - 1) > 0 else 0 for a in acceptance]
+            tokens = sum(1 + expected_accepted(a, k) for a, k in zip(acceptance, sizes))
+            seconds = self.cost.cost(rows, size)
+            rate = tokens / seconds if seconds else float(tokens)  # no timings: tokens alone decide
+            if size == 1:
+                plain = rate
+            if best is None or rate > best.tokens_per_s:
+                best = BudgetPlan(sizes, size, rate, plain)
+        return BudgetPlan(best.sizes, best.tree_size, best.tokens_per_s, plain)

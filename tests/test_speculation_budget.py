@@ -1,0 +1,109 @@
+"""The batch-aware speculation budget: the step cost model's averages and monotone estimates, the
+policy against synthetic costs (full speculation when verification is nearly free, less as each
+token costs more, none when a token costs a step; never below plain decoding; per-request
+acceptance), and batch-aware suffix speculation staying lossless on a tiny random model."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from specjax.llm import LLM
+from specjax.speculation.budget import (SpeculationBudget, StepCostModel, acceptance_by_depth,
+                                        expected_accepted)
+from specjax.speculation.speculator import TreeSpeculation
+from specjax.speculation.stats import SpeculationStats
+from specjax.speculation.suffix import HybridSpeculation, SuffixSpeculation
+from tests.test_suffix_speculation import plain, prompts, target  # noqa: F401 (fixtures)
+from tests.test_tree_speculation import DRAFT, ENGINE, GREEDY, tiny
+
+BATCHES = (1, 2, 4, 8, 16, 32)
+TREES = (1, 2, 4, 8, 16, 32)
+
+
+def synthetic(step: float, per_token: float) -> StepCostModel:
+    """Every key timed: a fixed step cost plus ``per_token`` for each row's tree node."""
+    cost = StepCostModel()
+    for b, t in itertools.product(BATCHES, TREES):
+        cost.observe(b, t, step + per_token * b * t)
+    return cost
+
+
+def test_cost_model_averages_each_key_and_estimates_others_monotonically():
+    cost = StepCostModel(alpha=0.5)
+    assert cost.cost(4, 4) is None
+    cost.observe(3, 5, 1.0)  # keyed by its buckets, (4, 8)
+    cost.observe(4, 8, 2.0)
+    assert cost.seconds == {(4, 8): 1.5}
+
+    cost = StepCostModel()
+    for (b, t), s in {(1, 1): 1.0, (1, 2): 5.0, (1, 4): 3.0, (1, 16): 4.0, (8, 1): 2.0, (8, 16): 10.0}.items():
+        cost.observe(b, t, s)  # (1, 2) above (1, 4): timing noise the estimate must not follow down
+    assert cost.cost(8, 16) == 10.0
+    assert 2.0 < cost.cost(8, 4) < 10.0 and 5.0 <= cost.cost(4, 16) <= 10.0
+    assert cost.cost(32, 64) > cost.cost(8, 16)  # extrapolated upwards
+    grid = np.array([[cost.cost(b, t) for t in (1, 2, 4, 8, 16, 32, 64)] for b in (1, 2, 4, 8, 16, 32)])
+    assert np.all(np.diff(grid, axis=0) >= 0) and np.all(np.diff(grid, axis=1) >= 0)
+
+
+def test_acceptance_from_stats_is_smoothed_and_expected_tokens_follow_the_chain():
+    stats = SpeculationStats()
+    for _ in range(8):
+        stats.record(proposed=3, depth=3, accepted=0)
+    assert acceptance_by_depth(None) == [0.5]
+    assert acceptance_by_depth(stats)[0] == pytest.approx(1 / 10)
+    assert expected_accepted([0.5], 3) == pytest.approx(0.5 + 0.25 + 0.125)
+    assert expected_accepted([1.0, 0.0], 5) == 1.0
+
+
+def test_flat_cost_speculates_fully_and_steeper_costs_less_down_to_none():
+    rows = [[0.8]] * 16
+    flat = SpeculationBudget(synthetic(1.0, 1e-5), max_tree=32).plan(rows)
+    assert flat.tree_size == 32 and flat.sizes == [31] * 16
+
+    chosen = [SpeculationBudget(synthetic(1.0, slope), max_tree=32).plan(rows).tree_size
+              for slope in (1e-5, 1e-3, 1e-2, 3e-2, 1e-1)]
+    assert chosen == sorted(chosen, reverse=True) and 1 < chosen[1] < 32
+    # Each extra token costs as much as a one-token step: even perfect acceptance only ties.
+    for acceptance in (0.8, 1.0):
+        plan = SpeculationBudget(synthetic(0.0, 1.0), max_tree=32).plan([[acceptance]] * 4)
+        assert plan.tree_size == 1 and plan.sizes == [0] * 4
+    # The same per-token slope halts speculation at a large batch but not at a small one.
+    cost = synthetic(1.0, 3e-2)
+    assert SpeculationBudget(cost).plan([[0.8]]).tree_size > SpeculationBudget(cost).plan(rows * 2).tree_size
+
+
+def test_plans_never_expect_less_than_plain_decoding_under_their_model():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        cost = StepCostModel()
+        base = np.sort(rng.uniform(0.1, 2.0, size=(len(BATCHES), len(TREES))), axis=1)
+        for (i, b), (j, t) in itertools.product(enumerate(BATCHES), enumerate(TREES)):
+            cost.observe(b, t, base[: i + 1, j].sum())  # monotone in both
+        rows = [rng.uniform(0, 1, size=rng.integers(1, 5)).tolist() for _ in range(rng.integers(1, 33))]
+        plan = SpeculationBudget(cost).plan(rows)
+        tokens = sum(1 + expected_accepted(a, k) for a, k in zip(rows, plan.sizes))
+        assert plan.tokens_per_s == pytest.approx(tokens / cost.cost(len(rows), plan.tree_size))
+        assert plan.plain_tokens_per_s == pytest.approx(len(rows) / cost.cost(len(rows), 1))
+        assert plan.tokens_per_s >= plan.plain_tokens_per_s
+        assert all(0 <= k < plan.tree_size for k in plan.sizes)
+
+
+def test_a_request_that_accepts_nothing_gets_no_speculation():
+    plan = SpeculationBudget(synthetic(1.0, 1e-4), max_tree=16).plan([[0.0], [0.9], [0.7, 0.0]])
+    assert plan.tree_size == 16 and plan.sizes == [0, 15, 15]
+
+
+def test_batch_aware_suffix_speculation_is_lossless(target, prompts, plain):  # noqa: F811
+    llm = LLM(target, engine=ENGINE, speculation=SuffixSpeculation(max_spec_tokens=15, batch_aware=True))
+    assert llm.runner.pages.num_free == llm.runner.pages.num_pages  # calibration gave its pages back
+    calibrated = dict(llm.budget.cost.seconds)
+    assert {(1, 1), (1, 16), (32, 1), (32, 16)} <= set(calibrated)
+    for _ in range(2):  # cold, then warm from the cache
+        outs = llm.generate(prompts, GREEDY)
+        assert [o.token_ids for o in outs] == plain
+    assert llm.budget.cost.seconds != calibrated  # the steps' own timings went in
+    with pytest.raises(ValueError, match="batch_aware"):
+        LLM(target, engine=ENGINE, speculation=HybridSpeculation(
+            suffix=SuffixSpeculation(batch_aware=True),
+            tree=TreeSpeculation(drafts=[tiny(DRAFT, 1, "tiny draft")], expansion=(1,))))

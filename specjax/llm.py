@@ -448,9 +448,11 @@ class Scheduler:
         results = []
         if suffix_rows:
             trees = draft_trees([inputs[r.uid].tokens[-1] for r, _ in suffix_rows], [d for _, d in suffix_rows])
+            compiled = llm.runner.compile_time_s
             new_tokens, elapsed = llm.runner.verify([r.uid for r, _ in suffix_rows], trees,
                                                      [inputs[r.uid] for r, _ in suffix_rows])
-            if llm.budget is not None:
+            # Not a step that compiled: a new executable's first run is slow.
+            if llm.budget is not None and llm.runner.compile_time_s == compiled:
                 llm.budget.cost.observe(len(suffix_rows), trees[0].size, elapsed)
             for (req, _), tree, tokens in zip(suffix_rows, trees, new_tokens):
                 record = (tree.num_nodes - 1, int(tree.depths.max()), len(tokens) - 1)

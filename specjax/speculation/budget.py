@@ -73,25 +73,26 @@ class StepCostModel:
 def calibrate(runner: ModelRunner, cost: StepCostModel, batch_buckets: Sequence[int] = (1, 8),
               tree_sizes: Sequence[int] = (1, 16), repeats: int = 3) -> None:
     """Seed ``cost`` with timings of verification steps of each batch and tree size on short
-    scratch sequences (compiled first; compilation is not timed). Sizes that do not fit the free
-    pages or ``max_num_seqs`` are skipped."""
+    scratch sequences, after one untimed run (a fresh executable's first run is slow). Sizes that
+    do not fit the free pages are skipped; batches are capped at ``max_num_seqs``."""
     rng = np.random.default_rng(0)
     vocab = runner.config.vocab_size
     for rows in batch_buckets:
         rows = min(rows, runner.engine.max_num_seqs)
         for size in tree_sizes:
-            need = repeats * size + 1  # every call may commit the whole chain
+            need = (repeats + 1) * size + 1  # every call may commit the whole chain
             if runner.pages.pages_for(need) * rows > runner.pages.num_free or need > runner.max_model_len:
                 continue
             ids = [("calibrate", rows, size, i) for i in range(rows)]
             for seq_id in ids:
                 runner.add_sequence(seq_id, need)
             try:
-                for _ in range(repeats):
+                for run in range(repeats + 1):
                     trees = [TokenTree.chain(int(rng.integers(vocab)), rng.integers(0, vocab, size - 1).tolist())
                              for _ in ids]
                     _, seconds = runner.verify(ids, trees)
-                    cost.observe(rows, size, seconds)
+                    if run:
+                        cost.observe(rows, size, seconds)
             finally:
                 for seq_id in ids:
                     runner.release(seq_id)

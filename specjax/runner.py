@@ -311,10 +311,7 @@ def _verify_step(params, *, config, cache, tokens, positions, block_tables, cont
         return greedy_accept(logits, tokens, parents, depths, mask, live)
 
     def stochastic():
-        vocab = logits.shape[-1]
-        probs = jax.nn.softmax(sampling.process_logits(
-            logits.reshape(b * n, vocab), jnp.repeat(temperature, n), jnp.repeat(top_k, n), jnp.repeat(top_p, n)),
-            axis=-1).reshape(b, n, vocab)
+        probs = jax.nn.softmax(sampling.process_node_logits(logits, temperature, top_k, top_p), axis=-1)
         keys = sampling.row_keys(jax.random.wrap_key_data(base_keys), sample_index)
         index = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
         proposed = live & (index > 0)

@@ -208,6 +208,17 @@ def process_logits(
     return jnp.where(greedy[:, None], point_mass, sampled)
 
 
+def process_node_logits(
+    logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array
+) -> jax.Array:
+    """``process_logits`` for N positions per row (tree nodes, a draft's frontier): logits [B, N, V]
+    with each row's settings [B] applied to all of its positions -> [B, N, V]."""
+    b, n, vocab = logits.shape
+    rows = lambda x: jnp.repeat(x, n, axis=0)  # noqa: E731
+    return process_logits(logits.reshape(b * n, vocab), rows(temperature), rows(top_k), rows(top_p)).reshape(
+        b, n, vocab)
+
+
 @partial(jax.jit, static_argnames="return_logprobs")
 def sample(
     logits: jax.Array,

@@ -51,7 +51,7 @@ from specjax.config import ModelConfig
 from specjax.kv_cache import KVCache, copy_kv, init_kv_cache, slot_ids, write_kv
 from specjax.model import forward
 from specjax.params import Params, pytree_dataclass
-from specjax.sampling import process_logits, row_keys, sample
+from specjax.sampling import process_node_logits, row_keys, sample
 from specjax.speculation.merge import merge_trees
 from specjax.speculation.tree import tree_bucket
 from specjax.speculation.tree_draft import DraftModel, TreeShape, draft_tree
@@ -128,10 +128,6 @@ class StepResult:
     draft_lengths: tuple
 
 
-def _rows(x: jax.Array, width: int) -> jax.Array:
-    return jnp.repeat(x, width, axis=0)
-
-
 def verify_tree(config: ModelConfig, params: Params, cache: KVCache, block_tables: jax.Array, root_pos: jax.Array,
                 tokens: jax.Array, depths: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The target's logits at every node of token trees, in one forward pass.
@@ -171,10 +167,8 @@ def speculative_step(spec: SpecInfer, target_params: Params, drafts: tuple[Draft
     sampled = batch.active & (batch.temperature > 0)
 
     def stochastic():
-        vocab = logits.shape[-1]
-        target_probs = jax.nn.softmax(process_logits(
-            logits.reshape(b * n, vocab), _rows(batch.temperature, n), _rows(batch.top_k, n),
-            _rows(batch.top_p, n)), axis=-1).reshape(b, n, vocab)
+        target_probs = jax.nn.softmax(
+            process_node_logits(logits, batch.temperature, batch.top_k, batch.top_p), axis=-1)
         draft_probs = jax.nn.softmax(jnp.where(tree.proposed[:, :, None], tree.q_logits, 0.0), axis=-1)
         samples = jnp.array([s.samples for s in spec.shapes])[jnp.maximum(tree.draft, 0)]
         return mss_accept(target_probs, tree.tokens, tree.mask, tree.canon, tree.under, tree.group, tree.proposed,

@@ -40,7 +40,7 @@ from specjax.draft import spread_logits
 from specjax.kv_cache import KVCache, slot_ids, write_kv
 from specjax.model import forward
 from specjax.params import Params, pytree_dataclass
-from specjax.sampling import process_logits
+from specjax.sampling import process_node_logits
 
 
 @dataclass(frozen=True)
@@ -153,10 +153,6 @@ class DraftTree:
     length: jax.Array
 
 
-def _rows(x: jax.Array, width: int) -> jax.Array:
-    return jnp.repeat(x, width, axis=0)
-
-
 @dataclass(frozen=True)
 class _Layout:
     """Where a shape's nodes sit while drafting: every depth past the first gets a block of
@@ -232,8 +228,7 @@ def draft_tree(config: ModelConfig, shape: TreeShape, draft: DraftModel, cache: 
         logits = logits.astype(jnp.float32)
         ranking = scores = logits
         if not all_greedy:
-            processed = process_logits(logits.reshape(b * fw, vocab), _rows(temperature, fw), _rows(top_k, fw),
-                                       _rows(top_p, fw)).reshape(b, fw, vocab)
+            processed = process_node_logits(logits, temperature, top_k, top_p)
             ranking = scores = jnp.where(greedy[:, None, None], logits, processed)
             if shape.samples:  # Gumbel noise only where a row samples; a batch without one skips drawing it
                 noise = jax.lax.cond(jnp.any(draws), lambda: jax.vmap(lambda row_key: jax.random.gumbel(

@@ -180,6 +180,15 @@ class LLM:
         """Seconds spent compiling steps so far (never counted in any step's time)."""
         return self.runner.compile_time_s + (self.speculator.all_compile_time_s if self.speculator else 0.0)
 
+    def _hybrid_bar(self) -> float:
+        """The score a suffix draft needs for hybrid speculation to take it over the draft models."""
+        if self._min_score is not None:
+            return self._min_score
+        # Smoothed towards one token a step, so one unlucky draft step cannot drop the bar to zero
+        # (the suffix cache would then win every later step and the record never recover).
+        accepted, steps = self._draft_record
+        return (accepted + HYBRID_PRIOR_STEPS) / (steps + HYBRID_PRIOR_STEPS)
+
     @property
     def suffix_cache(self):
         """The global suffix cache (``SuffixCache``) of suffix or hybrid speculation, else None."""
@@ -428,12 +437,7 @@ class Scheduler:
         if llm.suffix is None:
             draft_rows = batch
         else:
-            bar = llm._min_score
-            if bar is None:
-                # Smoothed towards one token a step, so one unlucky draft step cannot drop the bar to
-                # zero (the suffix cache would then win every later step and the record never recover).
-                accepted, steps = llm._draft_record
-                bar = (accepted + HYBRID_PRIOR_STEPS) / (steps + HYBRID_PRIOR_STEPS)
+            bar = llm._hybrid_bar() if llm.speculator is not None else None
             sizes = (llm.budget.plan([acceptance_by_depth(r.output.stats.speculation) for r in batch]).sizes
                      if llm.budget is not None else [llm.suffix.settings.max_spec_tokens] * len(batch))
             for req, size in zip(batch, sizes):
@@ -441,7 +445,7 @@ class Scheduler:
                 # A tree deeper than the tokens still allowed would verify positions past the request's pages.
                 draft, seconds = llm.suffix.propose(req.uid, sequence, min(size, req.max_total - len(sequence) - 1))
                 req.output.stats.speculation.host_time_s += seconds
-                if llm.speculator is None or draft is None or draft.score >= bar:
+                if bar is None or draft is None or draft.score >= bar:
                     suffix_rows.append((req, draft))
                 else:
                     draft_rows.append(req)

@@ -42,7 +42,6 @@ from benchmarks.workloads import WORKLOADS  # noqa: E402
 
 from specjax.llm import LLM  # noqa: E402
 from specjax.speculation.speculator import TreeSpeculation  # noqa: E402
-from specjax.speculation.stats import SpeculationStats  # noqa: E402
 from specjax.speculation.suffix import HybridSpeculation, SuffixSpeculation  # noqa: E402
 
 METHODS = ("plain", "draft", "suffix-cold", "suffix-warm", "hybrid-cold", "hybrid-warm")
@@ -59,15 +58,12 @@ def summarize(label: str, outputs, seconds: float, reference) -> dict:
     tokens = sum(len(o.token_ids) for o in outputs)
     record = {"method": label, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
               "identical": sum(o.token_ids == r for o, r in zip(outputs, reference))}
-    stats = [o.stats.speculation for o in outputs if o.stats.speculation is not None]
-    if stats:
-        total = SpeculationStats()
-        for s in stats:
-            total = total.merge(s)
-        device_s = sum(o.stats.decode_time_s for o in outputs)
+    if outputs[0].stats.speculation is not None:  # every output of one method speculated, or none did
+        total, _, _ = acceptance.speculation_totals(outputs)
         speculation = total.as_dict()
         speculation["step_tokens"] = speculation.pop("tokens")  # after the prefill's: what tau divides
         record.update(speculation)
+        device_s = sum(o.stats.decode_time_s for o in outputs)
         record["target_step_ms"] = 1e3 * device_s / total.steps if total.steps else 0.0
     return record
 

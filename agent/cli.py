@@ -1,4 +1,4 @@
-"""``specjax-bench kernels list|show TASK|run CANDIDATE_DIR [--task T]|report RESULTS.json``."""
+"""``specjax-bench kernels list|show TASK|run CANDIDATE_DIR [--task T]|baselines|report RESULTS.json``."""
 
 from __future__ import annotations
 
@@ -76,6 +76,20 @@ def _report(args) -> int:
     return 0
 
 
+def _baselines(args) -> int:
+    from agent import baselines
+
+    report = baselines.time_baselines(args.task or None, repeats=args.repeats, input_sets=args.input_sets)
+    print(baselines.markdown(report), end="")
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=1))
+    failed = [r["task"] for r in report["tasks"]
+              if "error" in r or any("error" in e or e["max_ratio"] > 1 for e in r["baselines"].values())]
+    if failed:
+        print(f"baselines failed on: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="specjax-bench", description="Pallas kernel benchmark tasks and harness")
     sub = parser.add_subparsers(dest="group", required=True)
@@ -92,6 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--timing", action="store_true", help="time even off GPUs")
     run.add_argument("--out", help="append the result to this JSON file")
     run.set_defaults(fn=_run)
+    base = kernels.add_parser("baselines", help="time every task's baselines (on GPUs: the benchmark shapes)")
+    base.add_argument("--task", action="append", help="only this task (repeatable; default all)")
+    base.add_argument("--repeats", type=int, default=50)
+    base.add_argument("--input-sets", type=int, default=3)
+    base.add_argument("--out", help="write the JSON report here")
+    base.set_defaults(fn=_baselines)
     report = kernels.add_parser("report", help="markdown report of a results JSON")
     report.add_argument("results")
     report.set_defaults(fn=_report)

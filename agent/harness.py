@@ -19,9 +19,9 @@ next call (poisoned), so nothing the candidate could find in memory holds an ans
 ``agent.compare.error_ratio`` <= 1 on every set.
 
 Timing (GPU, or ``timing=True``): baselines first, before the candidate is imported; warm-up calls,
-then ``repeats`` calls rotating over ``rotate`` input sets (so no call reuses warm caches of the
-last), each timed by ``time.perf_counter`` around the call and ``jax.block_until_ready``; the median
-is kept. Achieved bandwidth (inputs + outputs bytes / time) and FLOP/s are reported as fractions of
+then ``repeats`` samples, each one call per input set back to back (so no call reuses warm caches of
+the last) timed by ``time.perf_counter`` around the calls and one ``jax.block_until_ready``; the
+median per call is kept. Achieved bandwidth (inputs + outputs bytes / time) and FLOP/s are reported as fractions of
 the device's measured peaks (``measure_peaks``: a large copy and a bf16 matmul, measured once per
 machine and cached).
 """
@@ -141,15 +141,18 @@ def _session_alive(sid: int) -> bool:
 
 # ---- the worker: runs in the subprocess, in the work directory ----
 
-def _median_time(fn, arg_sets, static, repeats: int, perf_counter, block) -> float:
+def median_time(fn, arg_sets, static, repeats: int, perf_counter, block) -> float:
+    """Median seconds per call. Each sample runs one call per input set back to back and waits once:
+    a wait per call would add the host's synchronisation (tens of µs on a GPU) to every short kernel,
+    while consecutive calls on different inputs still keep caches from serving the next call."""
     for args in arg_sets[:3]:  # warm-up: compile and fill caches
         block(fn(*args, **static))
     times = []
-    for i in range(repeats):
-        args = arg_sets[i % len(arg_sets)]
+    for _ in range(repeats):
         start = perf_counter()
-        block(fn(*args, **static))
-        times.append(perf_counter() - start)
+        outs = [fn(*args, **static) for args in arg_sets]
+        block(outs)
+        times.append((perf_counter() - start) / len(arg_sets))
     return statistics.median(times)
 
 
@@ -164,10 +167,10 @@ def measure_peaks(cache: Path) -> dict:
         return known[device]
     x = jnp.ones((1 << 28,), jnp.bfloat16)  # 512 MiB: far past any cache
     copy = jax.jit(lambda a: a + 1)
-    seconds = _median_time(copy, [(x,)], {}, 20, time.perf_counter, jax.block_until_ready)
+    seconds = median_time(copy, [(x,)], {}, 20, time.perf_counter, jax.block_until_ready)
     a = jnp.ones((8192, 8192), jnp.bfloat16)
     mm = jax.jit(lambda p, q: p @ q)
-    mm_seconds = _median_time(mm, [(a, a)], {}, 20, time.perf_counter, jax.block_until_ready)
+    mm_seconds = median_time(mm, [(a, a)], {}, 20, time.perf_counter, jax.block_until_ready)
     peaks = {"bandwidth": 2 * x.nbytes / seconds, "flops": 2 * 8192**3 / mm_seconds}
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps({**known, device: peaks}))
@@ -211,7 +214,7 @@ def _worker() -> None:
     timed_sets = [task.inputs(timed_shape, s) for s in spec["seeds"]] if timing else []
     if timing:
         peaks = measure_peaks(Path(spec["peaks_cache"]))
-        baselines = {name: _median_time(fn, timed_sets, static_of(timed_shape), spec["repeats"], perf_counter, block)
+        baselines = {name: median_time(fn, timed_sets, static_of(timed_shape), spec["repeats"], perf_counter, block)
                      for name, fn in task.all_baselines().items() if on_gpu or name not in task.gpu_baselines}
 
     workdir = Path.cwd()
@@ -244,7 +247,7 @@ def _worker() -> None:
         out["correct"] = worst <= 1
         if timing and out["correct"]:
             with guard.active():
-                seconds = _median_time(kernel, timed_sets, static_of(timed_shape), spec["repeats"], perf_counter, block)
+                seconds = median_time(kernel, timed_sets, static_of(timed_shape), spec["repeats"], perf_counter, block)
             guard.after_call(module)
             moved = sum(a.nbytes for a in timed_sets[0]) + sum(
                 np.asarray(x).nbytes for x in compare.leaves(reference(*timed_sets[0], **static_of(timed_shape))))

@@ -53,3 +53,26 @@ def test_cli_list_show_and_clear_errors(tmp_path, capsys):
     (tmp_path / "kernel.py").write_text("def kernel(x):\n    return x\n")
     with pytest.raises(SystemExit, match="no task"):
         cli.main(["kernels", "run", str(tmp_path)])
+
+
+def test_baselines_are_checked_timed_and_reported(tmp_path, capsys):
+    out = tmp_path / "baselines.json"
+    assert cli.main(["kernels", "baselines", "--task", "moe_grouped_matmul", "--task", "rmsnorm_rope",
+                     "--repeats", "2", "--input-sets", "2", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [r["task"] for r in report["tasks"]] == ["moe_grouped_matmul", "rmsnorm_rope"]
+    grouped = report["tasks"][0]
+    assert set(grouped["baselines"]) == {"xla", "ragged_dot"}  # every baseline, not just XLA's
+    for row in report["tasks"]:
+        assert row["bytes"] > 0 and row["flops"] > 0
+        for entry in row["baselines"].values():
+            assert entry["max_ratio"] <= 1 and entry["seconds"] > 0
+            assert math.isclose(entry["bandwidth_fraction"] * entry["seconds"] * report["peaks"]["bandwidth"],
+                                row["bytes"], rel_tol=1e-9)
+    text = capsys.readouterr().out
+    assert "| moe_grouped_matmul | moe | ragged_dot |" in text and "jax " in text
+
+
+def test_baselines_of_an_unknown_task_is_a_clear_error(capsys):
+    assert cli.main(["kernels", "baselines", "--task", "no_such_task"]) == 2
+    assert "no task 'no_such_task'" in capsys.readouterr().err

@@ -16,7 +16,10 @@ one node at 1). Three implementations score the same step:
   the pool in its [Hkv, N, page, hd] layout. It attends over the prefix alone, ours over the prefix
   and the new token: one key more out of thousands.
 
-Each is jit-compiled, run once to warm up, then timed ``--repeats`` times (median). Achieved
+Each is timed over several input sets (different pools, together ``--rotate-bytes`` of K/V, so the
+L2 cache cannot serve a call from the last one), called back to back inside one jit-compiled
+executable: a run pays one dispatch and one synchronisation for all of them. A compiling run comes
+first, then ``--repeats`` timed runs; the median over calls is reported. Achieved
 bandwidth = bytes of K/V the step must read (batch x prefix x 2 x Hkv x head_dim x 2 bytes) /
 median time, shown against the device's copy bandwidth (``common.measure_copy_bandwidth``). A case
 that fails (e.g. the reference running out of memory on a large batch x prefix x tree) is recorded
@@ -54,8 +57,9 @@ from pallas_kernels.tree_attention import reference, tree_attention  # noqa: E40
 from specjax.attention import AttentionMetadata  # noqa: E402
 from specjax.speculation.tree import TokenTree  # noqa: E402
 
-SMOKE = dict(batch=[1], prefix=[64], tree=[1, 4], repeats=2, copy_bytes=1 << 24)
-FULL = dict(batch=[1, 8, 64], prefix=[1024, 8192, 32768], tree=[1, 16, 128], repeats=20, copy_bytes=1 << 30)
+SMOKE = dict(batch=[1], prefix=[64], tree=[1, 4], repeats=2, copy_bytes=1 << 24, rotate_bytes=0)
+FULL = dict(batch=[1, 8, 64], prefix=[1024, 8192, 32768], tree=[1, 16, 128], repeats=20, copy_bytes=1 << 30,
+            rotate_bytes=256 << 20)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -72,6 +76,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-splits", type=int, default=None, help="prefix splits of the Pallas kernel (auto)")
     parser.add_argument("--interpret", action="store_true",
                         help="run interpreted (any device); defaults shrink to a smoke run: " + str(SMOKE))
+    parser.add_argument("--rotate-bytes", type=int,
+                        help="K/V bytes of the input sets one timed run rotates through (default 256 MiB, "
+                             "past an H100's 50 MB L2)")
     parser.add_argument("--copy-bytes", type=int,
                         help=f"array size for the copy bandwidth (default {FULL['copy_bytes']})")
     parser.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/kernels-...)")
@@ -104,41 +111,57 @@ def _case(key: jax.Array, batch: int, prefix: int, tree: int, args: argparse.Nam
     return q, new_k, new_v, k_pool, v_pool, jnp.int32(0), meta
 
 
-def _jax_decode(q, k_pool, v_pool, meta, interpret: bool) -> Callable[[], jax.Array]:
-    """jax's Pallas paged decode attention on this case (T = 1), pools copied into its layout."""
-    k_pages, v_pages = (jnp.transpose(pool[0], (2, 0, 1, 3)) for pool in (k_pool, v_pool))  # [Hkv, N, page, hd]
+def _jax_decode(q, k_pool, v_pool, meta, interpret: bool) -> tuple[Callable, tuple]:
+    """jax's Pallas paged decode attention on this case (T = 1): the function and its arguments, the
+    pools copied into its [Hkv, N, page, hd] layout."""
+    k_pages, v_pages = (jnp.transpose(pool[0], (2, 0, 1, 3)) for pool in (k_pool, v_pool))
     pages = meta.block_tables.shape[1]
     splits = math.gcd(pages, 16)  # its splits and compute blocks must divide the pages evenly
-    run = jax.jit(functools.partial(jax_paged.paged_attention, k_splits=splits,
-                                    pages_per_compute_block=math.gcd(pages // splits, 8), interpret=interpret))
-    return lambda: run(q[:, 0], k_pages, v_pages, meta.block_tables, meta.context_lens)
+    fn = functools.partial(jax_paged.paged_attention, k_splits=splits,
+                           pages_per_compute_block=math.gcd(pages // splits, 8), interpret=interpret)
+    return fn, (q[:, 0], k_pages, v_pages, meta.block_tables, meta.context_lens)
 
 
-def _timed(fn: Callable[[], jax.Array], repeats: int) -> tuple[float, jax.Array]:
-    """(median seconds of ``repeats`` runs after a compiling warm-up, the output)."""
-    out = jax.block_until_ready(fn())
+def rotation(kv_bytes: int, args: argparse.Namespace) -> int:
+    """Input sets per timed run: enough that their K/V (``--rotate-bytes`` together) outgrows the L2
+    cache, so no call finds the last one's pages cached; at least 4, to amortise the run's launch (one
+    for an interpreted smoke run, which times nothing worth amortising)."""
+    if args.interpret:
+        return 1
+    return max(4, min(32, -(-args.rotate_bytes // max(kv_bytes, 1))))
+
+
+def _timed(fn: Callable, cases: list[tuple], repeats: int) -> tuple[float, Any]:
+    """(median seconds per call, the first case's output). One jit-compiled executable calls ``fn``
+    on every case back to back (a fully unrolled scan over the stacked cases), so a timed run pays one
+    dispatch and one host synchronisation for ``len(cases)`` calls instead of one per call: at ~10 µs
+    per kernel, a wait per call would be timed as much as the kernel."""
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *cases)
+    run = jax.jit(lambda xs: jax.lax.scan(lambda c, x: (c, fn(*x)), None, xs, unroll=True)[1])
+    out = jax.block_until_ready(run(stacked))  # compiles
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(fn())
+        jax.block_until_ready(run(stacked))
         times.append(time.perf_counter() - start)
-    return float(np.median(times)), out
+    return float(np.median(times)) / len(cases), jax.tree.map(lambda x: x[0], out)
 
 
 def run_case(batch: int, prefix: int, tree: int, args: argparse.Namespace) -> dict[str, Any]:
-    case = _case(jax.random.key(0), batch, prefix, tree, args)
-    q, _, _, k_pool, v_pool, _, meta = case
-    kernel = jax.jit(functools.partial(tree_attention, num_splits=args.num_splits, interpret=args.interpret))
-    xla = jax.jit(reference)
-    impls = {"pallas": lambda: kernel(*case), "xla": lambda: xla(*case)}
-    if tree == 1:
-        impls["jax"] = _jax_decode(q, k_pool, v_pool, meta, args.interpret)
     kv_bytes = batch * prefix * 2 * args.kv_heads * args.head_dim * jnp.dtype(args.dtype).itemsize
-    row: dict[str, Any] = {"batch": batch, "prefix": prefix, "tree": tree, "kv_bytes": kv_bytes}
+    sets = rotation(kv_bytes, args)
+    cases = [_case(key, batch, prefix, tree, args) for key in jax.random.split(jax.random.key(0), sets)]
+    impls = {"pallas": (functools.partial(tree_attention, num_splits=args.num_splits, interpret=args.interpret),
+                        cases),
+             "xla": (reference, cases)}
+    if tree == 1:
+        decode = [_jax_decode(q, k_pool, v_pool, meta, args.interpret) for q, _, _, k_pool, v_pool, _, meta in cases]
+        impls["jax"] = (decode[0][0], [arguments for _, arguments in decode])
+    row: dict[str, Any] = {"batch": batch, "prefix": prefix, "tree": tree, "kv_bytes": kv_bytes, "input_sets": sets}
     outputs = {}
-    for name, fn in impls.items():
+    for name, (fn, inputs) in impls.items():
         try:
-            seconds, outputs[name] = _timed(fn, args.repeats)
+            seconds, outputs[name] = _timed(fn, inputs, args.repeats)
         except Exception as error:  # noqa: BLE001 (out of memory, unsupported shape: record it, go on)
             row[name] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"}
             continue

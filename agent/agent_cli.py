@@ -30,7 +30,8 @@ def _run(args) -> int:
     budget = Budget(args.budget, args.wall_s, args.tokens, plateau or None)
     store = Store(args.db)
     try:
-        result = run_job(store, job_id, args.task, proposer, budget, k=args.k or (4 if args.provider == "search" else 1))
+        result = run_job(store, job_id, args.task, proposer, budget,
+                         k=args.k or (4 if args.provider == "search" else 1), workers=args.workers)
     finally:
         store.close()
     correct = sum(a.correct for a in result.attempts)
@@ -102,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--plateau", type=int, help="stop after this many rounds without a better kernel (0: never; "
                                                  "default 3 for openai, 0 for search)")
     run.add_argument("-k", type=int, help="proposals per round, best-of-k (default 1 for openai, 4 for search)")
+    run.add_argument("--workers", type=int, default=1,
+                     help="judge up to this many of a round's proposals at once, each in its own harness process "
+                          "(on one GPU, more than 1 lets concurrent runs disturb each other's timings)")
     run.add_argument("--job", help="job id; an existing one resumes (default: task-provider-time)")
     run.add_argument("--db", type=Path, default=DEFAULT_DB)
     run.add_argument("--base-url", help="openai: endpoint (default SPECJAX_AGENT_BASE_URL or OPENAI_BASE_URL)")

@@ -1,7 +1,8 @@
 """The kernel agent's loop: prompt -> proposals -> anti-cheat + harness -> feedback -> next prompt.
 
-Each round asks the proposer for ``k`` kernels (best-of-k), judges every one in the harness's worker
-process (the agent never imports candidate code), stores each attempt as soon as it is judged and
+Each round asks the proposer for ``k`` kernels (best-of-k), judges every one in a harness worker
+process, up to ``workers`` of them at once (the agent never imports candidate code), stores each
+attempt as soon as it (and those before it in the round) is judged and
 builds the next prompt from the task, the device, the best distinct correct kernels so far (the
 population) and the latest failures with their feedback. A job stops on its budget (attempts, wall
 time, tokens), on a plateau (no better kernel for ``plateau`` rounds) or when the proposer has nothing
@@ -16,6 +17,8 @@ import inspect
 import json
 import tempfile
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from agent import tasks
@@ -114,17 +117,43 @@ def feedback(result: dict) -> str:
     return f"{note}; {result.get('timing_note', 'not timed')}"
 
 
-def evaluate(task: str, proposal: Proposal, limits: Limits) -> tuple[bool, str, dict]:
-    """(correct, feedback, harness result) for one proposal; a proposer's or harness's failure is a result too."""
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    correct: bool
+    feedback: str
+    result: dict  # the harness's result ({} when it never ran)
+    seconds: float  # judging time, harness start-up included
+
+
+def evaluate(task: str, proposal: Proposal, limits: Limits) -> Verdict:
+    """The harness's verdict on one proposal; a proposer's or the harness's failure is a verdict too."""
+    start = time.monotonic()
     if proposal.code is None:
-        return False, proposal.error or "no code", {}
+        return Verdict(False, proposal.error or "no code", {}, 0.0)
     with tempfile.TemporaryDirectory(prefix="specjax-agent-") as tmp:
         (Path(tmp) / "kernel.py").write_text(proposal.code)
         try:
             result = run_candidate(tmp, task, limits=limits, **proposal.fidelity)
         except Exception as e:  # the harness refusing odd arguments must not end the job
-            return False, f"harness error: {type(e).__name__}: {e}", {}
-    return result["correct"], feedback(result), result
+            return Verdict(False, f"harness error: {type(e).__name__}: {e}", {}, time.monotonic() - start)
+    return Verdict(result["correct"], feedback(result), result, time.monotonic() - start)
+
+
+def evaluate_all(jobs: list[tuple[str, Proposal]], limits: Limits, workers: int = 1) -> Iterator[Verdict]:
+    """``evaluate`` for each (task, proposal), up to ``workers`` harness subprocesses at once; results are
+    yielded in the order of ``jobs``, each as soon as it and those before it are done."""
+    if workers <= 1 or len(jobs) <= 1:
+        yield from (evaluate(task, p, limits) for task, p in jobs)
+        return
+    # Threads suffice: each one only waits on its harness subprocess.
+    with ThreadPoolExecutor(min(workers, len(jobs)), thread_name_prefix="specjax-agent-eval") as pool:
+        futures = [pool.submit(evaluate, task, p, limits) for task, p in jobs]
+        try:
+            for future in futures:
+                yield future.result()
+        finally:
+            for future in futures:  # an interrupted round starts nothing new
+                future.cancel()
 
 
 def _spent(budget: Budget, attempts: list[Attempt], started: float) -> str | None:
@@ -138,8 +167,11 @@ def _spent(budget: Budget, attempts: list[Attempt], started: float) -> str | Non
 
 
 def run_job(store: Store, job_id: str, task_name: str, proposer: Proposer, budget: Budget = Budget(), *,
-            k: int = 1, population_size: int = 3, limits: Limits = Limits(wall_s=300)) -> JobResult:
-    """Run (or resume) job ``job_id`` until its budget, a plateau, or the proposer runs dry."""
+            k: int = 1, population_size: int = 3, limits: Limits = Limits(wall_s=300), workers: int = 1) -> JobResult:
+    """Run (or resume) job ``job_id`` until its budget, a plateau, or the proposer runs dry.
+
+    workers: how many of a round's proposals are judged at once (each in its own harness subprocess).
+    """
     task = tasks.get(task_name)  # an unknown task fails here, before a job is stored
     store.open_job(job_id, task_name, proposer.name, proposer.config())
     device = device_facts()
@@ -156,11 +188,10 @@ def run_job(store: Store, job_id: str, task_name: str, proposer: Proposer, budge
             if not proposals:
                 status = "done: the proposer has nothing left to try"
                 break
-            for p in proposals[:context.k]:
-                start = time.monotonic()
-                correct, note, result = evaluate(task_name, p, limits)
-                attempts.append(store.add_attempt(job_id, round_, p.code, p.params, correct, note, result,
-                                                  p.tokens, time.monotonic() - start))
+            proposals = proposals[:context.k]
+            for p, v in zip(proposals, evaluate_all([(task_name, p) for p in proposals], limits, workers)):
+                attempts.append(store.add_attempt(job_id, round_, p.code, p.params, v.correct, v.feedback, v.result,
+                                                  p.tokens, v.seconds))
             round_ += 1
             stale = stale + 1 if before is not None and max(map(quality, attempts)) <= before else 0
             if budget.plateau is not None and stale >= budget.plateau:

@@ -189,7 +189,7 @@ def test_extract_code_prefers_the_block_defining_kernel():
 
 
 def test_search_finds_a_correct_rmsnorm_rope_kernel(store):
-    space = {"block_rows": (2, 4), "num_warps": (4,), "num_stages": (1,)}
+    space = {"block_rows": (2, 4), "block_h": (1,), "num_warps": (4,), "num_stages": (1,)}
     result = run_job(store, "s", "rmsnorm_rope", SearchProposer("rmsnorm_rope", space=space), Budget(attempts=10), k=2)
     assert result.status == "done: the proposer has nothing left to try"
     assert [a.params["rung"] for a in result.attempts] == [0, 0, 1]  # both configs, then the survivor again
@@ -217,8 +217,10 @@ def test_ranking_follows_measured_speed_when_timed():
         return Attempt(id_, "j", 0, "src", {"config": config, "rung": 0}, True, "", {
             "max_ratio": 0.1, "timing": {"speedup": speedup}}, 0, 1.0)
 
-    proposer = SearchProposer("rmsnorm_rope", space={"block_rows": (1, 8), "num_warps": (4,), "num_stages": (1,)})
-    slow, fast = ({"block_rows": 1, "num_warps": 4, "num_stages": 1}, {"block_rows": 8, "num_warps": 4, "num_stages": 1})
+    space = {"block_rows": (1, 8), "block_h": (1,), "num_warps": (4,), "num_stages": (1,)}
+    proposer = SearchProposer("rmsnorm_rope", space=space)
+    slow, fast = ({"block_rows": 1, "block_h": 1, "num_warps": 4, "num_stages": 1},
+                  {"block_rows": 8, "block_h": 1, "num_warps": 4, "num_stages": 1})
     context = Context(tasks.get("rmsnorm_rope"), "", [timed(1, slow, 0.8), timed(2, fast, 1.7)], k=4)
     (promoted,) = proposer.propose(context)
     assert promoted.params == {"config": fast, "rung": 1} and promoted.fidelity["repeats"] == 20

@@ -1,8 +1,10 @@
 """Parameterised Pallas kernels the offline ``search`` proposer renders and the harness judges.
 
-A template is a kernel's source with ``${name}`` holes for its tuning knobs (block sizes, Triton's
-``num_warps`` and ``num_stages``) and the values each knob may take; every rendered source is an
-ordinary candidate, checked like any other (the templates get no trust the harness does not give).
+A template is a kernel's source with ``${name}`` holes for its tuning knobs (tile sizes, Triton's
+``num_warps`` and ``num_stages``) and the values each knob may take, the first of each being the
+default; every rendered source is an ordinary candidate, checked like any other (the templates get no
+trust the harness does not give). A template module holds ``SOURCES`` and ``SPACES`` (task -> source, knobs):
+one kernel family can serve several tasks with the same knobs.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import dataclasses
 import itertools
 import string
 
-from agent.templates import int8_matmul, rmsnorm_rope
+from agent.templates import grouped_lora, linear_scan, moe, multimodal, quantized, rmsnorm_rope, state_decode
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,9 +30,15 @@ class KernelTemplate:
         space = space or self.space
         return [dict(zip(space, values)) for values in itertools.product(*space.values())]
 
+    @property
+    def default(self) -> dict:
+        """The first value of every knob: a configuration meant to work everywhere, if not the fastest."""
+        return {name: values[0] for name, values in self.space.items()}
 
-TEMPLATES = {t.task: t for t in (KernelTemplate("rmsnorm_rope", rmsnorm_rope.SOURCE, rmsnorm_rope.SPACE),
-                                 KernelTemplate("int8_weight_only_matmul", int8_matmul.SOURCE, int8_matmul.SPACE))}
+
+TEMPLATES = {task: KernelTemplate(task, source, module.SPACES[task])
+             for module in (rmsnorm_rope, quantized, state_decode, grouped_lora, moe, multimodal, linear_scan)
+             for task, source in module.SOURCES.items()}
 
 
 def get(task: str) -> KernelTemplate:

@@ -1,46 +1,49 @@
-"""RMSNorm + RoPE: a 1-D grid over blocks of ``block_rows`` token rows, every head of a row in one program."""
+"""RMSNorm + RoPE in one pass: a (``block_rows`` token rows, ``block_h`` heads) grid; each program
+normalises its heads' vectors and rotates the two halves, loaded and stored separately (Triton cannot
+slice a tile in registers), so x is read once and written once."""
 
-SPACE = {"block_rows": (1, 2, 4, 8, 16), "num_warps": (4, 8), "num_stages": (1, 2)}
+from agent.templates.snippets import IMPORTS, PAD, PARAMS
 
-SOURCE = '''"""rmsnorm_rope: block_rows=${block_rows}, num_warps=${num_warps}, num_stages=${num_stages}."""
+SPACE = {"block_rows": (16, 1, 2, 4, 8, 32), "block_h": (8, 1, 2, 4), "num_warps": (4, 2, 8), "num_stages": (1, 2)}
 
-import functools
-
-import jax
-import jax.numpy as jnp
-from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
-
+SOURCE = '''"""rmsnorm_rope: block_rows=${block_rows}, block_h=${block_h}, num_warps=${num_warps}, num_stages=${num_stages}."""
+''' + IMPORTS + '''
 TASK = "rmsnorm_rope"
-BLOCK_ROWS = ${block_rows}
-
+BLOCK_ROWS, BLOCK_H = ${block_rows}, ${block_h}
+''' + PARAMS + PAD + '''
 
 def _norm_rope(x_ref, w_ref, cos_ref, sin_ref, o_ref, *, eps: float):
-    x = x_ref[...].astype(jnp.float32)  # [rows, H, hd]
-    inv_rms = jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
-    y = x * inv_rms * w_ref[...].astype(jnp.float32)
-    lo, hi = jnp.split(y, 2, axis=-1)
+    half = cos_ref.shape[1]
+    lo_half, hi_half = pl.ds(0, half), pl.ds(half, half)
+    lo = x_ref[:, :, lo_half].astype(jnp.float32)  # [rows, heads, hd / 2]
+    hi = x_ref[:, :, hi_half].astype(jnp.float32)
+    mean_square = (jnp.sum(lo * lo, axis=-1, keepdims=True) + jnp.sum(hi * hi, axis=-1, keepdims=True)) / (2 * half)
+    inv_rms = jax.lax.rsqrt(mean_square + eps)
+    lo = lo * inv_rms * w_ref[lo_half].astype(jnp.float32)
+    hi = hi * inv_rms * w_ref[hi_half].astype(jnp.float32)
     cos = cos_ref[...].astype(jnp.float32)[:, None, :]
     sin = sin_ref[...].astype(jnp.float32)[:, None, :]
-    o_ref[...] = jnp.concatenate([lo * cos - hi * sin, hi * cos + lo * sin], axis=-1).astype(o_ref.dtype)
+    o_ref[:, :, lo_half] = (lo * cos - hi * sin).astype(o_ref.dtype)
+    o_ref[:, :, hi_half] = (hi * cos + lo * sin).astype(o_ref.dtype)
 
 
 def kernel(x, weight, cos, sin, *, eps):
     batch, seq, heads, head_dim = x.shape
     rows = batch * seq
-    # A row count the block does not divide falls back to one block: still correct, just untuned.
-    block = BLOCK_ROWS if rows % BLOCK_ROWS == 0 else rows
-    rows_spec = pl.BlockSpec((block, heads, head_dim), lambda r: (r, 0, 0))
-    angle_spec = pl.BlockSpec((block, head_dim // 2), lambda r: (r, 0))
-    call = pl.pallas_call(
+    bh = BLOCK_H if heads % BLOCK_H == 0 else 1
+    rows_spec = pl.BlockSpec((BLOCK_ROWS, bh, head_dim), lambda r, h: (r, h, 0))
+    angle_spec = pl.BlockSpec((BLOCK_ROWS, head_dim // 2), lambda r, h: (r, 0))
+    xs = _pad(x.reshape(rows, heads, head_dim), 0, BLOCK_ROWS)
+    out = pl.pallas_call(
         functools.partial(_norm_rope, eps=eps),
-        grid=(rows // block,),
-        in_specs=[rows_spec, pl.BlockSpec((head_dim,), lambda r: (0,)), angle_spec, angle_spec],
+        grid=(xs.shape[0] // BLOCK_ROWS, heads // bh),
+        in_specs=[rows_spec, pl.BlockSpec((head_dim,), lambda r, h: (0,)), angle_spec, angle_spec],
         out_specs=rows_spec,
-        out_shape=jax.ShapeDtypeStruct((rows, heads, head_dim), x.dtype),
-        compiler_params=plgpu.CompilerParams(num_warps=${num_warps}, num_stages=${num_stages}),
-        interpret=jax.default_backend() != "gpu",
-    )
-    out = call(x.reshape(rows, heads, head_dim), weight, cos.reshape(rows, -1), sin.reshape(rows, -1))
-    return out.reshape(batch, seq, heads, head_dim)
+        out_shape=jax.ShapeDtypeStruct(xs.shape, x.dtype),
+        compiler_params=PARAMS, interpret=INTERPRET,
+    )(xs, weight, *(_pad(a.reshape(rows, -1), 0, BLOCK_ROWS) for a in (cos, sin)))
+    return out[:rows].reshape(batch, seq, heads, head_dim)
 '''
+
+SPACES = {"rmsnorm_rope": SPACE}
+SOURCES = {"rmsnorm_rope": SOURCE}

@@ -14,6 +14,7 @@ goes on.
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -68,7 +69,15 @@ def time_baselines(names: list[str] | None = None, *, repeats: int = 50, input_s
     return {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(), "jax": jax.__version__,
             "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "peaks": peaks, "repeats": repeats,
             "input_sets": input_sets,
-            "tasks": [time_task(t, repeats=repeats, input_sets=input_sets, peaks=peaks) for t in chosen]}
+            "tasks": [_progress(time_task(t, repeats=repeats, input_sets=input_sets, peaks=peaks)) for t in chosen]}
+
+
+def _progress(row: dict) -> dict:
+    """Report each task as it finishes (on stderr): a sweep can take minutes, and may be cut short."""
+    times = ", ".join(f"{name} {e['seconds'] * 1e6:.1f} µs" if "seconds" in e else f"{name} failed"
+                      for name, e in row["baselines"].items())
+    print(f"{row['task']}: {row.get('error') or times}", file=sys.stderr, flush=True)
+    return row
 
 
 def markdown(report: dict) -> str:

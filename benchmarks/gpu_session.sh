@@ -3,6 +3,7 @@
 # that one stage that hangs or fails costs only its own slot and the rest still run.
 #
 #   OUT=/tmp/gpu-out bash benchmarks/gpu_session.sh        # from the repository root, on an NVIDIA GPU
+#   STAGES="kernels baselines" OUT=... bash benchmarks/gpu_session.sh    # only these stages
 #
 # Stages: environment; the Pallas attention tests compiled for the GPU; benchmarks/kernels.py;
 # decode.py --shape llama3-8b with XLA and with Pallas attention, and a 4-layer run with its
@@ -14,13 +15,14 @@
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT/r"
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 SUMMARY=$OUT/summary.log
 PY=${PYTHON:-python3}
 
-stage() {  # stage NAME SECONDS COMMAND...: run it, keep its log, pack the results
+stage() {  # stage NAME SECONDS COMMAND...: run it (if $STAGES names it, or is unset), keep its log, pack the results
   local name=$1 limit=$2 start=$SECONDS rc
   shift 2
+  [[ -z "${STAGES:-}" || " $STAGES " == *" $name "* ]] || return 0
   echo "=== $name (limit ${limit}s, $(date -u +%T))" | tee -a "$SUMMARY"
   timeout -k 5 "$limit" "$@" > "$OUT/r/$name.log" 2>&1
   rc=$?
@@ -60,6 +62,8 @@ TAIL=8 stage env 20 bash -c environment
 TAIL=30 stage pallas-tests 75 $PY -m pytest -q -p no:cacheprovider -rfE tests/test_pallas_attention.py
 TAIL=25 stage kernels 75 $PY benchmarks/kernels.py --batch 1,8 --prefix 1024,8192,32768 --tree 1,64 --repeats 10 \
   --out "$OUT/r/kernels.json"
+TAIL=25 stage kernel-tuning 80 $PY benchmarks/kernels.py --batch 1,8 --prefix 8192 --tree 1,64 --repeats 10 \
+  --block-k 64,128,256 --num-warps 4,8 --out "$OUT/r/kernel-tuning.json"
 TAIL=20 stage decode-xla 55 env SPECJAX_ATTENTION=xla $PY benchmarks/decode.py --shape llama3-8b --batch-sizes 1,8 \
   --context-lens 1024,8192 --decode-steps 32 --out "$OUT/r/decode-xla.json"
 TAIL=20 stage decode-pallas 55 env SPECJAX_ATTENTION=pallas $PY benchmarks/decode.py --shape llama3-8b \
@@ -71,8 +75,12 @@ TAIL=12 stage decode-cmdbuf 35 env SPECJAX_ATTENTION=xla \
   XLA_FLAGS=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL,DYNAMIC_SLICE_FUSION \
   $PY benchmarks/decode.py --shape llama3-8b --batch-sizes 1,8 --context-lens 1024 --decode-steps 32 \
   --out "$OUT/r/decode-cmdbuf.json"
+TAIL=12 stage decode-pallas-cmdbuf 35 env SPECJAX_ATTENTION=pallas \
+  XLA_FLAGS=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL,DYNAMIC_SLICE_FUSION \
+  $PY benchmarks/decode.py --shape llama3-8b --batch-sizes 1,8 --context-lens 1024,8192 --decode-steps 32 \
+  --out "$OUT/r/decode-pallas-cmdbuf.json"
 TAIL=25 stage verify-cost 70 $PY benchmarks/speculative.py --verify-cost --shape llama3-8b --batch-sizes 1,8 \
   --prefix-lens 1024,8192 --tree-sizes 1,4,16,64,128 --repeats 10 --out "$OUT/r/verify-cost.json"
-TAIL=40 stage baselines 70 $PY -m agent.cli kernels baselines --repeats 20 --out "$OUT/r/baselines.json"
-TAIL=15 stage examples 55 bash -c examples
+TAIL=40 stage baselines 110 $PY -m agent.cli kernels baselines --repeats 10 --input-sets 2 --out "$OUT/r/baselines.json"
+TAIL=15 stage examples 70 bash -c examples
 echo "=== done $(date -u +%T)" | tee -a "$SUMMARY"

@@ -74,6 +74,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     parser.add_argument("--num-splits", type=int, default=None, help="prefix splits of the Pallas kernel (auto)")
+    parser.add_argument("--block-k", type=common.int_list, default=[64],
+                        help="prefix keys per inner step of the kernel (a list sweeps them; default 64)")
+    parser.add_argument("--num-warps", type=common.int_list, default=[0],
+                        help="Triton warps per program (a list sweeps them; 0: the kernel's choice)")
+    parser.add_argument("--num-stages", type=common.int_list, default=[0],
+                        help="Triton pipelining stages (a list sweeps them; 0: the kernel's choice)")
+    parser.add_argument("--block-rows", type=int, default=128, help="most query rows per tile of the kernel")
     parser.add_argument("--interpret", action="store_true",
                         help="run interpreted (any device); defaults shrink to a smoke run: " + str(SMOKE))
     parser.add_argument("--rotate-bytes", type=int,
@@ -133,27 +140,29 @@ def rotation(kv_bytes: int, args: argparse.Namespace) -> int:
 
 def _timed(fn: Callable, cases: list[tuple], repeats: int) -> tuple[float, Any]:
     """(median seconds per call, the first case's output). One jit-compiled executable calls ``fn``
-    on every case back to back (a fully unrolled scan over the stacked cases), so a timed run pays one
-    dispatch and one host synchronisation for ``len(cases)`` calls instead of one per call: at ~10 µs
-    per kernel, a wait per call would be timed as much as the kernel."""
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *cases)
-    run = jax.jit(lambda xs: jax.lax.scan(lambda c, x: (c, fn(*x)), None, xs, unroll=True)[1])
-    out = jax.block_until_ready(run(stacked))  # compiles
+    on every case back to back, so a timed run pays one dispatch and one host synchronisation for
+    ``len(cases)`` calls instead of one per call: at ~10 µs per kernel, a wait per call would be timed
+    as much as the kernel. The cases stay separate arguments: slices of one stacked array would be
+    copied out before a custom call (a Pallas kernel) could read them, and the copy timed with it."""
+    run = jax.jit(lambda all_cases: [fn(*case) for case in all_cases])
+    out = jax.block_until_ready(run(cases))  # compiles
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(run(stacked))
+        jax.block_until_ready(run(cases))
         times.append(time.perf_counter() - start)
-    return float(np.median(times)) / len(cases), jax.tree.map(lambda x: x[0], out)
+    return float(np.median(times)) / len(cases), out[0]
 
 
 def run_case(batch: int, prefix: int, tree: int, args: argparse.Namespace) -> dict[str, Any]:
     kv_bytes = batch * prefix * 2 * args.kv_heads * args.head_dim * jnp.dtype(args.dtype).itemsize
     sets = rotation(kv_bytes, args)
     cases = [_case(key, batch, prefix, tree, args) for key in jax.random.split(jax.random.key(0), sets)]
-    impls = {"pallas": (functools.partial(tree_attention, num_splits=args.num_splits, interpret=args.interpret),
-                        cases),
-             "xla": (reference, cases)}
+    configs = [dict(block_k=k, num_warps=w or None, num_stages=st or None)
+               for k in args.block_k for w in args.num_warps for st in args.num_stages]
+    impls = {_config_name(c): (functools.partial(tree_attention, num_splits=args.num_splits, block_rows=args.block_rows,
+                                                 interpret=args.interpret, **c), cases) for c in configs}
+    impls["xla"] = (reference, cases)
     if tree == 1:
         decode = [_jax_decode(q, k_pool, v_pool, meta, args.interpret) for q, _, _, k_pool, v_pool, _, meta in cases]
         impls["jax"] = (decode[0][0], [arguments for _, arguments in decode])
@@ -166,10 +175,19 @@ def run_case(batch: int, prefix: int, tree: int, args: argparse.Namespace) -> di
             row[name] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"}
             continue
         row[name] = {"median_s": seconds, "bandwidth_bytes_per_s": kv_bytes / seconds}
-    if "pallas" in outputs and "xla" in outputs:  # a timing of a wrong kernel is worth nothing
-        diff = jnp.abs(outputs["pallas"].astype(jnp.float32) - outputs["xla"].astype(jnp.float32))
+    # The fastest configuration is the row's "pallas"; every one is kept under "pallas_configs".
+    timed = [name for name in map(_config_name, configs) if "median_s" in row[name]]
+    best = min(timed, key=lambda name: row[name]["median_s"]) if timed else _config_name(configs[0])
+    row["pallas_configs"] = {name: row.pop(name) for name in map(_config_name, configs)}
+    row["pallas"] = {**row["pallas_configs"][best], "config": best}
+    if best in outputs and "xla" in outputs:  # a timing of a wrong kernel is worth nothing
+        diff = jnp.abs(outputs[best].astype(jnp.float32) - outputs["xla"].astype(jnp.float32))
         row["max_abs_diff_vs_xla"] = float(diff.max())
     return row
+
+
+def _config_name(config: dict[str, Any]) -> str:
+    return "pallas " + ",".join(f"{k}={v or 'auto'}" for k, v in config.items())
 
 
 def _cell(row: dict[str, Any], name: str, field: str, scale: float, digits: int = 3) -> str | None:
@@ -214,7 +232,10 @@ def main(argv: Sequence[str] | None = None) -> int:
           _cell(r, "jax", "median_s", 1e3), _cell(r, "pallas", "bandwidth_bytes_per_s", 1e-9, 1),
           percent_of_copy(r, "pallas"), percent_of_copy(r, "jax"), speedup(r),
           common.fmt(r.get("max_abs_diff_vs_xla"), 4)] for r in rows],
-        notes=[f"copy bandwidth {peak / 1e9:,.1f} GB/s ({copy['kernel']}); GB/s = K/V bytes of the prefix / median"],
+        notes=[f"copy bandwidth {peak / 1e9:,.1f} GB/s ({copy['kernel']}); GB/s = K/V bytes of the prefix / median",
+               *([] if len(rows[0]["pallas_configs"]) == 1 else
+                 [f"pallas: the fastest of {len(rows[0]['pallas_configs'])} configurations per row, "
+                  "all in the JSON; per row: " + "; ".join(r["pallas"].get("config", "?") for r in rows)])],
     )
     payload = {"environment": env, "copy_bandwidth": copy, "config": vars(args), "results": rows}
     subject = f"tree-attention-{args.q_heads}q-{args.kv_heads}kv-{args.head_dim}d-{args.dtype}"

@@ -201,15 +201,19 @@ def _default_num_splits(programs: int, steps: int) -> int:
     return max(1, min(steps, pl.cdiv(TARGET_PROGRAMS, programs)))
 
 
-@functools.partial(jax.jit, static_argnames=("num_splits", "block_k", "block_rows", "interpret"))
+@functools.partial(jax.jit, static_argnames=("num_splits", "block_k", "block_rows", "num_warps", "num_stages",
+                                             "interpret"))
 def tree_attention(q: jax.Array, new_k: jax.Array, new_v: jax.Array, k_pool: jax.Array, v_pool: jax.Array,
                    layer: jax.Array, meta: AttentionMetadata, *, num_splits: int | None = None, block_k: int = 64,
-                   block_rows: int = 128, interpret: bool | None = None) -> jax.Array:
+                   block_rows: int = 128, num_warps: int | None = None, num_stages: int | None = None,
+                   interpret: bool | None = None) -> jax.Array:
     """``paged_attention`` as a Pallas kernel; same arguments, same [B, T, Hq, hd] result.
 
     num_splits: programs the prefix's pages are split among (None: enough to fill the GPU).
     block_k: prefix keys per inner step (whole pages; at least one page).
     block_rows: most query rows (tokens x grouped heads) per tile.
+    num_warps, num_stages: the Triton lowering's warps per program and pipelining depth (None: 4 warps
+    for tiles of up to 64 rows, else 8; 2 stages).
     interpret: run in Pallas's interpreter (None: off GPUs, see ``backend.interpret``).
     Raises ValueError on malformed inputs and on calls past the kernel's limits (``unsupported_reason``).
     """
@@ -279,7 +283,8 @@ def tree_attention(q: jax.Array, new_k: jax.Array, new_v: jax.Array, k_pool: jax
             jax.ShapeDtypeStruct(partial_shape, jnp.float32),
         ],
         interpret=backend.interpret() if interpret is None else interpret,
-        compiler_params=backend.compiler_params(num_warps=4 if tile_rows <= 64 else 8, num_stages=2),
+        compiler_params=backend.compiler_params(num_warps=num_warps or (4 if tile_rows <= 64 else 8),
+                                                num_stages=num_stages or 2),
         name="tree_attention",
     )(ids, context, q_rows, k_pages, v_pages, local_k, local_v, words)
 

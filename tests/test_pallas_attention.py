@@ -134,7 +134,9 @@ def _uses_pallas(fn, *args) -> bool:
 def test_dispatch_follows_argument_then_environment(monkeypatch):
     args = _inputs(np.random.default_rng(4), context_lens=[5], t=2, hq=2, hkv=1)
     monkeypatch.delenv(backend.ENV_VAR, raising=False)
-    assert not _uses_pallas(attention, *args)  # auto on CPU: XLA
+    assert _uses_pallas(attention, *args) == backend.on_nvidia_gpu()  # auto: the kernel on NVIDIA GPUs only
+    monkeypatch.setattr(backend, "on_nvidia_gpu", lambda: False)
+    assert not _uses_pallas(attention, *args)
     assert _uses_pallas(lambda *a: attention(*a, backend="pallas"), *args)
     monkeypatch.setenv(backend.ENV_VAR, "pallas")
     assert _uses_pallas(attention, *args)

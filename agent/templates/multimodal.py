@@ -18,11 +18,11 @@ BLOCK_T, BLOCK_H = ${block_t}, ${block_h}
 
 def _rotate(pos_ref, freq_ref, x_ref, o_ref, *, sections: tuple):
     half = freq_ref.shape[0]
-    pos = pos_ref[...].astype(jnp.float32)  # [3, bt]
-    i = jax.lax.broadcasted_iota(jnp.int32, (pos.shape[1], half), 1)
+    # One row at a time: a [3, bt] tile is not a power of two.
+    t, h, w = (pos_ref[axis, :].astype(jnp.float32)[:, None] for axis in range(3))
+    i = jax.lax.broadcasted_iota(jnp.int32, (t.shape[0], half), 1)
     # Frequency i takes the temporal, height or width position by the section it falls in.
-    chosen = jnp.where(i < sections[0], pos[0][:, None], jnp.where(i < sections[0] + sections[1], pos[1][:, None],
-                                                                   pos[2][:, None]))
+    chosen = jnp.where(i < sections[0], t, jnp.where(i < sections[0] + sections[1], h, w))
     angle = chosen * freq_ref[...][None, :]
     cos, sin = jnp.cos(angle)[:, None, :], jnp.sin(angle)[:, None, :]  # [bt, 1, half]
     lo_half, hi_half = pl.ds(0, half), pl.ds(half, half)

@@ -122,8 +122,9 @@ def kernel(x, w_gate_up, s_gate_up, w_down, s_down, *, group_size):
     m, d = x.shape
     f = w_down.shape[0]
     xp, bm, bn = _tiles(x, f)
-    # Gate column j and up column f + j sit in the same program: a tile must not straddle the two halves.
-    bn = bn if f % bn == 0 else f
+    # Gate column j and up column f + j sit in the same program, so a tile must divide F: at most the
+    # largest power of two that divides F (f & -f).
+    bn = min(bn, f & -f)
     up = f // bn
     w_spec = lambda shift: pl.BlockSpec((d, bn), lambda i, j: (0, j + shift))
     s_spec = lambda shift: pl.BlockSpec((d // group_size, bn), lambda i, j: (0, j + shift))

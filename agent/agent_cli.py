@@ -23,7 +23,7 @@ def _run(args) -> int:
     if args.provider == "search":
         proposer = SearchProposer(args.task, configs=args.configs, seed=args.seed)
     else:
-        proposer = OpenAIProposer.from_env(args.base_url, args.model)
+        proposer = OpenAIProposer.from_env(args.base_url, args.model, max_tokens=args.max_tokens)
     job_id = args.job or f"{args.task}-{args.provider}-{time.strftime('%Y%m%d-%H%M%S')}"
     # Successive halving ends itself; cutting it at a plateau would drop its later rungs.
     plateau = args.plateau if args.plateau is not None else (0 if args.provider == "search" else 3)
@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--db", type=Path, default=DEFAULT_DB)
     run.add_argument("--base-url", help="openai: endpoint (default SPECJAX_AGENT_BASE_URL or OPENAI_BASE_URL)")
     run.add_argument("--model", help="openai: model (default SPECJAX_AGENT_MODEL or OPENAI_MODEL)")
+    run.add_argument("--max-tokens", type=int, help="openai: longest reply, tokens (default: the endpoint's)")
     run.add_argument("--configs", type=int, help="search: sample this many configurations of the grid")
     run.add_argument("--seed", type=int, default=0, help="search: grid sampling seed")
     run.set_defaults(fn=_run)

@@ -58,7 +58,9 @@ class Proposer(Protocol):
 
 SYSTEM_PROMPT = ("You write JAX Pallas kernels. Reply with exactly one ```python code block holding a complete "
                  "kernel.py module that defines kernel(*inputs, **static).")
-_CODE_BLOCK = re.compile(r"```[ \t]*(?:python|py)?[ \t]*\n(.*?)```", re.DOTALL)
+# A block left open at the end counts too: a reply cut off at max_tokens is judged (and its failure
+# fed back) like any other code, not dismissed as having none.
+_CODE_BLOCK = re.compile(r"```[ \t]*(?:python|py)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
 # Worth another try: rate limits and server-side failures; any other HTTP error will not fix itself.
 _RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 
@@ -76,11 +78,12 @@ class OpenAIProposer:
     name = "openai"
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None, *, timeout_s: float = 300.0,
-                 retries: int = 3, backoff_s: float = 2.0, temperature: float = 0.7):
+                 retries: int = 3, backoff_s: float = 2.0, temperature: float = 0.7, max_tokens: int | None = None):
         self.base_url = base_url.rstrip("/")
         self.model = model
         self._api_key = api_key
         self.timeout_s, self.retries, self.backoff_s, self.temperature = timeout_s, retries, backoff_s, temperature
+        self.max_tokens = max_tokens  # per reply; None leaves it to the endpoint
 
     @classmethod
     def from_env(cls, base_url: str | None = None, model: str | None = None, **kwargs) -> OpenAIProposer:
@@ -95,15 +98,18 @@ class OpenAIProposer:
         return cls(base_url, model, env.get("OPENAI_API_KEY"), **kwargs)
 
     def config(self) -> dict:
-        return {"base_url": self.base_url, "model": self.model, "temperature": self.temperature}
+        return {"base_url": self.base_url, "model": self.model, "temperature": self.temperature,
+                "max_tokens": self.max_tokens}
 
     def propose(self, context: Context) -> list[Proposal]:
         return [self._ask(context.prompt) for _ in range(context.k)]
 
     def _ask(self, prompt: str) -> Proposal:
-        body = json.dumps({"model": self.model, "temperature": self.temperature,
-                           "messages": [{"role": "system", "content": SYSTEM_PROMPT},
-                                        {"role": "user", "content": prompt}]}).encode()
+        payload = {"model": self.model, "temperature": self.temperature,
+                   "messages": [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt}]}
+        if self.max_tokens is not None:
+            payload["max_tokens"] = self.max_tokens
+        body = json.dumps(payload).encode()
         headers = {"Content-Type": "application/json"}
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"

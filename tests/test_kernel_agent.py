@@ -186,6 +186,7 @@ def test_extract_code_prefers_the_block_defining_kernel():
     assert extract_code(reply) == "def kernel(x):\n    return x\n"
     assert extract_code("```python\nx = 1\n```") == "x = 1\n"
     assert extract_code("no code") is None
+    assert extract_code("Sure:\n```python\nimport jax\ndef kernel(x):\n    return") == "import jax\ndef kernel(x):\n    return"
 
 
 def test_search_finds_a_correct_rmsnorm_rope_kernel(store):

@@ -1,21 +1,23 @@
-"""Chunked linear recurrences with decay: GLA/RetNet chunked attention and Mamba-1's selective scan.
+"""Chunked linear recurrences with decay: GLA/RetNet chunked attention, Mamba-2's SSD and Mamba-1's
+selective scan.
 
-* gla_chunked_forward, retnet_chunked_retention: one program per (batch x head, ``block_v`` value
-  columns) walks the sequence a chunk at a time with the [dk, block_v] state in registers: the
-  chunk's causal decayed attention, plus the state's contribution, then the state carried past the
-  chunk. XLA's reference materialises per-chunk scores, decays and states in HBM between its einsums
-  and scans; here q, k, v are read once and o written once. The in-chunk cumulative log decays
-  (a [B, H, T] array) are taken once outside the kernel.
+* gla_chunked_forward, retnet_chunked_retention, mamba2_ssd_chunked: one program per (batch x head,
+  ``block_v`` value columns) walks the sequence ``block_t`` steps at a time with the [dk, block_v]
+  state in registers: the chunk's causal decayed attention, plus the state's contribution, then the
+  state carried past the chunk. XLA's reference materialises per-chunk scores, decays and states in
+  HBM between its einsums and scans; here q, k, v are read once and o written once. The in-chunk
+  cumulative log decays (a [B, H, T] array) are taken once outside the kernel; SSD's heads share
+  their group's B and C through the index map, not a copy per head.
 * mamba1_selective_scan: one program per (batch, ``block_d`` channels) steps through time with the
   [block_d, N] state in registers; XLA's associative scan materialises [B, D, L, N] states.
 """
 
 from agent.templates.snippets import IMPORTS, PAD, PARAMS
 
-_CHUNKED = '''"""${task}: block_v=${block_v}, num_warps=${num_warps}, num_stages=${num_stages}."""
+_CHUNKED = '''"""${task}: block_t=${block_t}, block_v=${block_v}, num_warps=${num_warps}, num_stages=${num_stages}."""
 ''' + IMPORTS + '''
 TASK = "${task}"
-BLOCK_V = ${block_v}
+BLOCK_T, BLOCK_V = ${block_t}, ${block_v}
 ''' + PARAMS + '''
 
 def _chunks(q_ref, k_ref, v_ref, b_ref, o_ref, *, chunk: int, scale: float):
@@ -43,40 +45,59 @@ def _chunks(q_ref, k_ref, v_ref, b_ref, o_ref, *, chunk: int, scale: float):
     jax.lax.fori_loop(0, q_ref.shape[0] // chunk, step, state)
 
 
-def _chunked(q, k, v, g, chunk):
-    """q, k [B, H, T, dk]; v [B, H, T, dv]; g [B, H, T] log decays -> [B, H, T, dv] in q's dtype."""
-    b, h, t, dk = q.shape
-    dv = v.shape[-1]
-    rows = b * h
+def _chunked(q, k, v, g, chunk, scale):
+    """sum_{s<=t} exp(b_t - b_s) (q_t . k_s) v_s * scale, b the running sum of g.
+
+    q, k [B, G, T, dk] (head h reads group h // (H / G)); v [B, H, T, dv]; g [B, H, T] -> [B, H, T, dv].
+    """
+    b, h, t, dv = v.shape
+    groups, dk = q.shape[1], q.shape[3]
     if t % chunk:
         raise ValueError(f"sequence length {t} is not a multiple of chunk {chunk}")
-    running = jnp.cumsum(g.astype(jnp.float32).reshape(rows, t // chunk, chunk), axis=-1).reshape(rows, t)
+    # The result does not depend on how the sequence is chunked, so the kernel picks its own chunk: a
+    # power of two dividing the task's (its decay matrix must fit in registers).
+    bt = min(BLOCK_T, chunk & -chunk)
+    rows = b * h
+    running = jnp.cumsum(g.astype(jnp.float32).reshape(rows, t // bt, bt), axis=-1).reshape(rows, t)
     # A value width the tile does not divide is one tile: still correct, just untuned.
     bv = BLOCK_V if dv % BLOCK_V == 0 else dv
-    qk_spec = pl.BlockSpec((None, t, dk), lambda r, j: (r, 0, 0))
+    per_group = h // groups
+    qk_spec = pl.BlockSpec((None, t, dk), lambda r, j: ((r // h) * groups + (r % h) // per_group, 0, 0))
     v_spec = pl.BlockSpec((None, t, bv), lambda r, j: (r, 0, j))
     out = pl.pallas_call(
-        functools.partial(_chunks, chunk=chunk, scale=dk ** -0.5),
+        functools.partial(_chunks, chunk=bt, scale=scale),
         grid=(rows, dv // bv),
         in_specs=[qk_spec, qk_spec, v_spec, pl.BlockSpec((None, t), lambda r, j: (r, 0))],
         out_specs=v_spec,
-        out_shape=jax.ShapeDtypeStruct((rows, t, dv), q.dtype),
+        out_shape=jax.ShapeDtypeStruct((rows, t, dv), v.dtype),
         compiler_params=PARAMS, interpret=INTERPRET,
-    )(q.reshape(rows, t, dk), k.reshape(rows, t, dk), v.reshape(rows, t, dv), running)
+    )(q.reshape(b * groups, t, dk), k.reshape(b * groups, t, dk), v.reshape(rows, t, dv), running)
     return out.reshape(b, h, t, dv)
 '''
 
 GLA = _CHUNKED + '''
 
 def kernel(q, k, v, g, *, chunk):
-    return _chunked(q, k, v, g, chunk)
+    return _chunked(q, k, v, g, chunk, q.shape[-1] ** -0.5)
 '''
 
 RETNET = _CHUNKED + '''
 
 def kernel(q, k, v, log_decay, *, chunk):
     b, h, t, _ = q.shape
-    return _chunked(q, k, v, jnp.broadcast_to(log_decay[None, :, None], (b, h, t)), chunk)
+    return _chunked(q, k, v, jnp.broadcast_to(log_decay[None, :, None], (b, h, t)), chunk, q.shape[-1] ** -0.5)
+'''
+
+# SSD is the same recurrence with q = C, k = B (shared by a group of heads), v = dt x and g = dt A.
+SSD = _CHUNKED + '''
+
+def kernel(x, dt, a, b, c, d, dt_bias, *, chunk):
+    f32 = jnp.float32
+    step = jax.nn.softplus(dt.astype(f32) + dt_bias.astype(f32))  # [B, T, H]
+    v = jnp.moveaxis(x.astype(f32) * step[..., None], 2, 1).astype(x.dtype)  # [B, H, T, P]
+    g = jnp.moveaxis(step * a.astype(f32), 2, 1)
+    y = _chunked(jnp.moveaxis(c, 2, 1), jnp.moveaxis(b, 2, 1), v, g, chunk, 1.0)
+    return (jnp.moveaxis(y, 1, 2).astype(f32) + d.astype(f32)[:, None] * x.astype(f32)).astype(x.dtype)
 '''
 
 MAMBA1 = '''"""mamba1_selective_scan: block_d=${block_d}, num_warps=${num_warps}, num_stages=${num_stages}."""
@@ -122,8 +143,11 @@ def kernel(u, delta, a, b, c, d, z, delta_bias):
     return y[:, :dim]
 '''
 
-_CHUNKED_SPACE = {"block_v": (64, 32, 128, 256), "num_warps": (4, 8), "num_stages": (1, 2, 3)}
+_CHUNKED_SPACE = {"block_t": (64, 16, 32, 128), "block_v": (64, 32, 128, 256), "num_warps": (4, 8),
+                  "num_stages": (1, 2, 3)}
 SPACES = {"gla_chunked_forward": _CHUNKED_SPACE, "retnet_chunked_retention": _CHUNKED_SPACE,
+          "mamba2_ssd_chunked": _CHUNKED_SPACE,
           "mamba1_selective_scan": {"block_d": (32, 16, 64, 128), "num_warps": (4, 2, 8), "num_stages": (1, 2)}}
 SOURCES = {task: source.replace("${task}", task) for task, source in (
-    ("gla_chunked_forward", GLA), ("retnet_chunked_retention", RETNET), ("mamba1_selective_scan", MAMBA1))}
+    ("gla_chunked_forward", GLA), ("retnet_chunked_retention", RETNET), ("mamba2_ssd_chunked", SSD),
+    ("mamba1_selective_scan", MAMBA1))}

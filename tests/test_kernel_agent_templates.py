@@ -10,7 +10,7 @@ import types
 import jax
 import pytest
 
-from agent import loop, tasks, templates
+from agent import anticheat, loop, tasks, templates
 from agent.harness import Limits
 from agent.proposers import Proposal
 
@@ -21,6 +21,12 @@ def test_templates_cover_most_tasks_in_every_family():
     assert len(templates.TEMPLATES) >= 12
     for template in templates.TEMPLATES.values():
         assert f'TASK = "{template.task}"' in template.render(template.default)
+
+
+def test_every_configuration_renders_and_passes_the_static_checks():
+    for task, template in templates.TEMPLATES.items():
+        for config in template.grid():
+            assert anticheat.static_check(template.render(config)) == [], (task, config)
 
 
 @pytest.fixture(scope="module")

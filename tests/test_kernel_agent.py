@@ -202,7 +202,7 @@ def test_search_finds_a_correct_rmsnorm_rope_kernel(store):
 def test_search_cli_on_int8_matmul_and_report_exports_the_best_kernel(tmp_path, capsys):
     db = tmp_path / "agent.sqlite"
     assert agent_cli.main(["run", "--task", "int8_weight_only_matmul", "--provider", "search", "--configs", "2",
-                           "--budget", "2", "-k", "2", "--job", "q", "--db", str(db)]) == 0
+                           "--budget", "2", "-k", "2", "--workers", "2", "--job", "q", "--db", str(db)]) == 0
     assert "job q: budget: 2 attempts; 2 attempts, 2 correct" in capsys.readouterr().out
     assert agent_cli.main(["report", "--job", "q", "--db", str(db), "--export", str(tmp_path / "best")]) == 0
     report = capsys.readouterr().out

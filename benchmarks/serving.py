@@ -1,0 +1,387 @@
+"""Open-loop load against the OpenAI-compatible server: plain decoding, each speculation method and
+the batch-aware policy, at several Poisson arrival rates, in one run.
+
+    python benchmarks/serving.py                     # rates 0.2,0.5,2 req/s, 14 requests each, 64 tokens
+    python benchmarks/serving.py --quick             # a smoke run: 2 rates x 4 requests of 16 tokens
+    python benchmarks/serving.py --rates 0.5,4 --n 32 --methods plain,suffix,batch-aware --workloads code
+
+Each method gets its own server (``serving.server`` over its own ``LLM``, a real uvicorn server on
+a free port of 127.0.0.1, in a thread of this process) and all of them see the same requests at
+the same times:
+
+  plain        no speculation (the reference)
+  draft        a chain of ``--k`` tokens from ``--draft``
+  suffix       suffix speculation (SuffixDecoding's suffix cache)
+  hybrid       suffix where its draft scores well, else the draft chain
+  batch-aware  suffix speculation sized per step for the whole batch
+               (``SuffixSpeculation(batch_aware=True)``, specjax/speculation/budget.py)
+
+Requests: the chat-templated held-out requests of ``--workloads``, taken in turn from each
+workload; every server first answers ``--warmup`` of them in closed bursts of 1, 2, 4, ... (up to
+``--max-batch``) so most step shapes are compiled and the suffix caches hold some earlier
+responses; then each rate gets the next ``--n`` requests. A rate's arrival times are Poisson
+(exponential gaps, seeded by ``--seed`` and the rate), the same for every method; rate by rate,
+the methods run one after another in an order rotated by one per rate, so machine drift is spread.
+
+The client streams every request (OpenAI's async client, ``stream=True``, greedy) and times it
+from the SSE stream: TTFT is the time to the first chunk carrying text, TPOT the time after it
+per further output token (usage's ``completion_tokens``), throughput the output tokens over the
+time from the first arrival to the last response. tau (tokens per verification step) and
+acceptance come from the server's Prometheus counters, read before and after each run; the
+seconds the server spent compiling during a run (none, once warm) are read from its LLM.
+
+Results: a table on stdout and JSON in benchmarks/results/serving-<subject>-<device>-<date>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import math
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(_REPO_ROOT) not in sys.path:  # run as a script from a checkout that is not pip-installed
+    sys.path.insert(0, str(_REPO_ROOT))
+
+import numpy as np  # noqa: E402
+
+from benchmarks import acceptance, common  # noqa: E402
+from benchmarks.workloads import WORKLOADS, load_workload  # noqa: E402
+
+METHODS = ("plain", "draft", "suffix", "hybrid", "batch-aware")
+MODEL_NAME = "bench"  # the name the servers serve under
+# The counters of serving/metrics.py that tau and acceptance are computed from (prometheus suffixes _total).
+SPEC_COUNTERS = ("steps", "tokens", "proposed_tokens", "accepted_tokens")
+QUICK = {"rates": [0.5, 2.0], "n": 4, "max_tokens": 16, "warmup": 3, "workloads": ["chat", "code"]}
+
+
+# ---------------------------------------------------------------------------- requests and arrivals
+def interleaved_requests(workloads: list[str], n: int, seed: int) -> list:
+    """The first ``n`` requests of the workloads taken in turn (a, b, c, a, b, c, ...)."""
+    per = -(-n // len(workloads))
+    each = [load_workload(w, n=per, seed=seed) for w in workloads]
+    if short := [w for w, rs in zip(workloads, each) if len(rs) < per]:
+        raise ValueError(f"the workload(s) {', '.join(short)} hold fewer than the {per} requests asked for")
+    return [r for group in zip(*each) for r in group][:n]
+
+
+def poisson_offsets(rate: float, n: int, seed: int) -> list[float]:
+    """Seconds from the first arrival to each of ``n`` Poisson arrivals at ``rate`` per second."""
+    rng = np.random.default_rng([seed, round(rate * 1000)])
+    return np.concatenate([[0.0], np.cumsum(rng.exponential(1 / rate, n - 1))]).tolist()
+
+
+# ---------------------------------------------------------------------------- servers
+def speculations(methods: list[str], draft, k: int, max_spec_tokens: int) -> dict:
+    """Each method's ``speculation=`` for its LLM (None: plain decoding)."""
+    from specjax.speculation.speculator import TreeSpeculation
+    from specjax.speculation.suffix import HybridSpeculation, SuffixSpeculation
+
+    chain = TreeSpeculation(drafts=(draft,), expansion=(1,) * k, max_nodes=k + 1)
+    suffix = SuffixSpeculation(max_spec_tokens=max_spec_tokens)
+    return {m: {"plain": None, "draft": chain, "suffix": suffix, "hybrid": HybridSpeculation(suffix=suffix, tree=chain),
+                "batch-aware": SuffixSpeculation(max_spec_tokens=max_spec_tokens, batch_aware=True)}[m]
+            for m in methods}
+
+
+@contextlib.contextmanager
+def running_server(llm):
+    """A real uvicorn server for ``llm`` in a thread, on a free port of 127.0.0.1; yields its URL."""
+    from serving.engine import Engine
+    from serving.server import Server, create_app
+
+    # Nothing waits in this benchmark's queue for long, but a saturating rate may queue every request.
+    engine = Engine(llm, max_queue=1024)
+    server = Server(create_app(engine, model_name=MODEL_NAME), engine, log_level="warning")
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(60)
+        sock.close()
+
+
+def speculation_counters(url: str) -> dict[str, float]:
+    """The server's speculation counters (summed over labels); zeros for a server that does not speculate."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"{url}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    totals = dict.fromkeys(SPEC_COUNTERS, 0.0)
+    for family in text_string_to_metric_families(text):
+        name = family.name.removeprefix("specjax_speculation_")
+        if name in totals:
+            totals[name] = sum(s.value for s in family.samples if s.name.endswith("_total"))
+    return totals
+
+
+def speculation_delta(before: dict[str, float], after: dict[str, float]) -> dict | None:
+    """tau and acceptance of the verification steps between two reads of the counters; None without any."""
+    d = {k: after[k] - before[k] for k in SPEC_COUNTERS}
+    if not d["steps"]:
+        return None
+    return {"steps": int(d["steps"]), "step_tokens": int(d["tokens"]), "proposed": int(d["proposed_tokens"]),
+            "accepted": int(d["accepted_tokens"]), "tau": d["tokens"] / d["steps"],
+            "acceptance_rate": d["accepted_tokens"] / d["proposed_tokens"] if d["proposed_tokens"] else 0.0}
+
+
+# ---------------------------------------------------------------------------- the client
+async def stream_one(client, request, max_tokens: int, start_at: float) -> dict:
+    """Send ``request`` at perf_counter time ``start_at``, streamed and greedy; its timings and text."""
+    import openai
+
+    await asyncio.sleep(max(0.0, start_at - time.perf_counter()))
+    sent = time.perf_counter()
+    record = {"id": request.id, "workload": request.workload, "late_s": sent - start_at}
+    first, pieces, usage, finish = None, [], None, None
+    try:
+        stream = await client.chat.completions.create(
+            model=MODEL_NAME, messages=request.messages, max_tokens=max_tokens, temperature=0, stream=True,
+            stream_options={"include_usage": True})
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                first = first or time.perf_counter()
+                pieces.append(chunk.choices[0].delta.content)
+            if chunk.choices and chunk.choices[0].finish_reason:
+                finish = chunk.choices[0].finish_reason
+            usage = chunk.usage or usage
+    except openai.APIError as e:
+        return {**record, "error": f"{type(e).__name__}: {e}"}
+    done = time.perf_counter()
+    if usage is None or first is None:
+        return {**record, "error": "the stream ended without text or usage"}
+    tokens = usage.completion_tokens
+    return {**record, "prompt_tokens": usage.prompt_tokens, "output_tokens": tokens, "finish_reason": finish,
+            "ttft_s": first - sent, "latency_s": done - sent,
+            "tpot_s": (done - first) / (tokens - 1) if tokens > 1 else None,
+            "start_s": sent, "end_s": done, "text": "".join(pieces)}
+
+
+async def send_all(url: str, requests: list, offsets: list[float], max_tokens: int) -> list[dict]:
+    """Open loop: every request at its offset from now, whatever the earlier ones are doing."""
+    import openai
+
+    async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=3600) as client:
+        t0 = time.perf_counter() + 0.05
+        return await asyncio.gather(*(stream_one(client, r, max_tokens, t0 + o) for r, o in zip(requests, offsets,
+                                                                                                 strict=True)))
+
+
+def warm_up(url: str, requests: list, max_tokens: int, max_batch: int) -> None:
+    """Closed bursts of 1, 2, 4, ... requests at once (at most ``max_batch``), each awaited before the next."""
+    size = 1
+    while requests:
+        burst, requests = requests[:size], requests[size:]
+        records = asyncio.run(send_all(url, burst, [0.0] * len(burst), max_tokens))
+        if errors := [r["error"] for r in records if "error" in r]:
+            raise RuntimeError(f"a warm-up request failed: {errors[0]}")
+        size = min(2 * size, max_batch)
+
+
+# ---------------------------------------------------------------------------- one run
+def percentile_stats(seconds: list[float]) -> dict:
+    """common.latency_stats (median, p90, mean, ...) plus the p99, in milliseconds."""
+    stats = common.latency_stats(seconds)
+    if seconds:
+        stats["p99_ms"] = float(np.percentile(np.asarray(seconds) * 1e3, 99))
+    return stats
+
+
+def measure(url: str, llm, requests: list, offsets: list[float], max_tokens: int) -> dict:
+    """One method at one rate: the requests sent open-loop, their latencies, throughput and tau."""
+    before, compiled = speculation_counters(url), llm.compile_time_s
+    records = asyncio.run(send_all(url, requests, offsets, max_tokens))
+    after = speculation_counters(url)
+    done = [r for r in records if "error" not in r]
+    span = max((r["end_s"] for r in done), default=0.0) - min((r["start_s"] for r in records), default=0.0)
+    tokens = sum(r["output_tokens"] for r in done)
+    t0 = min(r["start_s"] for r in records)
+    for r in done:  # times relative to the run's first request
+        r["start_s"], r["end_s"] = r["start_s"] - t0, r["end_s"] - t0
+    return {"completed": len(done), "errors": len(records) - len(done), "output_tokens": tokens,
+            "seconds": span, "tokens_per_s": tokens / span if span > 0 else 0.0,
+            "ttft": percentile_stats([r["ttft_s"] for r in done]),
+            "tpot": percentile_stats([r["tpot_s"] for r in done if r["tpot_s"] is not None]),
+            "latency": percentile_stats([r["latency_s"] for r in done]),
+            "max_late_ms": 1e3 * max(r["late_s"] for r in records),
+            "speculation": speculation_delta(before, after), "compile_s": llm.compile_time_s - compiled,
+            "requests": records}
+
+
+# ---------------------------------------------------------------------------- command line
+def positive_floats(text: str) -> list[float]:
+    """``"0.5,2"`` -> [0.5, 2.0] (argparse ``type=``); every entry must be a positive number."""
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or not all(math.isfinite(v) and v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    return values
+
+
+def names(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", default="smollm2-135m", help="target model name or path (default %(default)s)")
+    p.add_argument("--draft", default="smollm2-135m-draft-a",
+                   help="draft of the draft and hybrid methods: a draft name or directory, or 'target' (the target "
+                        "itself: every proposal accepted, a sanity check) (default %(default)s)")
+    p.add_argument("--k", type=int, default=4, help="draft chain length (default %(default)s)")
+    p.add_argument("--max-spec-tokens", type=int, default=31, help="suffix draft size at most (default %(default)s)")
+    p.add_argument("--methods", type=names, default=list(METHODS),
+                   help=f"comma-separated, from {', '.join(METHODS)} (default: all; plain always runs)")
+    p.add_argument("--workloads", type=names, default=["chat", "code", "agentic"],
+                   help="comma-separated workloads, their requests taken in turn (default chat,code,agentic)")
+    p.add_argument("--rates", type=positive_floats, default=[0.2, 0.5, 2.0],
+                   help="Poisson arrival rates, requests per second (default 0.2,0.5,2)")
+    p.add_argument("--n", type=int, default=14, help="requests per rate (default %(default)s)")
+    p.add_argument("--max-tokens", type=int, default=64, help="output tokens per request at most (default %(default)s)")
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together at most (default %(default)s)")
+    p.add_argument("--warmup", type=int, default=15,
+                   help="requests each server answers first, in bursts of 1, 2, 4, ... (default %(default)s)")
+    p.add_argument("--page-size", type=int, default=16, help="KV page size (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="workload sample and arrival times (default 0)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"a smoke run: rates {','.join(map(str, QUICK['rates']))}, {QUICK['n']} requests each, "
+                        f"{QUICK['max_tokens']} tokens, {QUICK['warmup']} warm-up requests, workloads "
+                        f"{','.join(QUICK['workloads'])} (options given explicitly still win)")
+    p.add_argument("--out", type=Path, help="JSON result path")
+    args = p.parse_args(argv)
+    if args.quick:
+        given = {a.split("=")[0].removeprefix("--").replace("-", "_") for a in (argv or sys.argv[1:])}
+        for name, value in QUICK.items():
+            if name not in given:
+                setattr(args, name, value)
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        p.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    bad = [w for w in args.workloads if w not in WORKLOADS]
+    if bad or not args.workloads:
+        p.error(f"unknown workload(s) {', '.join(bad) or '(none given)'}; choose from {', '.join(WORKLOADS)}")
+    for name in ("n", "max_tokens", "max_batch", "k", "max_spec_tokens", "page_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.warmup < 0:
+        p.error(f"--warmup must be non-negative, got {args.warmup}")
+    if len(set(args.rates)) != len(args.rates):
+        p.error(f"--rates has a rate twice: {args.rates}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from specjax.checkpoints import load_model
+    from specjax.llm import LLM
+
+    def log(text: str) -> None:
+        print(f"[serving] {text}", flush=True)
+
+    env = common.environment()
+    if warning := common.load_warning(env):
+        log(warning)
+    methods = ["plain"] + [m for m in args.methods if m != "plain"]
+    target = load_model(args.target, dtype="float32")
+    requests = interleaved_requests(args.workloads, args.warmup + args.n * len(args.rates), args.seed)
+    warm, measured = requests[: args.warmup], requests[args.warmup:]
+    prompts = [target.tokenizer.encode(target.tokenizer.apply_chat_template(r.messages), add_special_tokens=False)
+               for r in requests]
+    # Pages for a full batch of the longest request, with room for the draft chain past its end.
+    engine = acceptance.engine_for(target.config, prompts, args.max_tokens + args.k, args.max_batch,
+                                   page_size=args.page_size)
+    draft = target if args.draft == "target" else args.draft
+    runs = []
+    with contextlib.ExitStack() as stack:
+        llms, urls = {}, {}
+        for method, speculation in speculations(methods, draft, args.k, args.max_spec_tokens).items():
+            llms[method] = LLM(target, engine=engine, seed=args.seed, speculation=speculation)
+            urls[method] = stack.enter_context(running_server(llms[method]))
+            start = time.perf_counter()
+            warm_up(urls[method], warm, args.max_tokens, args.max_batch)
+            log(f"{method}: serving at {urls[method]}, warmed up with {len(warm)} requests in "
+                f"{time.perf_counter() - start:.0f} s (compiling {llms[method].compile_time_s:.0f} s in all)")
+        for i, rate in enumerate(args.rates):
+            batch = measured[i * args.n: (i + 1) * args.n]
+            offsets = poisson_offsets(rate, args.n, args.seed)
+            order = methods[i % len(methods):] + methods[: i % len(methods)]
+            for method in order:
+                run = measure(urls[method], llms[method], batch, offsets, args.max_tokens)
+                runs.append({"rate": rate, "method": method, "order": order.index(method), **run})
+                log(f"rate {rate}/s, {method}: {run['completed']}/{args.n} done in {run['seconds']:.1f} s, "
+                    f"{run['tokens_per_s']:.1f} tok/s")
+    runs = compared_with_plain(runs)
+    rows = table_rows(runs, methods, args.rates)
+    common.print_table(
+        f"serving · {args.target} · {','.join(args.workloads)} · {args.n} requests a rate, at most "
+        f"{args.max_tokens} tokens, greedy, max batch {args.max_batch} · {env['device_kind']} · "
+        f"jax {env['jax_version']} · {env['date_utc'][:10]}",
+        ["rate/s", "method", "done", "tok/s", "vs plain", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99", "tau",
+         "acceptance", "same text", "compile s"], rows,
+        [f"draft: {args.draft}, chain of {args.k}; suffix: at most {args.max_spec_tokens} tokens; TTFT/TPOT in ms, "
+         "client-side from the SSE stream; tok/s: output tokens from the first arrival to the last response; same "
+         "text: outputs equal to plain's; compile s: compilation during the run (should be 0)"])
+    payload = {"benchmark": "serving", "target": args.target, "workloads": args.workloads,
+               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+               "environment": env, "methods": methods,
+               "arrivals": {str(rate): poisson_offsets(rate, args.n, args.seed) for rate in args.rates},
+               "runs": runs}
+    subject = f"{Path(args.target).name}-{'-'.join(args.workloads)}"
+    out = args.out or common.default_results_path("serving", subject, env)
+    log(f"wrote {common.write_json(out, payload)}")
+    return 0
+
+
+def compared_with_plain(runs: list[dict]) -> list[dict]:
+    """The runs with their throughput relative to plain decoding's at the same rate (``vs_plain``) and
+    how many of their outputs equal plain's (``same_text_as_plain``: greedy, so lossless methods match)."""
+    plain = {r["rate"]: r for r in runs if r["method"] == "plain"}
+
+    def compared(run: dict) -> dict:
+        reference, text = plain[run["rate"]], {q["id"]: q.get("text") for q in plain[run["rate"]]["requests"]}
+        return {**run, "vs_plain": run["tokens_per_s"] / reference["tokens_per_s"] if reference["tokens_per_s"] else None,
+                "same_text_as_plain": sum(q.get("text") is not None and q.get("text") == text[q["id"]]
+                                          for q in run["requests"])}
+
+    return [compared(r) for r in runs]
+
+
+def table_rows(runs: list[dict], methods: list[str], rates: list[float]) -> list[list]:
+    """One row per rate and method (from ``compared_with_plain``), methods in their listed order."""
+    by_key = {(r["rate"], r["method"]): r for r in runs}
+    rows = []
+    for rate in rates:
+        for method in methods:
+            run = by_key[(rate, method)]
+            spec = run["speculation"] or {}
+            rows.append([f"{rate:g}", method, f"{run['completed']}/{len(run['requests'])}",
+                         common.fmt(run["tokens_per_s"], 1), common.fmt(run["vs_plain"], 2),
+                         common.fmt(run["ttft"].get("median_ms"), 0), common.fmt(run["ttft"].get("p99_ms"), 0),
+                         common.fmt(run["tpot"].get("median_ms"), 1), common.fmt(run["tpot"].get("p99_ms"), 1),
+                         common.fmt(spec.get("tau"), 2), common.fmt(spec.get("acceptance_rate"), 2),
+                         f"{run['same_text_as_plain']}/{len(run['requests'])}", common.fmt(run["compile_s"], 1)])
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -2,12 +2,11 @@
 
 Each round asks the proposer for ``k`` kernels (best-of-k), judges every one in a harness worker
 process, up to ``workers`` of them at once (the agent never imports candidate code), stores each
-attempt as soon as it (and those before it in the round) is judged and
-builds the next prompt from the task, the device, the best distinct correct kernels so far (the
-population) and the latest failures with their feedback. A job stops on its budget (attempts, wall
-time, tokens), on a plateau (no better kernel for ``plateau`` rounds) or when the proposer has nothing
-left. Re-running a job id resumes it: stored attempts and tokens count against the budget, wall time
-counts per run.
+attempt as soon as it and those before it in the round are judged, and builds the next prompt from
+the task, the device, the best distinct correct kernels so far (the population) and the latest
+failures with their feedback. A job stops on its budget (attempts, wall time, tokens), on a plateau
+(no better kernel for ``plateau`` rounds) or when the proposer has nothing left. Re-running a job id
+resumes it: stored attempts and tokens count against the budget, wall time counts per run.
 """
 
 from __future__ import annotations

@@ -212,8 +212,9 @@ def tree_attention(q: jax.Array, new_k: jax.Array, new_v: jax.Array, k_pool: jax
     num_splits: programs the prefix's pages are split among (None: enough to fill the GPU).
     block_k: prefix keys per inner step (whole pages; at least one page).
     block_rows: most query rows (tokens x grouped heads) per tile.
-    num_warps, num_stages: the Triton lowering's warps per program and pipelining depth (None: 4 warps
-    for tiles of up to 64 rows, else 8; 2 stages).
+    num_warps, num_stages: the Triton lowering's warps per program and pipelining depth (None: 4 and
+    2; on an H100, 8 warps were at most 1% faster at any measured shape, and 16% slower for a
+    64-node tree over an 8K prefix: benchmarks/RESULTS.md).
     interpret: run in Pallas's interpreter (None: off GPUs, see ``backend.interpret``).
     Raises ValueError on malformed inputs and on calls past the kernel's limits (``unsupported_reason``).
     """
@@ -283,8 +284,7 @@ def tree_attention(q: jax.Array, new_k: jax.Array, new_v: jax.Array, k_pool: jax
             jax.ShapeDtypeStruct(partial_shape, jnp.float32),
         ],
         interpret=backend.interpret() if interpret is None else interpret,
-        compiler_params=backend.compiler_params(num_warps=num_warps or (4 if tile_rows <= 64 else 8),
-                                                num_stages=num_stages or 2),
+        compiler_params=backend.compiler_params(num_warps=num_warps or 4, num_stages=num_stages or 2),
         name="tree_attention",
     )(ids, context, q_rows, k_pages, v_pages, local_k, local_v, words)
 

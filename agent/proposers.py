@@ -167,6 +167,9 @@ class SearchProposer:
         self.eta, self.seed = eta, seed
         grid = self.template.grid(space)
         random.Random(seed).shuffle(grid)  # a budget cut short still samples the whole grid, not one corner
+        if self.template.default in grid:  # first the configuration meant to work everywhere: --configs 1 is it
+            grid.remove(self.template.default)
+            grid.insert(0, self.template.default)
         self.configs = grid[:configs] if configs else grid
 
     def config(self) -> dict:

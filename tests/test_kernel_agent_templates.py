@@ -12,7 +12,7 @@ import pytest
 
 from agent import anticheat, loop, tasks, templates
 from agent.harness import Limits
-from agent.proposers import Proposal
+from agent.proposers import Proposal, SearchProposer
 
 
 def test_templates_cover_most_tasks_in_every_family():
@@ -21,6 +21,7 @@ def test_templates_cover_most_tasks_in_every_family():
     assert len(templates.TEMPLATES) >= 12
     for template in templates.TEMPLATES.values():
         assert f'TASK = "{template.task}"' in template.render(template.default)
+        assert SearchProposer(template.task, configs=1).configs == [template.default]  # tried first
 
 
 def test_every_configuration_renders_and_passes_the_static_checks():

@@ -56,3 +56,29 @@ def test_inputs_are_deterministic_in_the_seed_and_fresh_shapes_change_them(name)
     fresh = task.fresh_shape(shape, np.random.default_rng(0))
     assert fresh != shape
     assert [a.shape for a in task.inputs(fresh, 0)] != [a.shape for a in a]
+
+
+@pytest.mark.parametrize("name", [n for n, t in TASKS.items() if "chunk" in t.static_keys])
+def test_fresh_shapes_of_chunked_tasks_stay_whole_chunks(name):
+    # The references reject a length that is not a multiple of the chunk: a fresh shape that broke
+    # that rule would fail every candidate on the GPU's benchmark shapes (chunks of 64 to 256).
+    task = TASKS[name]
+    rng = np.random.default_rng(0)
+    for shape in task.test_shapes + task.bench_shapes:
+        fresh = task.fresh_shape(shape, rng)
+        assert fresh["t"] > shape["t"] and fresh["t"] % shape["chunk"] == 0
+
+
+def test_large_draws_come_from_the_device_deterministically(monkeypatch):
+    import agent.tasks as tasks_module
+
+    monkeypatch.setattr(tasks_module, "DEVICE_DRAW_ELEMENTS", 64)
+    first = tasks_module.normal(np.random.default_rng(3), (32, 8), "bfloat16", scale=0.5)
+    again = tasks_module.normal(np.random.default_rng(3), (32, 8), "bfloat16", scale=0.5)
+    other = tasks_module.normal(np.random.default_rng(4), (32, 8), "bfloat16", scale=0.5)
+    small = tasks_module.normal(np.random.default_rng(3), (4, 8), "float32")
+    assert not isinstance(first, np.ndarray) and isinstance(small, np.ndarray)  # device array vs host array
+    assert first.shape == (32, 8) and str(first.dtype) == "bfloat16"
+    assert np.array_equal(np.asarray(first), np.asarray(again))
+    assert not np.array_equal(np.asarray(first), np.asarray(other))
+    assert 0.35 < float(np.std(np.asarray(first, np.float32))) < 0.65  # the scale applies

@@ -11,6 +11,7 @@ returns, ``static`` the shape entries named in ``static_keys`` (Python ints/floa
 
 Shapes are dicts; ``vary`` names entries the harness may redraw (key -> step), so a candidate also
 meets shapes it has never seen: the redrawn value stays a multiple of the step away from the original.
+A step may name another entry of the shape (``{"t": "chunk"}``: t moves by whole chunks).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class Task:
     bench_shapes: tuple[Shape, ...]
     flops: Callable[[Shape], float]
     static_keys: tuple[str, ...] = ()
-    vary: dict[str, int] = dataclasses.field(default_factory=dict)
+    vary: dict[str, int | str] = dataclasses.field(default_factory=dict)
     tolerance: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
     # name -> callable with the reference's signature; "xla" (jit of the reference) is always added.
     baselines: dict[str, Callable[..., Any]] = dataclasses.field(default_factory=dict)
@@ -68,7 +69,8 @@ class Task:
 
     def fresh_shape(self, shape: Shape, rng: np.random.Generator) -> Shape:
         """``shape`` with every ``vary`` entry moved by one or two steps up: a shape no table lists."""
-        return {**shape, **{k: shape[k] + step * int(rng.integers(1, 3)) for k, step in self.vary.items()}}
+        steps = {k: shape[step] if isinstance(step, str) else step for k, step in self.vary.items()}
+        return {**shape, **{k: shape[k] + step * int(rng.integers(1, 3)) for k, step in steps.items()}}
 
 
 _MODULES = ("linear_attention", "ssm", "moe", "quantized", "multimodal", "specjax_ops")
@@ -92,9 +94,22 @@ def get(name: str) -> Task:
     return tasks[name]
 
 
-def normal(rng: np.random.Generator, shape, dtype: str, scale: float = 1.0) -> np.ndarray:
-    """Standard-normal values times ``scale``, rounded to ``dtype`` (bf16 through ml_dtypes)."""
-    return (rng.standard_normal(shape) * scale).astype(jax.numpy.dtype(dtype))
+# Draws of at least this many values are made by jax.random on the default device: NumPy takes about
+# 25 s per billion values on the host, which made the benchmark shapes' inputs (up to 1.9 GB per
+# array) cost more device-machine time than the timing itself.
+DEVICE_DRAW_ELEMENTS = 1 << 22
+
+
+def normal(rng: np.random.Generator, shape, dtype: str, scale: float = 1.0) -> np.ndarray | jax.Array:
+    """Standard-normal values times ``scale``, rounded to ``dtype`` (bf16 through ml_dtypes).
+
+    Deterministic in ``rng``'s state. Small draws are NumPy arrays; draws of ``DEVICE_DRAW_ELEMENTS``
+    values or more are device arrays from a key drawn from ``rng``.
+    """
+    if int(np.prod(shape)) >= DEVICE_DRAW_ELEMENTS:
+        key = jax.random.key(int(rng.integers(2**63)))
+        return (jax.random.normal(key, shape, jax.numpy.float32) * scale).astype(dtype)
+    return (rng.standard_normal(shape, dtype=np.float32) * scale).astype(jax.numpy.dtype(dtype))
 
 
 def as64(*arrays) -> list[np.ndarray]:

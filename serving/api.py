@@ -1,8 +1,8 @@
 """The OpenAI-compatible request bodies, their translation to specjax requests, and error bodies.
 
 Bodies are validated strictly (no "5" for 5, no true for 1) and unknown fields are refused, so a
-client learns at once that a setting it relies on (``logprobs``, ``tools``, ``n`` > 1) is not
-honoured here. Every client mistake is an ``ApiError``: an HTTP 4xx with OpenAI's error body
+client learns at once that a setting it relies on (``tools``, ``n`` > 1) is not honoured here.
+Every client mistake is an ``ApiError``: an HTTP 4xx with OpenAI's error body
 ``{"error": {"message", "type", "param", "code"}}``.
 
 Extensions to OpenAI's schema: ``top_k``, ``ignore_eos``, and ``speculation`` ("default": the
@@ -16,7 +16,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from specjax.sampling import SamplingParams, SamplingParamsError
+from specjax.sampling import MAX_LOGPROBS, SamplingParams, SamplingParamsError
 
 
 class ApiError(Exception):
@@ -63,6 +63,8 @@ class _Generation(_Body):
 
 class CompletionRequest(_Generation):
     prompt: str | list[int] | list[str] | list[list[int]]
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
+                                 description="Each token's log-probability and this many likeliest alternatives")
 
 
 class TextPart(_Body):
@@ -79,6 +81,9 @@ class ChatMessage(_Body):
 class ChatCompletionRequest(_Generation):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, description="The same as max_tokens")
+    logprobs: bool | None = Field(None, description="Return each token's log-probability")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
+                                     description="With logprobs: this many likeliest alternatives per token")
 
 
 # -- translation ------------------------------------------------------------------------------
@@ -100,12 +105,21 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict]:
             for m in messages]
 
 
+def requested_logprobs(body: _Generation) -> int | None:
+    """The alternatives per token a request wants with its logprobs, or None for no logprobs."""
+    if isinstance(body, ChatCompletionRequest):
+        if body.top_logprobs is not None and not body.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs set to true", "top_logprobs")
+        return (body.top_logprobs or 0) if body.logprobs else None
+    return body.logprobs
+
+
 def sampling_params(body: _Generation, max_tokens: int, limit_param: str = "max_tokens") -> SamplingParams:
     """The request's SamplingParams; ``limit_param`` names the field ``max_tokens`` came from."""
     if body.n not in (None, 1):
         raise ApiError(400, f"n must be 1 (one choice per request), got {body.n}", "n")
     settings = dict(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed,
-                    stop=body.stop, ignore_eos=body.ignore_eos)
+                    stop=body.stop, ignore_eos=body.ignore_eos, logprobs=requested_logprobs(body))
     try:
         return SamplingParams(max_tokens=max_tokens, **{k: v for k, v in settings.items() if v is not None})
     except SamplingParamsError as e:  # its messages start with the setting's name

@@ -31,13 +31,16 @@ class EngineError(RuntimeError):
 
 class Stream:
     """One request's output as the engine produces it: ``async for text in stream`` yields its text
-    in pieces until it finishes; then ``output`` holds the whole RequestOutput."""
+    in pieces until it finishes; then ``output`` holds the whole RequestOutput. While reading,
+    ``tokens_read`` is how many of its tokens the pieces so far came from (their logprobs are
+    ``output.logprobs[:tokens_read]``)."""
 
     def __init__(self, request: Request, loop: asyncio.AbstractEventLoop):
         self.request = request
         self._loop = loop
         self._queue: asyncio.Queue = asyncio.Queue()
         self.finished = False  # set on the event loop, when the last piece has been read
+        self.tokens_read = 0  # event loop: the output's tokens behind the pieces read so far
         self.tokens_counted = 0  # engine thread: tokens already counted in the metrics
         self.first_token_at: float | None = None  # engine thread: perf_counter time of the first token
 
@@ -46,7 +49,7 @@ class Stream:
         return self.request.output
 
     def _put(self, item) -> None:
-        """From the engine thread: a (text, finished) piece, or an exception to raise in the reader."""
+        """From the engine thread: a (text, finished, tokens so far) piece, or an exception to raise in the reader."""
         try:
             self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
         except RuntimeError:  # the event loop is closed: nobody is reading any more
@@ -58,7 +61,7 @@ class Stream:
             if isinstance(item, BaseException):
                 self.finished = True
                 raise item
-            text, self.finished = item
+            text, self.finished, self.tokens_read = item
             if text:
                 yield text
 
@@ -183,7 +186,7 @@ class Engine:
             self._count_tokens(stream, now)
         for uid, (text, finished) in pieces.items():
             stream = self._streams[uid]
-            stream._put((text, finished))
+            stream._put((text, finished, len(stream.output.token_ids)))
             if finished:
                 self._done(stream, now)
 
@@ -207,7 +210,7 @@ class Engine:
         if stream.request.uid not in self._streams:
             return  # finished already
         self.scheduler.abort(stream.request)
-        stream._put(error if error is not None else ("", True))
+        stream._put(error if error is not None else ("", True, len(stream.output.token_ids)))
         self._done(stream, time.perf_counter())
 
     def _abort_all(self, error: Exception | None = None) -> None:

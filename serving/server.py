@@ -154,7 +154,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
                            code="rate_limit_exceeded", headers={"Retry-After": "1"}) from None
         except EngineError as e:
             raise ApiError(503, str(e), type="server_error") from None
-        reply = Reply(chat, model_name, engine.metrics.method)
+        reply = Reply(chat, model_name, engine.metrics.method, llm.tokenizer, params.logprobs)
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
             return StreamingResponse(sse(engine, stream, reply, usage), media_type="text/event-stream",
@@ -166,12 +166,40 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
 
 
 class Reply:
-    """The response bodies of one request, for completions or chat."""
+    """The response bodies of one request, for completions or chat. ``top_logprobs``: the
+    alternatives per token its logprobs list, None when it asked for no logprobs."""
 
-    def __init__(self, chat: bool, model: str, method: str | None):
+    def __init__(self, chat: bool, model: str, method: str | None, tokenizer, top_logprobs: int | None):
         self.chat, self.model, self.method = chat, model, method
+        self.tokenizer, self.top_logprobs = tokenizer, top_logprobs
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
+        self._text_offset = 0  # completions' logprobs: where the next scored token's text starts
+
+    def _token(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def logprobs(self, entries) -> dict | None:
+        """OpenAI's logprobs object of ``TokenLogprob`` entries (chat's ``content`` list, or the
+        completions' parallel lists, ``top_logprobs`` there holding the chosen token as well)."""
+        if self.top_logprobs is None:
+            return None
+        if self.chat:
+            def item(token_id, logprob):
+                text = self._token(token_id)
+                return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+            return {"content": [{**item(e.token_id, e.logprob), "top_logprobs": [item(*t) for t in e.top]}
+                                for e in entries], "refusal": None}
+        tokens = [self._token(e.token_id) for e in entries]
+        offsets = []
+        for text in tokens:
+            offsets.append(self._text_offset)
+            self._text_offset += len(text)
+        return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+                "top_logprobs": [{**{self._token(i): lp for i, lp in e.top}, text: e.logprob}
+                                 for e, text in zip(entries, tokens)],
+                "text_offset": offsets}
 
     def _body(self, obj: str, choices: list, **extra) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices,
@@ -192,19 +220,21 @@ class Reply:
             choice = {"index": 0, "message": {"role": "assistant", "content": output.text}}
         else:
             choice = {"index": 0, "text": output.text}
-        choice.update(logprobs=None, finish_reason=output.finish_reason)
+        choice.update(logprobs=self.logprobs(output.logprobs), finish_reason=output.finish_reason)
         return self._body("chat.completion" if self.chat else "text_completion", [choice], usage=self.usage(output),
                           speculation=self.speculation(output))
 
-    def chunk(self, text: str | None, finish_reason: str | None = None, **extra) -> dict:
-        """A stream chunk: ``text`` (None: none, for the final chunk), chat's first one with the role."""
+    def chunk(self, text: str | None, finish_reason: str | None = None, logprobs: list | None = None,
+              **extra) -> dict:
+        """A stream chunk: ``text`` (None: none, for the final chunk), chat's first one with the role;
+        ``logprobs``: the ``TokenLogprob`` of the tokens behind it, when the request asked."""
         if self.chat:
             delta = {"role": "assistant", "content": ""} if text is None and finish_reason is None else (
                 {} if text is None else {"content": text})
             choice = {"index": 0, "delta": delta}
         else:
             choice = {"index": 0, "text": text or ""}
-        choice.update(logprobs=None, finish_reason=finish_reason)
+        choice.update(logprobs=None if logprobs is None else self.logprobs(logprobs), finish_reason=finish_reason)
         return self._body("chat.completion.chunk" if self.chat else "text_completion", [choice], **extra)
 
     def usage_chunk(self, output) -> dict:
@@ -216,14 +246,28 @@ def _event(data: dict | str) -> str:
 
 
 async def sse(engine: Engine, stream: Stream, reply: Reply, include_usage: bool):
-    """The server-sent events of a streamed request; leaving early (a client gone) aborts it."""
+    """The server-sent events of a streamed request; leaving early (a client gone) aborts it. Each
+    chunk carries the logprobs of the tokens read since the one before, the last chunk those of
+    tokens that gave no text (an end-of-sequence token, a stop string's), so together they are
+    the non-streamed response's."""
+    sent = 0
+
+    def new_logprobs() -> list | None:
+        nonlocal sent
+        scored = stream.output.logprobs
+        if scored is None:
+            return None
+        new, sent = scored[sent:stream.tokens_read], stream.tokens_read
+        return new
+
     try:
         if reply.chat:
             yield _event(reply.chunk(None))
         async for text in stream:
-            yield _event(reply.chunk(text))
+            yield _event(reply.chunk(text, logprobs=new_logprobs()))
         output = stream.output
-        yield _event(reply.chunk(None, output.finish_reason, speculation=reply.speculation(output)))
+        yield _event(reply.chunk(None, output.finish_reason, logprobs=new_logprobs(),
+                                 speculation=reply.speculation(output)))
         if include_usage:
             yield _event(reply.usage_chunk(output))
     except EngineError as e:

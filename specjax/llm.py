@@ -13,7 +13,7 @@ import os
 import secrets
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator, Sequence, Union
 
 import jax
@@ -24,7 +24,7 @@ from specjax.checkpoints import LoadedModel, load_model
 from specjax.config import resolve_dtype
 from specjax.params import inference_params
 from specjax.runner import EngineConfig, ModelRunner, StepInput
-from specjax.sampling import SamplingParams, request_key
+from specjax.sampling import SamplingParams, TokenLogprob, request_key
 from specjax.speculation.budget import SpeculationBudget, StepCostModel, acceptance_by_depth, calibrate
 from specjax.speculation.speculator import TreeSpeculation, TreeSpeculator
 from specjax.speculation.stats import SpeculationStats
@@ -60,6 +60,8 @@ class RequestOutput:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" (EOS, stop token or stop string), "length" or "abort"
     stats: RequestStats = field(default_factory=RequestStats)
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when SamplingParams.logprobs asks
+
 
     @property
     def finished(self) -> bool:
@@ -248,7 +250,7 @@ class LLM:
         if not params.greedy:
             key = request_key(params.seed, self._global_key, uid)
             base_key = np.asarray(jax.random.key_data(key), np.uint32)
-        output = RequestOutput(prompt=text, prompt_token_ids=ids)
+        output = RequestOutput(prompt=text, prompt_token_ids=ids, logprobs=None if params.logprobs is None else [])
         output.stats.prompt_tokens = len(ids)
         if speculate:
             output.stats.speculation = SpeculationStats()
@@ -410,10 +412,12 @@ class Scheduler:
         drafted = [x for x, r in zip(inputs, batch) if r.speculate]
         if self.llm.speculator is not None and drafted:  # drafts read every prompt chunk the target reads
             self.llm.speculator.prefill(drafted)
-        next_tokens, elapsed = self.llm.runner.step(inputs)
+        scored = _wants_logprobs(batch)
+        next_tokens, elapsed, *scores = self.llm.runner.step(inputs, logprobs=scored)
+        logprobs = scores[0] if scored else [None] * len(batch)
         events = []
-        for req, token in zip(batch, next_tokens):
-            delta = self._advance(req, int(token), elapsed)
+        for req, token, logprob in zip(batch, next_tokens, logprobs):
+            delta = self._advance(req, int(token), elapsed, logprob)
             if delta or req.output.finished:
                 events.append((req, delta or "", req.output.finished))
         return events
@@ -453,26 +457,31 @@ class Scheduler:
         if suffix_rows:
             trees = draft_trees([inputs[r.uid].tokens[-1] for r, _ in suffix_rows], [d for _, d in suffix_rows])
             compiled = llm.runner.compile_time_s
-            new_tokens, elapsed = llm.runner.verify([r.uid for r, _ in suffix_rows], trees,
-                                                     [inputs[r.uid] for r, _ in suffix_rows])
+            scored = _wants_logprobs([r for r, _ in suffix_rows])
+            new_tokens, elapsed, *scores = llm.runner.verify([r.uid for r, _ in suffix_rows], trees,
+                                                              [inputs[r.uid] for r, _ in suffix_rows], logprobs=scored)
             # Not a step that compiled: a new executable's first run is slow.
             if llm.budget is not None and llm.runner.compile_time_s == compiled:
                 llm.budget.cost.observe(len(suffix_rows), trees[0].size, elapsed)
-            for (req, _), tree, tokens in zip(suffix_rows, trees, new_tokens):
+            logprobs = scores[0] if scored else [[None] * len(t) for t in new_tokens]
+            for (req, _), tree, tokens, scores in zip(suffix_rows, trees, new_tokens, logprobs):
                 record = (tree.num_nodes - 1, int(tree.depths.max()), len(tokens) - 1)
-                results.append((req, "suffix", record, tokens, elapsed))
+                results.append((req, "suffix", record, tokens, scores, elapsed))
         if draft_rows:
-            new_tokens, records, elapsed = llm.speculator.step([inputs[r.uid] for r in draft_rows])
-            for req, record, tokens in zip(draft_rows, records, new_tokens):
+            scored = _wants_logprobs(draft_rows)
+            new_tokens, records, elapsed, *scores = llm.speculator.step([inputs[r.uid] for r in draft_rows],
+                                                                        logprobs=scored)
+            logprobs = scores[0] if scored else [[None] * len(t) for t in new_tokens]
+            for req, record, tokens, scores in zip(draft_rows, records, new_tokens, logprobs):
                 llm._draft_record[0] += record[2]
                 llm._draft_record[1] += 1
-                results.append((req, "draft", record, tokens, elapsed))
+                results.append((req, "draft", record, tokens, scores, elapsed))
         hybrid = llm.suffix is not None and llm.speculator is not None
         events = []
-        for req, source, (proposed, depth, accepted), tokens, elapsed in results:
+        for req, source, (proposed, depth, accepted), tokens, scores, elapsed in results:
             used = 0
-            for token in tokens:
-                delta = self._advance(req, token, elapsed if used == 0 else 0.0)
+            for token, logprob in zip(tokens, scores):
+                delta = self._advance(req, token, elapsed if used == 0 else 0.0, logprob)
                 used += 1
                 if delta or req.output.finished:
                     events.append((req, delta or "", req.output.finished))
@@ -494,8 +503,9 @@ class Scheduler:
         return StepInput(seq_id=req.uid, tokens=tokens, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
                          base_key=req.base_key, sample_index=len(out.token_ids))
 
-    def _advance(self, req: Request, token: int, elapsed: float) -> str | None:
-        """Account a step's result to a request; returns its new text, or None mid-prefill."""
+    def _advance(self, req: Request, token: int, elapsed: float, logprob: TokenLogprob | None = None) -> str | None:
+        """Account a step's result to a request; returns its new text, or None mid-prefill.
+        ``logprob``: the token's, when the step scored it (kept if the request asked)."""
         out, stats = req.output, req.output.stats
         prompt_len = len(out.prompt_token_ids)
         if req.prefilled < prompt_len:
@@ -507,6 +517,8 @@ class Scheduler:
         else:
             stats.decode_time_s += elapsed
         out.token_ids.append(token)
+        if out.logprobs is not None:
+            out.logprobs.append(replace(logprob, top=logprob.top[: req.params.logprobs]))
         stats.generated_tokens += 1
         if token in req.stop_ids:
             out.finish_reason = "stop"
@@ -527,6 +539,12 @@ class Scheduler:
             emit, req.pending_text = text[: len(text) - hold], text[len(text) - hold:]
         out.text += emit
         return emit
+
+
+def _wants_logprobs(batch: Sequence[Request]) -> bool:
+    """Whether a step must score its tokens: only when one of its requests asked (it costs a
+    log-softmax and a top-k over the vocabulary, and their transfer)."""
+    return any(r.params.logprobs is not None for r in batch)
 
 
 def _apply_stop_strings(new: str, stops: Sequence[str]) -> tuple[str, bool]:

@@ -24,7 +24,7 @@ from specjax.kv_cache import INVALID_SLOT, KVCache, PageTable, init_kv_cache, kv
 from specjax.model import forward
 from specjax.params import Params
 from specjax.speculation.tree import TokenTree, stack_trees
-from specjax.speculation.verify import greedy_accept, mss_accept
+from specjax.speculation.verify import emitted_logprobs, greedy_accept, mss_accept
 
 
 def next_power_of_two(n: int, minimum: int = 1) -> int:
@@ -137,9 +137,10 @@ class ModelRunner:
         self.min_batch_bucket = engine.min_batch_bucket or min_bucket
         self.compiler_options = dict(engine.compiler_options) if engine.compiler_options is not None else options
         self._compiled = CompiledBuckets(self.compiler_options)  # by (kind, B, T, pages) bucket
-        self._step = jax.jit(functools.partial(_step, config=config), donate_argnames=("cache",))
+        self._step = jax.jit(functools.partial(_step, config=config), donate_argnames=("cache",),
+                             static_argnames=("logprobs",))
         self._verify = jax.jit(functools.partial(_verify_step, config=config), donate_argnames=("cache",),
-                               static_argnames=("all_greedy",))
+                               static_argnames=("all_greedy", "logprobs"))
 
     @property
     def compile_time_s(self) -> float:
@@ -191,8 +192,10 @@ class ModelRunner:
         outputs = [np.asarray(x) for x in outputs]
         return outputs, time.perf_counter() - start
 
-    def step(self, inputs: Sequence[StepInput]) -> tuple[np.ndarray, float]:
-        """Run one step; returns (next token per input [len(inputs)] int32, seconds this step took).
+    def step(self, inputs: Sequence[StepInput], *, logprobs: bool = False):
+        """Run one step; returns (next token per input [len(inputs)] int32, seconds this step took),
+        and with ``logprobs`` a third item: each input's ``TokenLogprob`` of its token
+        (``sampling.token_logprobs``; a step without it does no such work).
 
         Compilation time of a new bucket is counted in ``compile_time_s``, not in the step time.
         """
@@ -225,13 +228,16 @@ class ModelRunner:
         args = dict(tokens=tokens, positions=positions, block_tables=block_tables, context_lens=context_lens,
                     slots=slots, last=last, temperature=temperature, top_k=top_k, top_p=top_p,
                     base_keys=base_keys, sample_index=sample_index)
-        (next_tokens,), elapsed = self._run(self._step, ("step", b, t, p), args)
+        (next_tokens, *scores), elapsed = self._run(self._step, ("step", b, t, p, logprobs), args,
+                                                    static=dict(logprobs=logprobs))
         for x in inputs:
             self.pages.commit(x.seq_id, len(x.tokens))
+        if logprobs:
+            return next_tokens[:n], elapsed, sampling.logprob_entries(next_tokens[:n], *(x[:n] for x in scores))
         return next_tokens[:n], elapsed
 
-    def verify(self, seq_ids: Sequence, trees: Sequence[TokenTree], sampling_inputs: Sequence[StepInput] | None = None
-               ) -> tuple[list[list[int]], float]:
+    def verify(self, seq_ids: Sequence, trees: Sequence[TokenTree], sampling_inputs: Sequence[StepInput] | None = None,
+               *, logprobs: bool = False):
         """Score each sequence's token tree in one target pass; keep the accepted path.
 
         A tree's root is the sequence's last token (chosen, not yet run). The root's and the
@@ -240,7 +246,9 @@ class ModelRunner:
         target's argmax path; sampled rows (``sampling_inputs``: each row's temperature, top-k,
         top-p and key, ``tokens`` unused; None = all greedy) run multi-step speculative sampling,
         so their tokens follow the target's distribution exactly. Returns, per sequence, the new
-        tokens (accepted speculated tokens, then the target's bonus token) and the step's seconds.
+        tokens (accepted speculated tokens, then the target's bonus token) and the step's seconds;
+        with ``logprobs`` also, per sequence, the ``TokenLogprob`` of each new token, from the
+        target's logits in this pass (``verify.emitted_logprobs``).
         """
         if len(seq_ids) != len(trees):
             raise ValueError(f"{len(seq_ids)} sequences but {len(trees)} trees")
@@ -279,18 +287,22 @@ class ModelRunner:
                     base_keys=pad(np.stack([np.zeros(2, np.uint32) if x.base_key is None else x.base_key
                                             for x in sampled]), 0),
                     sample_index=pad(np.array([x.sample_index for x in sampled], np.int32), 0))
-        (last, path, bonus), elapsed = self._run(self._verify, ("verify", b, n, p, all_greedy), args,
-                                                 static=dict(all_greedy=all_greedy))
+        (last, path, bonus, *scores), elapsed = self._run(
+            self._verify, ("verify", b, n, p, all_greedy, logprobs), args,
+            static=dict(all_greedy=all_greedy, logprobs=logprobs))
         new_tokens = []
         for row, (seq_id, tree) in enumerate(zip(seq_ids, trees)):
             nodes = np.nonzero(path[row])[0]  # ancestors come first: parents precede children
             new_tokens.append([int(tree.tokens[i]) for i in nodes[1:]] + [int(bonus[row])])
             self.pages.commit(seq_id, len(nodes))
+        if logprobs:
+            return new_tokens, elapsed, [sampling.logprob_entries(tokens, *(x[row] for x in scores))
+                                         for row, tokens in enumerate(new_tokens)]
         return new_tokens, elapsed
 
 
 def _step(params, *, config, cache, tokens, positions, block_tables, context_lens, slots, last, temperature,
-          top_k, top_p, base_keys, sample_index):
+          top_k, top_p, base_keys, sample_index, logprobs):
     b, t = tokens.shape
     causal = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
     meta = AttentionMetadata(block_tables=block_tables, context_lens=context_lens, new_mask=causal)
@@ -298,11 +310,13 @@ def _step(params, *, config, cache, tokens, positions, block_tables, context_len
     cache = write_kv(cache, new_k, new_v, slots)
     keys = sampling.row_keys(jax.random.wrap_key_data(base_keys), sample_index)
     next_tokens = sampling.sample(logits[:, 0], keys, temperature, top_k, top_p)
+    if logprobs:
+        return next_tokens, *sampling.token_logprobs(logits[:, 0], next_tokens), cache
     return next_tokens, cache
 
 
 def _verify_step(params, *, config, cache, tokens, positions, block_tables, context_lens, mask, parents, depths,
-                 live, position_slots, temperature, top_k, top_p, base_keys, sample_index, all_greedy):
+                 live, position_slots, temperature, top_k, top_p, base_keys, sample_index, all_greedy, logprobs):
     meta = AttentionMetadata(block_tables=block_tables, context_lens=context_lens, new_mask=mask)
     logits, new_k, new_v = forward(params, config, tokens, positions, cache, meta)
     b, n = tokens.shape
@@ -323,4 +337,6 @@ def _verify_step(params, *, config, cache, tokens, positions, block_tables, cont
     # Accepted node at depth d lands at position context_len + d; everything else is dropped.
     slots = jnp.where(path, jnp.take_along_axis(position_slots, depths, axis=1), INVALID_SLOT)
     cache = write_kv(cache, new_k, new_v, slots)
+    if logprobs:
+        return last, path, bonus, *emitted_logprobs(logits, tokens, path, depths, last, bonus, n), cache
     return last, path, bonus, cache

@@ -1,8 +1,9 @@
 """Sampling parameters, per-row PRNG key streams, and a batched sampler.
 
 Host side: ``SamplingParams`` (one request's settings, validated on construction),
-``sampling_arrays`` (a batch of them as per-row arrays) and ``request_key`` (a request's base key).
-Device side: ``row_keys``, ``process_logits`` and ``sample``, which take every per-request setting
+``sampling_arrays`` (a batch of them as per-row arrays), ``request_key`` (a request's base key) and
+``TokenLogprob`` (a generated token's log-probability and the likeliest alternatives).
+Device side: ``row_keys``, ``process_logits``, ``sample`` and ``token_logprobs``, which take every per-request setting
 as a per-row array rather than a static argument, so one compiled function serves any mix of
 greedy and sampled requests.
 
@@ -31,6 +32,7 @@ class SamplingParamsError(ValueError):
 # JAX (with x64 off) keeps only the low 32 bits of a seed, so larger or negative seeds would
 # silently share another seed's stream; we reject them instead.
 _SEED_LIMIT = 2**32
+MAX_LOGPROBS = 5  # the most alternatives a token's logprobs may list (OpenAI's limit); static under jit
 
 
 def _is_int(value) -> bool:
@@ -64,6 +66,8 @@ class SamplingParams:
     stop: strings that end generation (a single str or a list is accepted).
     stop_token_ids: token ids that end generation, in addition to EOS.
     ignore_eos: keep generating past EOS.
+    logprobs: None, or report each generated token's log-probability and this many (0 to
+        ``MAX_LOGPROBS``) likeliest alternatives (``RequestOutput.logprobs``; see ``token_logprobs``).
     """
 
     temperature: float = 1.0
@@ -74,6 +78,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None
 
     def __post_init__(self):
         # Normalise as we validate (numpy scalars to Python numbers, lists to tuples) so that
@@ -109,10 +114,28 @@ class SamplingParams:
         if not isinstance(self.ignore_eos, (bool, np.bool_)):
             raise SamplingParamsError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
         set_("ignore_eos", bool(self.ignore_eos))
+        if self.logprobs is not None:
+            set_("logprobs", _integer("logprobs", self.logprobs, 0, MAX_LOGPROBS + 1))
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability and the likeliest tokens there, ``top``: ((id, logprob), ...)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def logprob_entries(tokens: Sequence[int], logprobs: np.ndarray, top_ids: np.ndarray, top_logprobs: np.ndarray
+                    ) -> list[TokenLogprob]:
+    """``token_logprobs``' arrays for one row's ``tokens`` ([T], [T, K], [T, K]; rows past T ignored)."""
+    return [TokenLogprob(int(t), float(lp), tuple(zip(ids.tolist(), lps.tolist())))
+            for t, lp, ids, lps in zip(tokens, logprobs, top_ids, top_logprobs)]
 
 
 def sampling_arrays(params: Sequence[SamplingParams]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -248,3 +271,19 @@ def sample(
         return tokens
     chosen = jnp.take_along_axis(processed, tokens[:, None], axis=-1)[:, 0]
     return tokens, chosen - jax.nn.logsumexp(processed, axis=-1)
+
+
+def token_logprobs(logits: jax.Array, tokens: jax.Array, num_top: int = MAX_LOGPROBS
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Log-probabilities of ``tokens`` and the ``num_top`` likeliest tokens under the model's own
+    distribution: the log-softmax of the raw logits, before temperature, top-k and top-p (what
+    vLLM returns by default, and the only choice that means something for greedy requests, whose
+    processed distribution is a point mass).
+
+    logits: [..., V]; tokens: [...] int. Returns (logprobs [...] f32, top ids [..., num_top] int32,
+    top logprobs [..., num_top] f32, most likely first).
+    """
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    chosen = jnp.take_along_axis(log_probs, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    top_values, top_ids = jax.lax.top_k(log_probs, num_top)
+    return chosen, top_ids.astype(jnp.int32), top_values

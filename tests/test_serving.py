@@ -176,6 +176,39 @@ def test_speculation_on_and_off_give_the_same_greedy_text(client):
     assert e.value.body["param"] == "speculation" and "speculates with tree" in e.value.body["message"]
 
 
+def test_logprobs_are_the_targets_with_and_without_speculation_streamed_or_not(client):
+    def completion(stream=False, **extra):
+        return client.completions.create(model=MODEL, prompt=PROMPTS[3], max_tokens=12, temperature=0, logprobs=2,
+                                         stream=stream, extra_body=extra or None)
+
+    on, off = completion().choices[0], completion(speculation="none").choices[0]
+    assert on.text == off.text and on.logprobs.tokens == off.logprobs.tokens and len(on.logprobs.tokens) == 12
+    assert on.logprobs.token_logprobs == pytest.approx(off.logprobs.token_logprobs, abs=1e-4)
+    assert on.logprobs.tokens[0] == on.text.split()[0] and on.logprobs.text_offset[:2] == [0, len(on.text.split()[0])]
+    for token, logprob, top in zip(on.logprobs.tokens, on.logprobs.token_logprobs, on.logprobs.top_logprobs):
+        # Greedy: the chosen token is the likeliest, so it is among the two alternatives.
+        assert len(top) == 2 and top[token] == logprob == max(top.values()) and logprob < 0
+    streamed = [c.choices[0].logprobs for c in completion(stream=True) if c.choices and c.choices[0].logprobs]
+    assert sum((lp.tokens for lp in streamed), []) == on.logprobs.tokens
+    assert sum((lp.token_logprobs for lp in streamed), []) == pytest.approx(on.logprobs.token_logprobs, abs=1e-4)
+    assert sum((lp.text_offset for lp in streamed), []) == on.logprobs.text_offset
+    assert client.completions.create(model=MODEL, prompt=PROMPTS[3], max_tokens=2).choices[0].logprobs is None
+
+    messages = [{"role": "user", "content": PROMPTS[0]}]
+    chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0, logprobs=True,
+                                          top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens == 6
+    assert [c.token for c in content] == chat.choices[0].message.content.split()  # the word tokenizer's tokens
+    assert all(len(c.top_logprobs) == 3 and c.top_logprobs[0].token == c.token and c.bytes == list(c.token.encode())
+               for c in content)
+    pieces = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0,
+                                            logprobs=True, stream=True)
+    streamed = sum((p.choices[0].logprobs.content for p in pieces if p.choices[0].logprobs), [])
+    assert [c.token for c in streamed] == [c.token for c in content] and all(not c.top_logprobs for c in streamed)
+    assert [c.logprob for c in streamed] == pytest.approx([c.logprob for c in content], abs=1e-4)
+
+
 def test_concurrent_clients_all_complete_once_and_correctly(client, server):
     """32 clients, 3 requests each, of mixed lengths, streamed or not, speculating or not, greedy or
     sampled, all in flight together: every one completes with its own text and the pages come back."""
@@ -277,7 +310,8 @@ def test_metrics_health_and_schema(client, server):
     ({"model": "tiny", "prompt": "t1", "max_tokens": 0}, 400, "max_tokens"),
     ({"model": "tiny", "prompt": "t1", "max_tokens": 10_000}, 400, "max_tokens"),
     ({"model": "tiny", "prompt": "t1", "n": 2}, 400, "n"),
-    ({"model": "tiny", "prompt": "t1", "logprobs": 1}, 400, "logprobs"),
+    ({"model": "tiny", "prompt": "t1", "logprobs": 6}, 400, "logprobs"),
+    ({"model": "tiny", "prompt": "t1", "logprobs": True}, 400, "logprobs"),
     ({"model": "tiny", "prompt": "t1", "speculation": "bogus"}, 400, "speculation"),
     ({"model": "tiny", "prompt": ["t1", "t2"]}, 400, "prompt"),
     ({"model": "tiny", "prompt": [5, 1000]}, 400, "prompt"),
@@ -303,6 +337,10 @@ def test_bad_completion_requests_get_4xx_naming_the_field(server, body, status, 
      "max_completion_tokens"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "t1"}], "max_completion_tokens": 600},
      "max_completion_tokens"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "t1"}], "top_logprobs": 2}, "top_logprobs"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "t1"}], "logprobs": True, "top_logprobs": 6},
+     "top_logprobs"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "t1"}], "logprobs": 1}, "logprobs"),
 ])
 def test_bad_chat_requests_get_400_naming_the_field(server, body, param):
     got, _, reply = request(server[0], "POST", "/v1/chat/completions", body)

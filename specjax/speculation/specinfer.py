@@ -55,7 +55,7 @@ from specjax.sampling import process_node_logits, row_keys, sample
 from specjax.speculation.merge import merge_trees
 from specjax.speculation.tree import tree_bucket
 from specjax.speculation.tree_draft import DraftModel, TreeShape, draft_tree
-from specjax.speculation.verify import greedy_accept, mss_accept
+from specjax.speculation.verify import emitted_logprobs, greedy_accept, mss_accept
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,9 @@ class StepBatch:
 class StepResult:
     """tokens [B, D + 1]: the accepted tokens then the bonus token, ``count`` [B] of them valid;
     accepted [B] tree tokens accepted; proposed [B] live tree nodes besides the root; depth [B] the
-    tree's depth; draft_lengths (tuple of [B]) each draft cache's committed tokens afterwards."""
+    tree's depth; draft_lengths (tuple of [B]) each draft cache's committed tokens afterwards;
+    logprobs: None, or ``verify.emitted_logprobs`` of ``tokens`` (logprobs [B, D + 1], top ids and
+    top logprobs [B, D + 1, K])."""
 
     tokens: jax.Array
     count: jax.Array
@@ -126,6 +128,7 @@ class StepResult:
     proposed: jax.Array
     depth: jax.Array
     draft_lengths: tuple
+    logprobs: tuple | None = None
 
 
 def verify_tree(config: ModelConfig, params: Params, cache: KVCache, block_tables: jax.Array, root_pos: jax.Array,
@@ -143,11 +146,12 @@ def verify_tree(config: ModelConfig, params: Params, cache: KVCache, block_table
 
 
 def speculative_step(spec: SpecInfer, target_params: Params, drafts: tuple[DraftModel, ...], target_cache: KVCache,
-                     draft_caches: tuple[KVCache, ...], batch: StepBatch, all_greedy: bool = False
-                     ) -> tuple[StepResult, KVCache, tuple[KVCache, ...]]:
-    """Draft, verify, accept and commit for every active row (pure; jit with ``spec`` and
-    ``all_greedy`` static). ``all_greedy``: every row is greedy (temperature 0), which skips the
-    draft distributions and multi-step speculative sampling altogether; the result is the same."""
+                     draft_caches: tuple[KVCache, ...], batch: StepBatch, all_greedy: bool = False,
+                     logprobs: bool = False) -> tuple[StepResult, KVCache, tuple[KVCache, ...]]:
+    """Draft, verify, accept and commit for every active row (pure; jit with ``spec``,
+    ``all_greedy`` and ``logprobs`` static). ``all_greedy``: every row is greedy (temperature 0),
+    which skips the draft distributions and multi-step speculative sampling altogether; the result
+    is the same. ``logprobs``: also score the emitted tokens (``StepResult.logprobs``)."""
     b = batch.active.shape[0]
     n, d = spec.num_nodes, spec.depth
     rows = jnp.arange(b)[:, None]
@@ -209,7 +213,9 @@ def speculative_step(spec: SpecInfer, target_params: Params, drafts: tuple[Draft
         draft_lengths.append(length + jnp.sum(kept, axis=1, dtype=jnp.int32))
     result = StepResult(tokens=tokens, count=accepted + 1, accepted=accepted,
                         proposed=jnp.sum(tree.live, axis=1, dtype=jnp.int32) - 1,
-                        depth=jnp.max(jnp.where(tree.live, tree.depths, 0), axis=1), draft_lengths=tuple(draft_lengths))
+                        depth=jnp.max(jnp.where(tree.live, tree.depths, 0), axis=1), draft_lengths=tuple(draft_lengths),
+                        logprobs=emitted_logprobs(logits, tree.tokens, path, tree.depths, last, bonus, d + 1)
+                        if logprobs else None)
     return result, target_cache, tuple(new_caches)
 
 

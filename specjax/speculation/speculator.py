@@ -22,7 +22,7 @@ from specjax.config import ModelConfig
 from specjax.kv_cache import kv_bytes_per_token
 from specjax.params import Params
 from specjax.runner import CompiledBuckets, ModelRunner, StepInput, next_power_of_two
-from specjax.sampling import row_keys
+from specjax.sampling import logprob_entries, row_keys
 from specjax.speculation.specinfer import SpecInfer, StepBatch, speculative_step
 from specjax.speculation.tree import TREE_SIZES
 from specjax.speculation.tree_draft import DraftModel, TreeShape
@@ -104,7 +104,7 @@ class TreeSpeculator:
             DraftModel(params=params, draft_to_target=np.asarray(identity if d2t is None else d2t, np.int32),
                        target_to_draft=input_map)
             for (_, params, d2t, _), input_map in zip(drafts, self._input_maps))
-        self._step = jax.jit(functools.partial(_host_step, self.spec), static_argnames=("all_greedy",),
+        self._step = jax.jit(functools.partial(_host_step, self.spec), static_argnames=("all_greedy", "logprobs"),
                              donate_argnames=("target_cache", "draft_caches"))
         self._compiled = CompiledBuckets(target.compiler_options)
 
@@ -154,11 +154,12 @@ class TreeSpeculator:
             runner.step([StepInput(x.seq_id, input_map[np.asarray(x.tokens)].tolist()) for x in inputs])
 
     # -- one speculative step ------------------------------------------------------------------
-    def step(self, inputs: Sequence[StepInput]) -> tuple[list[list[int]], list[tuple[int, int, int]], float]:
+    def step(self, inputs: Sequence[StepInput], *, logprobs: bool = False):
         """One tree step for each sequence; ``inputs[i].tokens`` is its whole sequence (prompt and
         output so far; the last token is the root). Returns per sequence its new tokens (accepted,
         then the bonus token) and (proposed, depth, accepted) for ``SpeculationStats.record``, and
-        the step's seconds (compilation not counted)."""
+        the step's seconds (compilation not counted); with ``logprobs`` also, per sequence, the
+        ``TokenLogprob`` of each new token from the target's verification logits."""
         target, spec = self.target, self.spec
         ids = [x.seq_id for x in inputs]
         b, _, _ = target._check_batch(ids)
@@ -207,8 +208,8 @@ class TreeSpeculator:
                     sample_index=sample_index)
         # An all-greedy batch (the common case) compiles its own step without any sampling work.
         all_greedy = all(x.temperature == 0 for x in inputs)
-        key = (b, tp, pt, pds, all_greedy)
-        compiled = self._compiled.get(key, self._step, **args, all_greedy=all_greedy)
+        key = (b, tp, pt, pds, all_greedy, logprobs)
+        compiled = self._compiled.get(key, self._step, **args, all_greedy=all_greedy, logprobs=logprobs)
         start = time.perf_counter()
         result, target.cache, draft_caches = compiled(**args)
         for runner, cache in zip(self.runners, draft_caches):
@@ -225,12 +226,16 @@ class TreeSpeculator:
                 runner.pages.commit(seq_id, int(new[row]) - lengths[row])
             new_tokens.append(tokens[row, : count[row]].tolist())
             records.append((int(proposed[row]), int(depth[row]), int(accepted[row])))
+        if logprobs:
+            scores = [np.asarray(x) for x in result.logprobs]
+            return new_tokens, records, elapsed, [logprob_entries(tokens, *(x[row] for x in scores))
+                                                  for row, tokens in enumerate(new_tokens)]
         return new_tokens, records, elapsed
 
 
 def _host_step(spec, *, target_params, drafts, target_cache, draft_caches, batch, base_keys, sample_index,
-               all_greedy):
+               all_greedy, logprobs):
     # Keys are derived here so the host only ships raw key data: fold_in(request key, token index).
     keys = row_keys(jax.random.wrap_key_data(base_keys), sample_index)
     return speculative_step(spec, target_params, drafts, target_cache, draft_caches,
-                            dataclasses.replace(batch, keys=keys), all_greedy)
+                            dataclasses.replace(batch, keys=keys), all_greedy, logprobs)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from specjax.sampling import argmax
+from specjax.sampling import argmax, token_logprobs
 
 
 def greedy_accept(logits: jax.Array, tokens: jax.Array, parents: jax.Array, depths: jax.Array,
@@ -49,6 +49,30 @@ def greedy_accept(logits: jax.Array, tokens: jax.Array, parents: jax.Array, dept
     path = jnp.take_along_axis(mask, last[:, None, None], axis=1)[:, 0]
     bonus = jnp.take_along_axis(prediction, last[:, None], axis=1)[:, 0]
     return last, path, bonus
+
+
+def emitted_logprobs(logits: jax.Array, tokens: jax.Array, path: jax.Array, depths: jax.Array, last: jax.Array,
+                     bonus: jax.Array, width: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``sampling.token_logprobs`` of the tokens a verification emits, from the target's logits at
+    the node each was chosen at: the accepted nodes' tokens in depth order, then the bonus token.
+
+    logits [B, N, V]; tokens, depths [B, N]; path [B, N], last, bonus [B] from an ``*_accept``;
+    width (static): emitted tokens to cover, at least the deepest path + 1. Returns logprobs
+    [B, width], top ids and top logprobs [B, width, K]; a row's entries past its accepted count
+    (+ 1 for the bonus) are meaningless. Plain decoding scores each of these tokens from the same
+    prefix, so greedy rows get the same values with or without speculation.
+    """
+    b, n = tokens.shape
+    rows = jnp.arange(b)[:, None]
+    # The path's node at each depth (the root at 0).
+    by_depth = jnp.zeros((b, width + 1), jnp.int32).at[rows, jnp.where(path, depths, width + 1)].set(
+        jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n)), mode="drop")
+    accepted = jnp.take_along_axis(depths, last[:, None], axis=1)
+    level = jnp.arange(width)
+    # Emitted token j is the path's node at depth j + 1, chosen at depth j; the bonus is chosen at ``last``.
+    source = jnp.where(level <= accepted, by_depth[:, :width], last[:, None])
+    emitted = jnp.where(level < accepted, jnp.take_along_axis(tokens, by_depth[:, 1:], axis=1), bonus[:, None])
+    return token_logprobs(jnp.take_along_axis(logits, source[:, :, None], axis=1), emitted)
 
 
 def mss_accept(target_probs: jax.Array, tokens: jax.Array, mask: jax.Array, canon: jax.Array, parents: jax.Array,

@@ -161,12 +161,14 @@ class Engine:
             self._sync_waiting()
             if not scheduler.has_work:
                 continue
+            preemptions = scheduler.preemptions
             try:
                 events = scheduler.step()
             except Exception as e:  # a failed step leaves its requests' device state unknown: drop them all
                 log.exception("engine step failed")
                 self._abort_all(EngineError(f"generation failed: {type(e).__name__}: {e}"))
                 continue
+            self.metrics.preemptions.inc(scheduler.preemptions - preemptions)
             # Before any client hears of a finished request (and sends its next): the step admitted some.
             self._sync_waiting()
             self._deliver(events)

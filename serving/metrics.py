@@ -39,6 +39,8 @@ class Metrics:
         self.prompt_tokens = Counter("specjax_prompt_tokens", "Prompt tokens of finished requests", registry=r)
         self.requests = Counter("specjax_requests", "Finished requests by finish reason", ["finish_reason"],
                                 registry=r)
+        self.preemptions = Counter("specjax_preemptions", "Requests preempted (their KV pages freed, to be "
+                                   "recomputed) because the page pool ran out", registry=r)
         self.rejected = Counter("specjax_requests_rejected", "Requests refused because the queue was full",
                                 registry=r)
         self.time_to_first_token = Histogram("specjax_time_to_first_token_seconds",

@@ -39,8 +39,9 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
     """The FastAPI app serving ``engine``'s LLM as ``model_name``; it starts and stops the engine.
 
     ``default_max_tokens``: the output limit of requests that set none; None follows OpenAI (16 for
-    completions, the rest of the context for chat). KV pages are reserved for the whole limit when a
-    request starts, so a smaller default lets more chat requests run at once.
+    completions, the rest of the context for chat). A request's KV pages grow with its output rather
+    than being reserved for its limit up front; when they run out, the newest requests are
+    preempted and recomputed later (``specjax_preemptions_total`` counts them).
     """
 
     @asynccontextmanager

@@ -132,15 +132,23 @@ class PageTable:
     def pages(self, seq_id) -> list[int]:
         return list(self._pages[seq_id])
 
+    def capacity(self, seq_id) -> int:
+        """Tokens the sequence's pages hold."""
+        return len(self._pages[seq_id]) * self.page_size
+
+    def missing(self, seq_id, num_tokens: int) -> int:
+        """Pages the sequence still needs to hold ``num_tokens`` tokens in total."""
+        return max(self.pages_for(num_tokens) - len(self._pages[seq_id]), 0)
+
     def reserve(self, seq_id, num_tokens: int) -> None:
         """Make sure the sequence has pages for ``num_tokens`` tokens in total (all-or-nothing)."""
         pages = self._pages[seq_id]
-        missing = self.pages_for(num_tokens) - len(pages)
+        missing = self.missing(seq_id, num_tokens)
         if missing > len(self._free):
             raise OutOfPagesError(
                 f"sequence {seq_id!r} needs {missing} more pages for {num_tokens} tokens; {len(self._free)} free"
             )
-        for _ in range(max(missing, 0)):
+        for _ in range(missing):
             pages.append(self._free.pop())
 
     def slots(self, seq_id, start: int, count: int) -> np.ndarray:

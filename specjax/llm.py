@@ -1,10 +1,13 @@
 """The offline generation API: ``LLM(model).generate(prompts, SamplingParams)``.
 
 Requests are scheduled onto the ModelRunner with continuous batching (``Scheduler``): up to
-``max_num_seqs`` run at once, each with pages reserved for its prompt plus ``max_tokens``; a
-finished request frees its pages and the next waiting one joins. Steps that have prompt chunks to
-prefill run before decode steps. Everything the user can get wrong is checked before the first
-compilation. The server (``serving.engine``) runs the same Scheduler, one step at a time.
+``max_num_seqs`` run at once; a request joins with KV pages for its prompt and one step, and its
+pages grow as it does. When they run out, the most recently admitted requests are preempted: their
+pages are freed and they are recomputed later from their prompt and output so far (vLLM's
+recompute policy). A finished request frees its pages and the next waiting one joins. Steps that
+have prompt chunks to prefill run before decode steps. Everything the user can get wrong is
+checked before the first compilation. The server (``serving.engine``) runs the same Scheduler,
+one step at a time.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class RequestStats:
     prefill_time_s: float = 0.0  # device time of this request's prefill steps
     ttft_s: float = 0.0  # wall time from the start of generate() to its first token
     decode_time_s: float = 0.0  # time of the steps that produced tokens 2..n (drafting included)
+    preemptions: int = 0  # times its pages went to older requests and it was recomputed
     speculation: SpeculationStats | None = None  # set when the request was decoded speculatively
 
     @property
@@ -61,7 +65,6 @@ class RequestOutput:
     finish_reason: str | None = None  # "stop" (EOS, stop token or stop string), "length" or "abort"
     stats: RequestStats = field(default_factory=RequestStats)
     logprobs: list[TokenLogprob] | None = None  # one per token id, when SamplingParams.logprobs asks
-
 
     @property
     def finished(self) -> bool:
@@ -84,7 +87,8 @@ class Request:
     params: SamplingParams
     output: RequestOutput
     max_total: int  # prompt + output tokens this request may reach
-    reserved: int  # KV tokens held for it: max_total, plus the tree depth a verification writes ahead
+    kv_limit: int  # the most KV tokens it may hold: max_total, plus the tree depth a verification writes ahead
+    num_prefill: int  # tokens to prefill: the prompt; after a preemption, the prompt and the output so far
     base_key: np.ndarray | None
     stop_ids: frozenset[int]
     detok: object
@@ -236,9 +240,9 @@ class LLM:
                                "(prompt plus at least one generated token)", "prompt")
         speculate = speculate and (self.speculator is not None or self.suffix is not None)
         max_total = min(len(ids) + params.max_tokens, self.max_model_len)
-        reserved = max_total + (self._extra_tokens() if speculate else 0)
-        if not self._fits(reserved):
-            raise RequestError(f"{label} needs {reserved} tokens of KV cache; the pool "
+        kv_limit = max_total + (self._extra_tokens() if speculate else 0)
+        if not self._fits(kv_limit):  # alone, it must always be able to finish
+            raise RequestError(f"{label} needs {kv_limit} tokens of KV cache; the pool "
                                f"holds {self.runner.pages.num_pages * self.runner.pages.page_size}", "max_tokens")
         if speculate and self.speculator is not None and not self.speculator.fits(max_total):
             raise RequestError(f"{label} needs {max_total} tokens and the tree's scratch in each draft's KV "
@@ -254,9 +258,9 @@ class LLM:
         output.stats.prompt_tokens = len(ids)
         if speculate:
             output.stats.speculation = SpeculationStats()
-        return Request(uid=uid, params=params, output=output, max_total=max_total, reserved=reserved,
-                       base_key=base_key, stop_ids=frozenset(stop_ids), detok=self.tokenizer.incremental_decoder(),
-                       speculate=speculate)
+        return Request(uid=uid, params=params, output=output, max_total=max_total, kv_limit=kv_limit,
+                       num_prefill=len(ids), base_key=base_key, stop_ids=frozenset(stop_ids),
+                       detok=self.tokenizer.incremental_decoder(), speculate=speculate)
 
     def new_request(self, prompt: Prompt, params: SamplingParams, *, speculate: bool = True) -> Request:
         """One validated request for a Scheduler (``RequestError`` names the input at fault).
@@ -320,25 +324,32 @@ class LLM:
                 for req, delta, _ in scheduler.step():
                     yield req, delta
         finally:
-            for req in list(scheduler.running):  # an abandoned stream must not leak pages
+            for req in scheduler.running + list(scheduler.waiting):  # an abandoned stream must not leak pages
                 scheduler.abort(req)
 
 
 class Scheduler:
     """Continuous batching of one LLM's requests, one step at a time.
 
-    Each ``step`` admits waiting requests in order while slots and KV pages allow, runs the prompt
-    chunks still to prefill and then, when nothing is prefilling or with ``interleave``, one decode
-    step: speculative for the requests that speculate, plain for the others. ``LLM.generate`` runs
-    a Scheduler per call; the server runs one for its whole life. Not thread-safe: one thread adds,
-    aborts and steps, so device steps never overlap.
+    Each ``step`` first gives every decoding request the KV pages its next step writes (its new
+    token, or a verified tree's depth ahead), preempting the most recently admitted requests when
+    the pool runs dry: their pages are freed and they go back to the front of the waiting queue,
+    their output kept, to be recomputed (prefilled again, prompt and output so far) when
+    re-admitted; greedy output and streams are the same as without preemption. Then, unless it
+    preempted, it admits waiting requests in order while slots and pages allow (a request joins
+    with pages for its prefill and one step), runs the prompt chunks still to prefill and, when
+    nothing is prefilling or with ``interleave``, one decode step: speculative for the requests
+    that speculate, plain for the others. ``LLM.generate`` runs a Scheduler per call; the server
+    runs one for its whole life. Not thread-safe: one thread adds, aborts and steps, so device
+    steps never overlap.
     """
 
     def __init__(self, llm: LLM, *, interleave: bool = False):
         self.llm = llm
         self.interleave = interleave  # decode while others prefill, so long prompts do not stall streams
         self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []
+        self.running: list[Request] = []  # in admission order: the last is preempted first
+        self.preemptions = 0
 
     @property
     def has_work(self) -> bool:
@@ -351,6 +362,8 @@ class Scheduler:
         """Drop a waiting or running request, freeing its pages now; False if it is not here."""
         if request in self.waiting:
             self.waiting.remove(request)
+            if request.output.stats.preemptions:  # preempted: the suffix cache still follows it
+                self._stop_suffix(request)
         elif request in self.running:
             self._finish(request)
         else:
@@ -358,17 +371,33 @@ class Scheduler:
         request.output.finish_reason = "abort"
         return True
 
+    def _lookahead(self, req: Request) -> int:
+        """KV positions past its sequence that one decode step of ``req`` may write: a tree's depth."""
+        if not req.speculate:
+            return 0
+        llm = self.llm
+        return max(llm.speculator.depth if llm.speculator else 0,
+                   llm.suffix.settings.max_spec_tokens if llm.suffix else 0)
+
+    def _kv_tokens(self, req: Request, length: int) -> int:
+        """KV tokens ``req`` needs for a decode step on a sequence of ``length`` tokens."""
+        return min(length + self._lookahead(req), req.kv_limit)
+
     def _can_admit(self, req: Request) -> bool:
         speculator = self.llm.speculator if req.speculate else None
-        return self.llm.runner.can_admit(req.reserved) and (speculator is None or speculator.can_admit(req.max_total))
+        length = req.num_prefill + 1  # the prefill and the token it samples: the first decode step
+        return self.llm.runner.can_admit(self._kv_tokens(req, length)) and (
+            speculator is None or speculator.can_admit(length))
 
     def _admit(self, req: Request) -> None:
         runner, speculator = self.llm.runner, self.llm.speculator if req.speculate else None
-        suffix = self.llm.suffix if req.speculate else None
-        runner.add_sequence(req.uid, req.reserved)
+        # A preempted request's suffix state lives on (host memory only, and its sequence is unchanged).
+        suffix = self.llm.suffix if req.speculate and not req.output.stats.preemptions else None
+        length = req.num_prefill + 1
+        runner.add_sequence(req.uid, self._kv_tokens(req, length))
         try:
             if speculator is not None:
-                speculator.start(req.uid, req.max_total)
+                speculator.start(req.uid, length)
             if suffix is not None:
                 suffix.start(req.uid, req.output.prompt_token_ids)
         except Exception:
@@ -378,21 +407,68 @@ class Scheduler:
             raise
         self.running.append(req)
 
-    def _finish(self, req: Request) -> None:
+    def _grow(self, req: Request) -> bool:
+        """Give ``req`` the pages of its next decode step, in the target and its drafts alike
+        (all or nothing); False if the pool is short."""
+        runner, speculator = self.llm.runner, self.llm.speculator if req.speculate else None
+        length = len(req.output.prompt_token_ids) + len(req.output.token_ids)
+        tokens = self._kv_tokens(req, length)
+        if not (runner.can_grow(req.uid, tokens) and (speculator is None or speculator.can_grow(req.uid, length))):
+            return False
+        runner.pages.reserve(req.uid, tokens)
+        if speculator is not None:
+            speculator.grow(req.uid, length)
+        return True
+
+    def _release(self, req: Request) -> None:
         self.llm.runner.release(req.uid)
         if req.speculate and self.llm.speculator is not None:
             self.llm.speculator.stop(req.uid)
         self.running.remove(req)
+
+    def _stop_suffix(self, req: Request) -> None:
         if req.speculate and self.llm.suffix is not None:  # the output joins the global cache for later requests
             self.llm.suffix.stop(req.uid, req.output.prompt_token_ids + req.output.token_ids)
 
+    def _finish(self, req: Request) -> None:
+        self._release(req)
+        self._stop_suffix(req)
+
+    def _preempt(self, req: Request) -> None:
+        """Free ``req``'s pages and queue it first, to be recomputed from its prompt and output so far."""
+        self._release(req)
+        req.prefilled = 0
+        req.num_prefill = len(req.output.prompt_token_ids) + len(req.output.token_ids)
+        req.output.stats.preemptions += 1
+        self.preemptions += 1
+        self.waiting.appendleft(req)  # preempted later means admitted earlier: it goes first
+
+    def _grow_running(self) -> bool:
+        """Pages for every decoding request's next step, oldest first, preempting from the newest
+        while the pool is short; returns whether anything was preempted. A request alone always
+        fits (``LLM`` refuses any that would not), so the oldest always makes progress."""
+        preempted = False
+        for req in list(self.running):
+            if req not in self.running or req.prefilled < req.num_prefill:
+                continue  # preempted already, or still prefilling into pages it was admitted with
+            while not self._grow(req):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted = True
+                if victim is req:
+                    break
+        return preempted
+
     def step(self) -> list[tuple[Request, str, bool]]:
-        """Admit what fits and run one step; returns (request, new text, finished) for each token
-        that gave a request text or finished it. Finished requests have left, their pages freed."""
+        """Grow or preempt, admit what fits and run one step; returns (request, new text, finished)
+        for each token that gave a request text or finished it. Finished requests have left, their
+        pages freed."""
         max_seqs = self.llm.runner.engine.max_num_seqs
-        while self.waiting and len(self.running) < max_seqs and self._can_admit(self.waiting[0]):
-            self._admit(self.waiting.popleft())
-        prefilling = [r for r in self.running if r.prefilled < len(r.output.prompt_token_ids)]
+        # After a preemption the pool is known to be short: admitting now would only preempt again.
+        if not self._grow_running():
+            while self.waiting and len(self.running) < max_seqs and self._can_admit(self.waiting[0]):
+                self._admit(self.waiting.popleft())
+        prefilling = [r for r in self.running if r.prefilled < r.num_prefill]
         decoding = ([r for r in self.running if r not in prefilling]
                     if self.interleave or not prefilling else [])
         events = []
@@ -446,8 +522,10 @@ class Scheduler:
                      if llm.budget is not None else [llm.suffix.settings.max_spec_tokens] * len(batch))
             for req, size in zip(batch, sizes):
                 sequence = inputs[req.uid].tokens
-                # A tree deeper than the tokens still allowed would verify positions past the request's pages.
-                draft, seconds = llm.suffix.propose(req.uid, sequence, min(size, req.max_total - len(sequence) - 1))
+                # A tree deeper than the tokens still allowed, or than its pages hold, would verify
+                # positions past them (a batch-aware size may exceed max_spec_tokens, the lookahead).
+                room = min(req.max_total - 1, llm.runner.pages.capacity(req.uid)) - len(sequence)
+                draft, seconds = llm.suffix.propose(req.uid, sequence, min(size, room))
                 req.output.stats.speculation.host_time_s += seconds
                 if bar is None or draft is None or draft.score >= bar:
                     suffix_rows.append((req, draft))
@@ -464,23 +542,23 @@ class Scheduler:
             if llm.budget is not None and llm.runner.compile_time_s == compiled:
                 llm.budget.cost.observe(len(suffix_rows), trees[0].size, elapsed)
             logprobs = scores[0] if scored else [[None] * len(t) for t in new_tokens]
-            for (req, _), tree, tokens, scores in zip(suffix_rows, trees, new_tokens, logprobs):
+            for (req, _), tree, tokens, token_logprobs in zip(suffix_rows, trees, new_tokens, logprobs):
                 record = (tree.num_nodes - 1, int(tree.depths.max()), len(tokens) - 1)
-                results.append((req, "suffix", record, tokens, scores, elapsed))
+                results.append((req, "suffix", record, tokens, token_logprobs, elapsed))
         if draft_rows:
             scored = _wants_logprobs(draft_rows)
             new_tokens, records, elapsed, *scores = llm.speculator.step([inputs[r.uid] for r in draft_rows],
                                                                         logprobs=scored)
             logprobs = scores[0] if scored else [[None] * len(t) for t in new_tokens]
-            for req, record, tokens, scores in zip(draft_rows, records, new_tokens, logprobs):
+            for req, record, tokens, token_logprobs in zip(draft_rows, records, new_tokens, logprobs):
                 llm._draft_record[0] += record[2]
                 llm._draft_record[1] += 1
-                results.append((req, "draft", record, tokens, scores, elapsed))
+                results.append((req, "draft", record, tokens, token_logprobs, elapsed))
         hybrid = llm.suffix is not None and llm.speculator is not None
         events = []
-        for req, source, (proposed, depth, accepted), tokens, scores, elapsed in results:
+        for req, source, (proposed, depth, accepted), tokens, token_logprobs, elapsed in results:
             used = 0
-            for token, logprob in zip(tokens, scores):
+            for token, logprob in zip(tokens, token_logprobs):
                 delta = self._advance(req, token, elapsed if used == 0 else 0.0, logprob)
                 used += 1
                 if delta or req.output.finished:
@@ -495,8 +573,10 @@ class Scheduler:
     def _step_input(self, req: Request) -> StepInput:
         out = req.output
         prompt = out.prompt_token_ids
-        if req.prefilled < len(prompt):
-            tokens = prompt[req.prefilled: req.prefilled + self.llm.runner.engine.prefill_chunk]
+        if req.prefilled < req.num_prefill:
+            end = min(req.prefilled + self.llm.runner.engine.prefill_chunk, req.num_prefill)
+            # A recomputed request prefills its output so far after its prompt.
+            tokens = (prompt if end <= len(prompt) else prompt + out.token_ids)[req.prefilled: end]
         else:
             tokens = out.token_ids[-1:]
         p = req.params
@@ -508,12 +588,13 @@ class Scheduler:
         ``logprob``: the token's, when the step scored it (kept if the request asked)."""
         out, stats = req.output, req.output.stats
         prompt_len = len(out.prompt_token_ids)
-        if req.prefilled < prompt_len:
-            req.prefilled = min(prompt_len, req.prefilled + self.llm.runner.engine.prefill_chunk)
+        if req.prefilled < req.num_prefill:
+            req.prefilled = min(req.num_prefill, req.prefilled + self.llm.runner.engine.prefill_chunk)
             stats.prefill_time_s += elapsed
-            if req.prefilled < prompt_len:
+            if req.prefilled < req.num_prefill:
                 return None
-            stats.ttft_s = time.perf_counter() - req.arrival
+            if not out.token_ids:  # not a recomputation
+                stats.ttft_s = time.perf_counter() - req.arrival
         else:
             stats.decode_time_s += elapsed
         out.token_ids.append(token)

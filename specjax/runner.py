@@ -163,6 +163,10 @@ class ModelRunner:
     def can_admit(self, max_tokens: int) -> bool:
         return self.pages.pages_for(max_tokens) <= self.pages.num_free
 
+    def can_grow(self, seq_id, num_tokens: int) -> bool:
+        """Whether the free pages let a sequence grow to ``num_tokens`` tokens (``pages.reserve``)."""
+        return self.pages.missing(seq_id, num_tokens) <= self.pages.num_free
+
     # -- one step -------------------------------------------------------------------------------
     def _check_batch(self, seq_ids: Sequence) -> tuple[int, int, list[int]]:
         """(batch bucket, prefix-page bucket, committed lengths) of a step's sequences."""

@@ -14,7 +14,8 @@ def test_pages_are_freed_and_reused():
     table.reserve("a", 9)  # 3 pages
     table.add("b")
     table.reserve("b", 12)  # 3 pages: the pool is now full
-    assert table.num_free == 0
+    assert table.num_free == 0 and table.capacity("b") == 12
+    assert (table.missing("b", 12), table.missing("b", 13), table.missing("b", 4)) == (0, 1, 0)
     with pytest.raises(OutOfPagesError, match="needs 1 more pages"):
         table.reserve("b", 13)
     a_pages = table.pages("a")

@@ -285,8 +285,8 @@ def test_metrics_health_and_schema(client, server):
     status, headers, text = request(url, "GET", "/metrics")
     assert status == 200 and headers["content-type"].startswith("text/plain")
     for name in ("specjax_requests_waiting", "specjax_requests_running", "specjax_kv_pages_total",
-                 "specjax_generation_tokens_total", "specjax_time_to_first_token_seconds_bucket",
-                 "specjax_time_per_output_token_seconds_count", 'specjax_speculation_tau{method="tree"}',
+                 "specjax_generation_tokens_total", "specjax_preemptions_total",
+                 "specjax_time_to_first_token_seconds_bucket", "specjax_time_per_output_token_seconds_count", 'specjax_speculation_tau{method="tree"}',
                  'specjax_speculation_acceptance_rate{method="tree"}'):
         assert name in text
     assert metric(url, "specjax_kv_pages_total") > 0 and metric(url, "specjax_generation_tokens_total") >= 3

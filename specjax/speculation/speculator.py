@@ -133,11 +133,23 @@ class TreeSpeculator:
         return all(r.pages.pages_for(self._draft_tokens(max_tokens, s)) <= r.pages.num_pages
                    for r, s in zip(self.runners, self.spec.shapes))
 
-    def start(self, seq_id, max_tokens: int) -> None:
+    def can_grow(self, seq_id, num_tokens: int) -> bool:
+        """Whether every draft's free pages let the sequence grow to ``num_tokens`` (``grow``)."""
+        return all(r.can_grow(seq_id, self._draft_tokens(num_tokens, s))
+                   for r, s in zip(self.runners, self.spec.shapes))
+
+    def grow(self, seq_id, num_tokens: int) -> None:
+        """Give each draft pages for ``num_tokens`` tokens of the sequence and a tree's scratch
+        (check ``can_grow`` first: a draft short of pages raises ``OutOfPagesError``)."""
+        for runner, shape in zip(self.runners, self.spec.shapes):
+            runner.pages.reserve(seq_id, self._draft_tokens(num_tokens, shape))
+
+    def start(self, seq_id, num_tokens: int) -> None:
+        """Register a sequence in every draft with pages for ``num_tokens`` of its tokens (``grow`` adds more)."""
         started = []
         try:
             for runner, shape in zip(self.runners, self.spec.shapes):
-                runner.add_sequence(seq_id, self._draft_tokens(max_tokens, shape))
+                runner.add_sequence(seq_id, self._draft_tokens(num_tokens, shape))
                 started.append(runner)
         except Exception:
             for runner in started:

@@ -1,0 +1,139 @@
+"""The Scheduler under KV pressure and with logprobs, on the tiny random model of the serving tests.
+
+Requests whose pages run out are preempted and recomputed without changing a token of greedy
+output, plain or speculative (suffix drafts and draft-model trees), nor a piece of a stream; the
+server counts the preemptions. Logprobs are the target's whether a token came from a plain step
+or from a verification. One LLM serves every test: compiling its steps is what takes the time.
+"""
+
+import asyncio
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from serving.engine import Engine
+from specjax.attention import AttentionMetadata, causal_mask
+from specjax.kv_cache import init_kv_cache
+from specjax.llm import LLM, RequestError, Scheduler
+from specjax.model import forward
+from specjax.runner import EngineConfig
+from specjax.sampling import SamplingParams
+from specjax.speculation.speculator import TreeSpeculation
+from specjax.speculation.suffix import HybridSpeculation, SuffixSpeculation
+from tests.test_serving import tiny_target
+
+# 8 pages of 16 tokens (the tiny target's K/V take 384 bytes a token): all eight requests start
+# with a page each, but cannot all grow to their 24 tokens. Prefill chunks of 4 tokens: recomputing
+# a request takes several, one crossing from its prompt into its output.
+TINY_POOL = EngineConfig(page_size=16, kv_cache_bytes=8 * 16 * 384, prefill_chunk=4, max_num_seqs=8,
+                         min_batch_bucket=8)
+PROMPTS = [f"t{i} t{i + 7} t{i + 3} t{2 * i + 1}" for i in range(1, 9)]
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny_target()
+
+
+@pytest.fixture(scope="module")
+def llm(target):
+    """Suffix drafts where they score at least half a token, the target as its own draft model elsewhere."""
+    return LLM(target, engine=TINY_POOL, seed=0, speculation=HybridSpeculation(
+        suffix=SuffixSpeculation(max_spec_tokens=4), min_score=0.5,
+        tree=TreeSpeculation(drafts=[target], expansion=(1, 1), max_nodes=3)))
+
+
+def run(llm, requests) -> list[list[str]]:
+    """Each request's text pieces, from a Scheduler that runs them all."""
+    scheduler = Scheduler(llm)
+    for req in requests:
+        scheduler.add(req)
+    pieces = {req.uid: [] for req in requests}
+    while scheduler.has_work:
+        for req, delta, _ in scheduler.step():
+            pieces[req.uid] += [delta] if delta else []
+    return [pieces[req.uid] for req in requests]
+
+
+async def serve(engine: Engine, requests) -> list[list[str]]:
+    """Each request's text pieces, as the server's streams deliver them."""
+    loop = asyncio.get_running_loop()
+    streams = [engine.submit(req, loop) for req in requests]
+
+    async def read(stream):
+        return [text async for text in stream]
+
+    return await asyncio.gather(*(read(s) for s in streams))
+
+
+def assert_pages_free(llm):
+    assert llm.runner.pages.num_used == 0 and all(r.pages.num_used == 0 for r in llm.speculator.runners)
+
+
+def test_preempted_requests_and_streams_read_as_if_they_ran_alone(llm):
+    params = [SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=1 if i == 0 else None)
+              for i in range(len(PROMPTS))]
+    alone = [llm.new_request(p, sp, speculate=False) for p, sp in zip(PROMPTS, params)]
+    alone_pieces = [run(llm, [req])[0] for req in alone]
+    assert not any(req.output.stats.preemptions for req in alone)
+    # Half of them speculate. The first is submitted last: the newest, it is preempted first.
+    requests = [llm.new_request(p, sp, speculate=i % 2 == 1) for i, (p, sp) in enumerate(zip(PROMPTS, params))]
+    engine = Engine(llm, max_queue=len(requests))
+    engine.start()
+    try:
+        pieces = asyncio.run(serve(engine, requests[1:] + requests[:1]))
+    finally:
+        engine.stop()
+    pieces = pieces[-1:] + pieces[:-1]
+    preemptions = [req.output.stats.preemptions for req in requests]
+    assert preemptions[0] > 0 and engine.scheduler.preemptions == sum(preemptions)
+    assert f"specjax_preemptions_total {float(sum(preemptions))}" in engine.metrics.render().decode()
+    for req, ref, got, want in zip(requests, alone, pieces, alone_pieces):
+        assert req.output.token_ids == ref.output.token_ids and req.output.finish_reason == "length"
+        assert "".join(got) == req.output.text == ref.output.text
+    assert pieces[0] == alone_pieces[0]  # plain decoding: a piece per token, preempted or not
+    first, ref = requests[0].output, alone[0].output
+    assert [e.token_id for e in first.logprobs] == first.token_ids
+    assert [e.logprob for e in first.logprobs] == pytest.approx([e.logprob for e in ref.logprobs], abs=1e-4)
+    assert sum(req.output.stats.speculation.accepted for req in requests[1::2]) > 0
+    assert_pages_free(llm)
+
+
+def test_logprobs_are_the_same_from_plain_steps_and_verification(llm, target):
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=3)
+    prompts = ["t1 t2 t3 t1 t2 t3 t1 t2", "t9 t8 t7"]  # the first repeats itself: the suffix cache drafts it
+    plain = [llm.new_request(p, params, speculate=False) for p in prompts]
+    run(llm, plain)
+    speculated = [llm.new_request(p, params) for p in prompts]
+    run(llm, speculated)
+    sources = {}
+    for req in speculated:
+        for source, steps in req.output.stats.speculation.sources.items():
+            sources[source] = sources.get(source, 0) + steps
+    assert sources.get("suffix") and sources.get("draft")
+    for req, ref in zip(speculated, plain):
+        out, ref = req.output, ref.output
+        assert out.token_ids == ref.token_ids == [e.token_id for e in out.logprobs]
+        for got, want in zip(out.logprobs, ref.logprobs):
+            assert got.logprob == pytest.approx(want.logprob, abs=1e-4) and len(got.top) == 3
+            assert [i for i, _ in got.top] == [i for i, _ in want.top]
+            assert [lp for _, lp in got.top] == pytest.approx([lp for _, lp in want.top], abs=1e-4)
+            assert got.top[0] == (got.token_id, got.logprob)  # greedy: the likeliest token
+    # The first token's: log-softmax of the raw logits of an uncached forward pass.
+    ids = plain[0].output.prompt_token_ids
+    meta = AttentionMetadata(block_tables=jnp.zeros((1, 1), jnp.int32), context_lens=jnp.zeros(1, jnp.int32),
+                             new_mask=causal_mask(1, len(ids)))
+    logits, _, _ = forward(target.params, target.config, jnp.array([ids]), jnp.arange(len(ids))[None],
+                           init_kv_cache(target.config, 1, 16), meta, logit_indices=jnp.array([[len(ids) - 1]]))
+    first = plain[0].output.logprobs[0]
+    assert first.logprob == pytest.approx(float(jax.nn.log_softmax(logits[0, 0])[first.token_id]), abs=1e-4)
+    assert_pages_free(llm)
+
+
+def test_a_request_that_cannot_fit_alone_is_refused_at_once(llm):
+    with pytest.raises(RequestError, match="KV cache") as e:
+        llm.new_request(PROMPTS[0], SamplingParams(max_tokens=200, ignore_eos=True))
+    assert e.value.param == "max_tokens"
+
+

@@ -99,8 +99,8 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-queue", type=int, default=256,
                        help="most requests waiting for a slot or KV pages; more get HTTP 429 (default: %(default)s)")
     serve.add_argument("--default-max-tokens", type=int,
-                       help="output limit of requests that set none; KV pages are reserved for all of it up front "
-                            "(default: OpenAI's, 16 for completions and the rest of the context for chat)")
+                       help="output limit of requests that set none (default: OpenAI's, 16 for completions and "
+                            "the rest of the context for chat)")
     serve.add_argument("--max-model-len", type=int, help="longest prompt plus output (default: the model's context)")
     serve.add_argument("--kv-cache-mb", type=int,
                        help="KV cache size in MiB (default: 1024 on CPU, 85%% of free memory on a GPU)")

@@ -7,7 +7,8 @@ the batch-aware policy, at several Poisson arrival rates, in one run.
 
 Each method gets its own server (``serving.server`` over its own ``LLM``, a real uvicorn server on
 a free port of 127.0.0.1, in a thread of this process) and all of them see the same requests at
-the same times:
+the same times, one server after another (all rates on one, then the next: several servers'
+compiled steps at once exhausted a small VM's memory maps):
 
   plain        no speculation (the reference)
   draft        a chain of ``--k`` tokens from ``--draft``
@@ -20,8 +21,9 @@ Requests: the chat-templated held-out requests of ``--workloads``, taken in turn
 workload; every server first answers ``--warmup`` of them in closed bursts of 1, 2, 4, ... (up to
 ``--max-batch``) so most step shapes are compiled and the suffix caches hold some earlier
 responses; then each rate gets the next ``--n`` requests. A rate's arrival times are Poisson
-(exponential gaps, seeded by ``--seed`` and the rate), the same for every method; rate by rate,
-the methods run one after another in an order rotated by one per rate, so machine drift is spread.
+(exponential gaps, seeded by ``--seed`` and the rate), the same for every method. Methods run one
+after another, so machine drift between them is not spread out: each run records the 1-minute
+load average at its start.
 
 The client streams every request (OpenAI's async client, ``stream=True``, greedy) and times it
 from the SSE stream: TTFT is the time to the first chunk carrying text, TPOT the time after it
@@ -38,7 +40,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import math
+import os
 import socket
 import sys
 import threading
@@ -312,24 +316,24 @@ def main(argv=None) -> int:
                                    page_size=args.page_size)
     draft = target if args.draft == "target" else args.draft
     runs = []
-    with contextlib.ExitStack() as stack:
-        llms, urls = {}, {}
-        for method, speculation in speculations(methods, draft, args.k, args.max_spec_tokens).items():
-            llms[method] = LLM(target, engine=engine, seed=args.seed, speculation=speculation)
-            urls[method] = stack.enter_context(running_server(llms[method]))
+    for method, speculation in speculations(methods, draft, args.k, args.max_spec_tokens).items():
+        # One server at a time: each holds its LLM's compiled steps, and five at once ran this
+        # process out of memory maps for new executables on a 2-core CPU VM (LLVM: cannot allocate memory).
+        llm = LLM(target, engine=engine, seed=args.seed, speculation=speculation)
+        with running_server(llm) as url:
             start = time.perf_counter()
-            warm_up(urls[method], warm, args.max_tokens, args.max_batch)
-            log(f"{method}: serving at {urls[method]}, warmed up with {len(warm)} requests in "
-                f"{time.perf_counter() - start:.0f} s (compiling {llms[method].compile_time_s:.0f} s in all)")
-        for i, rate in enumerate(args.rates):
-            batch = measured[i * args.n: (i + 1) * args.n]
-            offsets = poisson_offsets(rate, args.n, args.seed)
-            order = methods[i % len(methods):] + methods[: i % len(methods)]
-            for method in order:
-                run = measure(urls[method], llms[method], batch, offsets, args.max_tokens)
-                runs.append({"rate": rate, "method": method, "order": order.index(method), **run})
-                log(f"rate {rate}/s, {method}: {run['completed']}/{args.n} done in {run['seconds']:.1f} s, "
-                    f"{run['tokens_per_s']:.1f} tok/s")
+            warm_up(url, warm, args.max_tokens, args.max_batch)
+            log(f"{method}: serving at {url}, warmed up with {len(warm)} requests in "
+                f"{time.perf_counter() - start:.0f} s (compiling {llm.compile_time_s:.0f} s in all)")
+            for i, rate in enumerate(args.rates):
+                load = os.getloadavg()[0]
+                run = measure(url, llm, measured[i * args.n: (i + 1) * args.n], poisson_offsets(rate, args.n, args.seed),
+                              args.max_tokens)
+                runs.append({"rate": rate, "method": method, "load_average_1m": load, **run})
+                log(f"{method} at {rate}/s: {run['completed']}/{args.n} done in {run['seconds']:.1f} s, "
+                    f"{run['tokens_per_s']:.1f} tok/s, load average {load:.1f} at the start")
+        del llm
+        gc.collect()  # the LLM's executables and KV pool go before the next one is built
     runs = compared_with_plain(runs)
     rows = table_rows(runs, methods, args.rates)
     common.print_table(

@@ -1,8 +1,8 @@
 """The Scheduler under KV pressure and with logprobs, on the tiny random model of the serving tests.
 
 Requests whose pages run out are preempted and recomputed without changing a token of greedy
-output, plain or speculative (suffix drafts and draft-model trees), nor a piece of a stream; the
-server counts the preemptions. Logprobs are the target's whether a token came from a plain step
+output, plain or speculative (suffix drafts and draft-model trees), nor of seeded sampling, nor a
+piece of a stream; the server counts the preemptions. Logprobs are the target's whether a token came from a plain step
 or from a verification. One LLM serves every test: compiling its steps is what takes the time.
 """
 
@@ -72,8 +72,9 @@ def assert_pages_free(llm):
 
 
 def test_preempted_requests_and_streams_read_as_if_they_ran_alone(llm):
-    params = [SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=1 if i == 0 else None)
-              for i in range(len(PROMPTS))]
+    # Two plain requests sample with a seed: token i's key is the same however often it is recomputed.
+    params = [SamplingParams(temperature=0.8 if i in (2, 6) else 0, seed=i, max_tokens=20, ignore_eos=True,
+                             logprobs=1 if i == 0 else None) for i in range(len(PROMPTS))]
     alone = [llm.new_request(p, sp, speculate=False) for p, sp in zip(PROMPTS, params)]
     alone_pieces = [run(llm, [req])[0] for req in alone]
     assert not any(req.output.stats.preemptions for req in alone)
@@ -87,7 +88,8 @@ def test_preempted_requests_and_streams_read_as_if_they_ran_alone(llm):
         engine.stop()
     pieces = pieces[-1:] + pieces[:-1]
     preemptions = [req.output.stats.preemptions for req in requests]
-    assert preemptions[0] > 0 and engine.scheduler.preemptions == sum(preemptions)
+    assert preemptions[0] > 0 and preemptions[2] + preemptions[6] > 0
+    assert engine.scheduler.preemptions == sum(preemptions)
     assert f"specjax_preemptions_total {float(sum(preemptions))}" in engine.metrics.render().decode()
     for req, ref, got, want in zip(requests, alone, pieces, alone_pieces):
         assert req.output.token_ids == ref.output.token_ids and req.output.finish_reason == "length"

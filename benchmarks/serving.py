@@ -7,8 +7,9 @@ the batch-aware policy, at several Poisson arrival rates, in one run.
 
 Each method gets its own server (``serving.server`` over its own ``LLM``, a real uvicorn server on
 a free port of 127.0.0.1, in a thread of this process) and all of them see the same requests at
-the same times, one server after another (all rates on one, then the next: several servers'
-compiled steps at once exhausted a small VM's memory maps):
+the same times, one server after another, each in a fresh process (all rates on one, then the
+next: XLA's CPU executables keep their code memory for the process's life, and several servers'
+worth exhausted a small VM's):
 
   plain        no speculation (the reference)
   draft        a chain of ``--k`` tokens from ``--draft``
@@ -39,9 +40,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
-import gc
 import math
+import multiprocessing
 import os
 import socket
 import sys
@@ -294,18 +296,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def log(text: str) -> None:
+    print(f"[serving] {text}", flush=True)
+
+
+def method_runs(args: argparse.Namespace, method: str) -> list[dict]:
+    """Every rate's run against one server speculating as ``method``, after its warm-up."""
     from specjax.checkpoints import load_model
     from specjax.llm import LLM
 
-    def log(text: str) -> None:
-        print(f"[serving] {text}", flush=True)
-
-    env = common.environment()
-    if warning := common.load_warning(env):
-        log(warning)
-    methods = ["plain"] + [m for m in args.methods if m != "plain"]
     target = load_model(args.target, dtype="float32")
     requests = interleaved_requests(args.workloads, args.warmup + args.n * len(args.rates), args.seed)
     warm, measured = requests[: args.warmup], requests[args.warmup:]
@@ -315,25 +314,37 @@ def main(argv=None) -> int:
     engine = acceptance.engine_for(target.config, prompts, args.max_tokens + args.k, args.max_batch,
                                    page_size=args.page_size)
     draft = target if args.draft == "target" else args.draft
+    llm = LLM(target, engine=engine, seed=args.seed,
+              speculation=speculations([method], draft, args.k, args.max_spec_tokens)[method])
     runs = []
-    for method, speculation in speculations(methods, draft, args.k, args.max_spec_tokens).items():
-        # One server at a time: each holds its LLM's compiled steps, and five at once ran this
-        # process out of memory maps for new executables on a 2-core CPU VM (LLVM: cannot allocate memory).
-        llm = LLM(target, engine=engine, seed=args.seed, speculation=speculation)
-        with running_server(llm) as url:
-            start = time.perf_counter()
-            warm_up(url, warm, args.max_tokens, args.max_batch)
-            log(f"{method}: serving at {url}, warmed up with {len(warm)} requests in "
-                f"{time.perf_counter() - start:.0f} s (compiling {llm.compile_time_s:.0f} s in all)")
-            for i, rate in enumerate(args.rates):
-                load = os.getloadavg()[0]
-                run = measure(url, llm, measured[i * args.n: (i + 1) * args.n], poisson_offsets(rate, args.n, args.seed),
-                              args.max_tokens)
-                runs.append({"rate": rate, "method": method, "load_average_1m": load, **run})
-                log(f"{method} at {rate}/s: {run['completed']}/{args.n} done in {run['seconds']:.1f} s, "
-                    f"{run['tokens_per_s']:.1f} tok/s, load average {load:.1f} at the start")
-        del llm
-        gc.collect()  # the LLM's executables and KV pool go before the next one is built
+    with running_server(llm) as url:
+        start = time.perf_counter()
+        warm_up(url, warm, args.max_tokens, args.max_batch)
+        log(f"{method}: serving at {url}, warmed up with {len(warm)} requests in "
+            f"{time.perf_counter() - start:.0f} s (compiling {llm.compile_time_s:.0f} s in all)")
+        for i, rate in enumerate(args.rates):
+            load = os.getloadavg()[0]
+            run = measure(url, llm, measured[i * args.n: (i + 1) * args.n], poisson_offsets(rate, args.n, args.seed),
+                          args.max_tokens)
+            runs.append({"rate": rate, "method": method, "load_average_1m": load, **run})
+            log(f"{method} at {rate}/s: {run['completed']}/{args.n} done in {run['seconds']:.1f} s, "
+                f"{run['tokens_per_s']:.1f} tok/s, load average {load:.1f} at the start")
+    return runs
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    env = common.environment()
+    if warning := common.load_warning(env):
+        log(warning)
+    methods = ["plain"] + [m for m in args.methods if m != "plain"]
+    runs = []
+    for method in methods:
+        # A fresh process per server: XLA's CPU executables keep their code memory for the
+        # process's life, and four servers' worth ran it out ("LLVM ERROR: Unable to allocate
+        # section memory") on the 2-core VM.
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            runs += pool.submit(method_runs, args, method).result()
     runs = compared_with_plain(runs)
     rows = table_rows(runs, methods, args.rates)
     common.print_table(

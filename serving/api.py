@@ -5,8 +5,9 @@ client learns at once that a setting it relies on (``tools``, ``n`` > 1) is not 
 Every client mistake is an ``ApiError``: an HTTP 4xx with OpenAI's error body
 ``{"error": {"message", "type", "param", "code"}}``.
 
-Extensions to OpenAI's schema: ``top_k``, ``ignore_eos``, and ``speculation`` ("default": the
-server's configured speculation, also accepted by its method name; "none": plain decoding).
+Extensions to OpenAI's schema: ``top_k``, ``ignore_eos``, and ``speculation``: "default" (the
+server's configured method), "none" (plain decoding), or a method the server's LLM offers
+(``LLM.methods``: "tree" with draft models, "suffix" with a suffix cache, all four when hybrid).
 """
 
 from __future__ import annotations
@@ -57,8 +58,9 @@ class _Generation(_Body):
     stream_options: StreamOptions | None = None
     ignore_eos: bool | None = Field(None, description="Extension: keep generating past end-of-sequence")
     user: str | None = None
-    speculation: str | None = Field(None, description='Extension: "default" (the server\'s speculation, or its '
-                                                      'method name) or "none" (plain decoding)')
+    speculation: str | None = Field(None, description='Extension: "default" (the server\'s speculation), "none" '
+                                                      '(plain decoding), or "tree", "suffix" or "hybrid" where '
+                                                      'the server offers it')
 
 
 class CompletionRequest(_Generation):
@@ -126,19 +128,6 @@ def sampling_params(body: _Generation, max_tokens: int, limit_param: str = "max_
         name = str(e).split()[0]
         param = limit_param if name == "max_tokens" else name if name in settings else None
         raise ApiError(400, str(e), param) from None
-
-
-def speculate(body: _Generation, method: str | None) -> bool:
-    """Whether the request speculates, from its ``speculation`` field and the server's method."""
-    choice = body.speculation or "default"
-    if choice == "none":
-        return False
-    if choice == "default" or choice == method:
-        return True
-    offered = '"default", "none"' + (f' or "{method}"' if method else "")
-    raise ApiError(400, f"speculation must be {offered} (this server "
-                        f"{'speculates with ' + method if method else 'does not speculate'}), got {choice!r}",
-                   "speculation")
 
 
 # -- validation errors ------------------------------------------------------------------------

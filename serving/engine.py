@@ -80,7 +80,7 @@ class Engine:
         self.max_queue = max_queue
         self.scheduler = Scheduler(llm, interleave=True)
         pages = llm.runner.pages
-        self.metrics = Metrics(llm.speculation, waiting=lambda: self.num_waiting,
+        self.metrics = Metrics(llm.method != "none", waiting=lambda: self.num_waiting,
                                running=lambda: len(self.scheduler.running), pages_used=lambda: pages.num_used,
                                pages_total=pages.num_pages)
         self._cond = threading.Condition()

@@ -1,8 +1,9 @@
 """The server's Prometheus metrics, in a registry of its own (several servers may share a process).
 
 Gauges read the engine's state when scraped; counters and histograms are fed by the engine thread
-as requests produce tokens and finish. Speculation metrics are labelled by the LLM's method
-("tree", "suffix" or "hybrid") and cover the requests that speculated.
+as requests produce tokens and finish. Speculation metrics are labelled by each request's method
+("tree", "suffix" or "hybrid": the server's default or the one the request asked for) and cover
+the requests that speculated.
 """
 
 from __future__ import annotations
@@ -11,26 +12,20 @@ from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from specjax.speculation.speculator import TreeSpeculation
 from specjax.speculation.stats import SpeculationStats
-from specjax.speculation.suffix import HybridSpeculation, SuffixSpeculation
 
 # Seconds: from a few milliseconds (a warm small model) to a long queue wait.
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
 
-def speculation_method(speculation) -> str | None:
-    """The name of an LLM's speculation: "tree", "suffix", "hybrid", or None."""
-    return {TreeSpeculation: "tree", SuffixSpeculation: "suffix", HybridSpeculation: "hybrid"}.get(
-        type(speculation))
-
-
 class Metrics:
-    def __init__(self, speculation, *, waiting: Callable[[], int], running: Callable[[], int],
+    """``speculates``: whether the LLM offers any speculation (else no speculation metrics)."""
+
+    def __init__(self, speculates: bool, *, waiting: Callable[[], int], running: Callable[[], int],
                  pages_used: Callable[[], int], pages_total: int):
         self.registry = r = CollectorRegistry()
-        self.method = speculation_method(speculation)
+        self.speculates = speculates
         Gauge("specjax_requests_waiting", "Requests waiting for a slot or KV pages", registry=r).set_function(waiting)
         Gauge("specjax_requests_running", "Requests being prefilled or decoded", registry=r).set_function(running)
         Gauge("specjax_kv_pages_used", "KV cache pages held by running requests", registry=r).set_function(pages_used)
@@ -49,7 +44,7 @@ class Metrics:
         self.time_per_output_token = Histogram("specjax_time_per_output_token_seconds",
                                                "Mean time between a request's tokens after the first",
                                                buckets=_TPOT_BUCKETS, registry=r)
-        if self.method is not None:
+        if speculates:
             label = ["method"]
             self._spec_counters = {
                 name: Counter(f"specjax_speculation_{name}", doc, label, registry=r)
@@ -63,7 +58,7 @@ class Metrics:
                                      "Accepted / proposed speculated tokens, all requests so far", label, registry=r)
             self._sources = Counter("specjax_speculation_source_steps", "Verification steps by proposal source",
                                     ["source"], registry=r)
-            self._total = SpeculationStats()
+            self._totals: dict[str, SpeculationStats] = {}  # per method
 
     def finished(self, output, first_token_at: float | None, now: float) -> None:
         """Account a finished (or aborted) request; ``first_token_at``/``now`` are perf_counter times."""
@@ -72,16 +67,17 @@ class Metrics:
         if first_token_at is not None and len(output.token_ids) > 1:
             self.time_per_output_token.observe((now - first_token_at) / (len(output.token_ids) - 1))
         spec = output.stats.speculation
-        if self.method is None or spec is None or not spec.steps:
+        if not self.speculates or spec is None or not spec.steps:
             return
+        method = output.stats.speculation_method
         for name, value in (("steps", spec.steps), ("tokens", spec.tokens), ("proposed_tokens", spec.proposed),
                             ("accepted_tokens", spec.accepted)):
-            self._spec_counters[name].labels(self.method).inc(value)
+            self._spec_counters[name].labels(method).inc(value)
         for source, steps in spec.sources.items():
             self._sources.labels(source).inc(steps)
-        self._total = self._total.merge(spec)
-        self._tau.labels(self.method).set(self._total.tau)
-        self._acceptance.labels(self.method).set(self._total.acceptance_rate)
+        total = self._totals[method] = self._totals.get(method, SpeculationStats()).merge(spec)
+        self._tau.labels(method).set(total.tau)
+        self._acceptance.labels(method).set(total.acceptance_rate)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -26,7 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
 from serving.api import (ApiError, ChatCompletionRequest, CompletionRequest, chat_messages, completion_prompt,
-                         error_body, sampling_params, speculate, validation_error)
+                         error_body, sampling_params, validation_error)
 from serving.engine import Engine, EngineError, QueueFull, Stream
 from specjax import __version__
 from specjax.llm import RequestError
@@ -138,9 +138,10 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
         default = default_max_tokens or (llm.max_model_len if chat else COMPLETION_DEFAULT_MAX_TOKENS)
         params = sampling_params(body, max_tokens if max_tokens is not None else default, limit_param)
         try:
-            req = llm.new_request(prompt, params, speculate=speculate(body, engine.metrics.method))
+            req = llm.new_request(prompt, params, speculation=body.speculation if body.speculation is not None else "default")
         except RequestError as e:
-            raise ApiError(400, str(e), prompt_param if e.param == "prompt" else limit_param) from None
+            param = {"prompt": prompt_param, "max_tokens": limit_param}.get(e.param, e.param)
+            raise ApiError(400, str(e), param) from None
         except ValueError as e:  # token ids outside the vocabulary, a chat template's complaint
             raise ApiError(400, str(e), prompt_param) from None
         prompt_tokens = len(req.output.prompt_token_ids)
@@ -155,7 +156,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
                            code="rate_limit_exceeded", headers={"Retry-After": "1"}) from None
         except EngineError as e:
             raise ApiError(503, str(e), type="server_error") from None
-        reply = Reply(chat, model_name, engine.metrics.method, llm.tokenizer, params.logprobs)
+        reply = Reply(chat, model_name, llm.tokenizer, params.logprobs)
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
             return StreamingResponse(sse(engine, stream, reply, usage), media_type="text/event-stream",
@@ -170,8 +171,8 @@ class Reply:
     """The response bodies of one request, for completions or chat. ``top_logprobs``: the
     alternatives per token its logprobs list, None when it asked for no logprobs."""
 
-    def __init__(self, chat: bool, model: str, method: str | None, tokenizer, top_logprobs: int | None):
-        self.chat, self.model, self.method = chat, model, method
+    def __init__(self, chat: bool, model: str, tokenizer, top_logprobs: int | None):
+        self.chat, self.model = chat, model
         self.tokenizer, self.top_logprobs = tokenizer, top_logprobs
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
@@ -214,7 +215,8 @@ class Reply:
         spec = output.stats.speculation
         if spec is None:
             return None
-        return {"method": self.method, "steps": spec.steps, "tau": spec.tau, "acceptance_rate": spec.acceptance_rate}
+        return {"method": output.stats.speculation_method, "steps": spec.steps, "tau": spec.tau,
+                "acceptance_rate": spec.acceptance_rate}
 
     def full(self, output) -> dict:
         if self.chat:

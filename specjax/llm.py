@@ -17,7 +17,7 @@ import secrets
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
-from typing import Iterator, Sequence, Union
+from typing import Iterator, Literal, Sequence, Union, get_args
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +36,11 @@ from specjax.speculation.tree import tree_bucket
 
 HYBRID_PRIOR_STEPS = 4  # pseudo draft-model steps of one accepted token each, in hybrid's bar
 
+# How a request is decoded: plain steps, draft-model trees, suffix-cache trees, or either per step.
+SpeculationMethod = Literal["none", "tree", "suffix", "hybrid"]
+DRAFT_METHODS = ("tree", "hybrid")  # the methods that run the draft models
+SUFFIX_METHODS = ("suffix", "hybrid")  # the methods that ask the suffix cache for drafts
+
 Message = dict
 Prompt = Union[str, Sequence[int], Sequence[Message]]
 
@@ -48,6 +53,7 @@ class RequestStats:
     ttft_s: float = 0.0  # wall time from the start of generate() to its first token
     decode_time_s: float = 0.0  # time of the steps that produced tokens 2..n (drafting included)
     preemptions: int = 0  # times its pages went to older requests and it was recomputed
+    speculation_method: SpeculationMethod = "none"  # how it was decoded: its own choice or the LLM's default
     speculation: SpeculationStats | None = None  # set when the request was decoded speculatively
 
     @property
@@ -92,10 +98,13 @@ class Request:
     base_key: np.ndarray | None
     stop_ids: frozenset[int]
     detok: object
-    speculate: bool  # decoded by the LLM's speculation; else by plain steps
     arrival: float = field(default_factory=time.perf_counter)  # time to first token counts from here
     prefilled: int = 0
     pending_text: str = ""  # decoded text held back while it could still become a stop string
+
+    @property
+    def speculation(self) -> SpeculationMethod:
+        return self.output.stats.speculation_method
 
 
 class LLM:
@@ -155,6 +164,10 @@ class LLM:
         self.model_name = loaded.source
         self.runner = ModelRunner(loaded.config, params, engine or EngineConfig())
         self.speculation = speculation
+        # What requests may ask for; the configured method is their default.
+        self.method: SpeculationMethod = ("hybrid" if hybrid else "tree" if tree else "suffix" if suffix else "none")
+        self.methods: tuple[SpeculationMethod, ...] = tuple(
+            m for m in get_args(SpeculationMethod) if m in ("none", self.method) or self.method == "hybrid")
         self.speculator = None
         if tree is not None:
             self.speculator = TreeSpeculator(self.runner, [_load_draft(d, loaded) for d in tree.drafts],
@@ -207,9 +220,20 @@ class LLM:
             raise ValueError("this LLM does not speculate from a suffix cache")
         self.suffix.cache.save(path)
 
-    def _extra_tokens(self) -> int:
-        """Cache positions a sequence needs past its last token: a verified tree writes its depth ahead."""
-        return self.speculator.depth if self.speculator else 0
+    def _extra_tokens(self, method: SpeculationMethod) -> int:
+        """Cache positions a sequence needs past its last token: a verified draft-model tree writes
+        its depth ahead (suffix drafts are cut to the tokens still allowed)."""
+        return self.speculator.depth if method in DRAFT_METHODS else 0
+
+    def _method(self, choice: str) -> SpeculationMethod:
+        """The method a request's ``speculation`` names ("default": the LLM's own)."""
+        if choice == "default":
+            return self.method
+        if choice not in self.methods:
+            offered = ", ".join(f'"{m}"' for m in ("default",) + self.methods)
+            default = f'"default" is {self.method}' if self.method != "none" else "no speculation is configured"
+            raise RequestError(f"speculation must be one of {offered} ({default}), got {choice!r}", "speculation")
+        return choice
 
     def _fits(self, num_tokens: int) -> bool:
         return self.runner.pages.pages_for(num_tokens) <= self.runner.pages.num_pages
@@ -231,20 +255,20 @@ class LLM:
                         f"({{'role': ..., 'content': ...}}); got {type(prompt).__name__}")
 
     def _make_request(self, uid: int, label: str, prompt: Prompt, params: SamplingParams,
-                      speculate: bool = True) -> Request:
+                      speculation: str = "default") -> Request:
+        method = self._method(speculation)
         text, ids = self._prompt_ids(prompt)
         if not ids:
             raise RequestError(f"{label} is empty after tokenization", "prompt")
         if len(ids) >= self.max_model_len:
             raise RequestError(f"{label} has {len(ids)} tokens; the context holds {self.max_model_len} "
                                "(prompt plus at least one generated token)", "prompt")
-        speculate = speculate and (self.speculator is not None or self.suffix is not None)
         max_total = min(len(ids) + params.max_tokens, self.max_model_len)
-        kv_limit = max_total + (self._extra_tokens() if speculate else 0)
+        kv_limit = max_total + self._extra_tokens(method)
         if not self._fits(kv_limit):  # alone, it must always be able to finish
             raise RequestError(f"{label} needs {kv_limit} tokens of KV cache; the pool "
                                f"holds {self.runner.pages.num_pages * self.runner.pages.page_size}", "max_tokens")
-        if speculate and self.speculator is not None and not self.speculator.fits(max_total):
+        if method in DRAFT_METHODS and not self.speculator.fits(max_total):
             raise RequestError(f"{label} needs {max_total} tokens and the tree's scratch in each draft's KV "
                                "cache, more than a draft's pool holds", "max_tokens")
         stop_ids = set(params.stop_token_ids)
@@ -256,18 +280,20 @@ class LLM:
             base_key = np.asarray(jax.random.key_data(key), np.uint32)
         output = RequestOutput(prompt=text, prompt_token_ids=ids, logprobs=None if params.logprobs is None else [])
         output.stats.prompt_tokens = len(ids)
-        if speculate:
+        output.stats.speculation_method = method
+        if method != "none":
             output.stats.speculation = SpeculationStats()
         return Request(uid=uid, params=params, output=output, max_total=max_total, kv_limit=kv_limit,
                        num_prefill=len(ids), base_key=base_key, stop_ids=frozenset(stop_ids),
-                       detok=self.tokenizer.incremental_decoder(), speculate=speculate)
+                       detok=self.tokenizer.incremental_decoder())
 
-    def new_request(self, prompt: Prompt, params: SamplingParams, *, speculate: bool = True) -> Request:
+    def new_request(self, prompt: Prompt, params: SamplingParams, *, speculation: str = "default") -> Request:
         """One validated request for a Scheduler (``RequestError`` names the input at fault).
-        ``speculate=False`` decodes it by plain steps even where the LLM speculates."""
+        ``speculation``: one of ``methods`` ("none": plain steps; "tree": the draft models' trees;
+        "suffix": the suffix cache's; "hybrid": either, per step), or "default" (``method``)."""
         if not isinstance(params, SamplingParams):
             raise TypeError(f"expected SamplingParams, got {type(params).__name__}")
-        request = self._make_request(self._requests_started, "the prompt", prompt, params, speculate)
+        request = self._make_request(self._requests_started, "the prompt", prompt, params, speculation)
         self._requests_started += 1
         return request
 
@@ -339,8 +365,8 @@ class Scheduler:
     preempted, it admits waiting requests in order while slots and pages allow (a request joins
     with pages for its prefill and one step), runs the prompt chunks still to prefill and, when
     nothing is prefilling or with ``interleave``, one decode step: speculative for the requests
-    that speculate, plain for the others. ``LLM.generate`` runs a Scheduler per call; the server
-    runs one for its whole life. Not thread-safe: one thread adds, aborts and steps, so device
+    that speculate, whatever their methods, plain for the others. ``LLM.generate`` runs a
+    Scheduler per call; the server runs one for its whole life. Not thread-safe: one thread adds, aborts and steps, so device
     steps never overlap.
     """
 
@@ -373,26 +399,33 @@ class Scheduler:
 
     def _lookahead(self, req: Request) -> int:
         """KV positions past its sequence that one decode step of ``req`` may write: a tree's depth."""
-        if not req.speculate:
-            return 0
         llm = self.llm
-        return max(llm.speculator.depth if llm.speculator else 0,
-                   llm.suffix.settings.max_spec_tokens if llm.suffix else 0)
+        return max(llm.speculator.depth if req.speculation in DRAFT_METHODS else 0,
+                   llm.suffix.settings.max_spec_tokens if req.speculation in SUFFIX_METHODS else 0)
+
+    def _speculator(self, req: Request) -> TreeSpeculator | None:
+        """The draft models, if ``req`` runs them: they keep its sequence in their own caches."""
+        return self.llm.speculator if req.speculation in DRAFT_METHODS else None
+
+    def _suffix(self, req: Request) -> SuffixSpeculator | None:
+        """The suffix cache, if it follows ``req``: every speculating request's output joins it,
+        a draft-model-only request's too (as hybrid's draft-model steps do), for later requests."""
+        return self.llm.suffix if req.speculation != "none" else None
 
     def _kv_tokens(self, req: Request, length: int) -> int:
         """KV tokens ``req`` needs for a decode step on a sequence of ``length`` tokens."""
         return min(length + self._lookahead(req), req.kv_limit)
 
     def _can_admit(self, req: Request) -> bool:
-        speculator = self.llm.speculator if req.speculate else None
+        speculator = self._speculator(req)
         length = req.num_prefill + 1  # the prefill and the token it samples: the first decode step
         return self.llm.runner.can_admit(self._kv_tokens(req, length)) and (
             speculator is None or speculator.can_admit(length))
 
     def _admit(self, req: Request) -> None:
-        runner, speculator = self.llm.runner, self.llm.speculator if req.speculate else None
+        runner, speculator = self.llm.runner, self._speculator(req)
         # A preempted request's suffix state lives on (host memory only, and its sequence is unchanged).
-        suffix = self.llm.suffix if req.speculate and not req.output.stats.preemptions else None
+        suffix = self._suffix(req) if not req.output.stats.preemptions else None
         length = req.num_prefill + 1
         runner.add_sequence(req.uid, self._kv_tokens(req, length))
         try:
@@ -410,7 +443,7 @@ class Scheduler:
     def _grow(self, req: Request) -> bool:
         """Give ``req`` the pages of its next decode step, in the target and its drafts alike
         (all or nothing); False if the pool is short."""
-        runner, speculator = self.llm.runner, self.llm.speculator if req.speculate else None
+        runner, speculator = self.llm.runner, self._speculator(req)
         length = len(req.output.prompt_token_ids) + len(req.output.token_ids)
         tokens = self._kv_tokens(req, length)
         if not (runner.can_grow(req.uid, tokens) and (speculator is None or speculator.can_grow(req.uid, length))):
@@ -422,13 +455,13 @@ class Scheduler:
 
     def _release(self, req: Request) -> None:
         self.llm.runner.release(req.uid)
-        if req.speculate and self.llm.speculator is not None:
-            self.llm.speculator.stop(req.uid)
+        if (speculator := self._speculator(req)) is not None:
+            speculator.stop(req.uid)
         self.running.remove(req)
 
     def _stop_suffix(self, req: Request) -> None:
-        if req.speculate and self.llm.suffix is not None:  # the output joins the global cache for later requests
-            self.llm.suffix.stop(req.uid, req.output.prompt_token_ids + req.output.token_ids)
+        if (suffix := self._suffix(req)) is not None:  # the output joins the global cache for later requests
+            suffix.stop(req.uid, req.output.prompt_token_ids + req.output.token_ids)
 
     def _finish(self, req: Request) -> None:
         self._release(req)
@@ -474,9 +507,9 @@ class Scheduler:
         events = []
         if prefilling:
             events += self._plain_step(prefilling)
-        if speculating := [r for r in decoding if r.speculate]:
+        if speculating := [r for r in decoding if r.speculation != "none"]:
             events += self._speculative_step(speculating)
-        if plain := [r for r in decoding if not r.speculate]:
+        if plain := [r for r in decoding if r.speculation == "none"]:
             events += self._plain_step(plain)
         for req, _, finished in events:
             if finished:
@@ -485,7 +518,7 @@ class Scheduler:
 
     def _plain_step(self, batch: list[Request]) -> list[tuple[Request, str, bool]]:
         inputs = [self._step_input(r) for r in batch]
-        drafted = [x for x, r in zip(inputs, batch) if r.speculate]
+        drafted = [x for x, r in zip(inputs, batch) if self._speculator(r) is not None]
         if self.llm.speculator is not None and drafted:  # drafts read every prompt chunk the target reads
             self.llm.speculator.prefill(drafted)
         scored = _wants_logprobs(batch)
@@ -502,8 +535,10 @@ class Scheduler:
         """Speculate a tree per request, verify all trees in one target pass per source, emit the
         accepted tokens.
 
-        With a suffix cache each request first asks it for a draft; hybrid speculation sends the
-        requests whose draft scores below its bar to the draft models instead. Sampled requests
+        "tree" requests go to the draft models; "suffix" and "hybrid" ones first ask the suffix
+        cache for a draft, and hybrid sends those whose draft scores below its bar to the draft
+        models instead. All suffix drafts are verified in one pass, all draft-model trees in
+        another, whatever method each request asked for. Sampled requests
         are verified by multi-step speculative sampling: their tokens follow the target's
         distribution exactly, as plain sampling's do (not the same tokens for a seed)."""
         llm = self.llm
@@ -513,21 +548,19 @@ class Scheduler:
             inputs[req.uid] = StepInput(seq_id=req.uid, tokens=out.prompt_token_ids + out.token_ids,
                                         temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
                                         base_key=req.base_key, sample_index=len(out.token_ids))
-        suffix_rows, draft_rows = [], []
-        if llm.suffix is None:
-            draft_rows = batch
-        else:
+        suffix_rows, draft_rows = [], [r for r in batch if r.speculation == "tree"]
+        if proposing := [r for r in batch if r.speculation in SUFFIX_METHODS]:
             bar = llm._hybrid_bar() if llm.speculator is not None else None
-            sizes = (llm.budget.plan([acceptance_by_depth(r.output.stats.speculation) for r in batch]).sizes
-                     if llm.budget is not None else [llm.suffix.settings.max_spec_tokens] * len(batch))
-            for req, size in zip(batch, sizes):
+            sizes = (llm.budget.plan([acceptance_by_depth(r.output.stats.speculation) for r in proposing]).sizes
+                     if llm.budget is not None else [llm.suffix.settings.max_spec_tokens] * len(proposing))
+            for req, size in zip(proposing, sizes):
                 sequence = inputs[req.uid].tokens
                 # A tree deeper than the tokens still allowed, or than its pages hold, would verify
                 # positions past them (a batch-aware size may exceed max_spec_tokens, the lookahead).
                 room = min(req.max_total - 1, llm.runner.pages.capacity(req.uid)) - len(sequence)
                 draft, seconds = llm.suffix.propose(req.uid, sequence, min(size, room))
                 req.output.stats.speculation.host_time_s += seconds
-                if bar is None or draft is None or draft.score >= bar:
+                if req.speculation == "suffix" or draft is None or draft.score >= bar:
                     suffix_rows.append((req, draft))
                 else:
                     draft_rows.append(req)
@@ -554,7 +587,6 @@ class Scheduler:
                 llm._draft_record[0] += record[2]
                 llm._draft_record[1] += 1
                 results.append((req, "draft", record, tokens, token_logprobs, elapsed))
-        hybrid = llm.suffix is not None and llm.speculator is not None
         events = []
         for req, source, (proposed, depth, accepted), tokens, token_logprobs, elapsed in results:
             used = 0
@@ -567,7 +599,7 @@ class Scheduler:
                     break
             # A finishing request may not need every accepted token: tau counts what it received.
             req.output.stats.speculation.record(proposed, depth, accepted, tokens=used,
-                                                source=source if hybrid else None)
+                                                source=source if req.speculation == "hybrid" else None)
         return events
 
     def _step_input(self, req: Request) -> StepInput:

@@ -75,11 +75,12 @@ def test_preempted_requests_and_streams_read_as_if_they_ran_alone(llm):
     # Two plain requests sample with a seed: token i's key is the same however often it is recomputed.
     params = [SamplingParams(temperature=0.8 if i in (2, 6) else 0, seed=i, max_tokens=20, ignore_eos=True,
                              logprobs=1 if i == 0 else None) for i in range(len(PROMPTS))]
-    alone = [llm.new_request(p, sp, speculate=False) for p, sp in zip(PROMPTS, params)]
+    alone = [llm.new_request(p, sp, speculation="none") for p, sp in zip(PROMPTS, params)]
     alone_pieces = [run(llm, [req])[0] for req in alone]
     assert not any(req.output.stats.preemptions for req in alone)
     # Half of them speculate. The first is submitted last: the newest, it is preempted first.
-    requests = [llm.new_request(p, sp, speculate=i % 2 == 1) for i, (p, sp) in enumerate(zip(PROMPTS, params))]
+    requests = [llm.new_request(p, sp, speculation="default" if i % 2 else "none")
+                for i, (p, sp) in enumerate(zip(PROMPTS, params))]
     engine = Engine(llm, max_queue=len(requests))
     engine.start()
     try:
@@ -105,7 +106,7 @@ def test_preempted_requests_and_streams_read_as_if_they_ran_alone(llm):
 def test_logprobs_are_the_same_from_plain_steps_and_verification(llm, target):
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=3)
     prompts = ["t1 t2 t3 t1 t2 t3 t1 t2", "t9 t8 t7"]  # the first repeats itself: the suffix cache drafts it
-    plain = [llm.new_request(p, params, speculate=False) for p in prompts]
+    plain = [llm.new_request(p, params, speculation="none") for p in prompts]
     run(llm, plain)
     speculated = [llm.new_request(p, params) for p in prompts]
     run(llm, speculated)
@@ -139,3 +140,46 @@ def test_a_request_that_cannot_fit_alone_is_refused_at_once(llm):
     assert e.value.param == "max_tokens"
 
 
+
+
+def test_requests_of_every_method_share_steps_and_decode_as_plain_greedy(llm, monkeypatch):
+    """One batch of "none", "tree", "suffix" and "hybrid" requests: each gives plain decoding's
+    tokens, the suffix drafts are verified in one pass and the draft-model trees in another,
+    whichever method sent them there, and each request's stats are its method's."""
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    prompt = "t1 t2 t3 t1 t2 t3 t1 t2"  # repeats itself: the suffix cache drafts it
+    plain = llm.new_request(prompt, params, speculation="none")
+    run(llm, [plain])
+    requests = [llm.new_request(prompt, params, speculation=m) for m in ("none", "tree", "suffix", "hybrid")]
+    passes = []  # (pass, the methods of the requests it verified)
+
+    def spy(owner, name, ids_of):
+        real = getattr(owner, name)
+
+        def verify(*args, **kwargs):
+            passes.append((name, {r.speculation for r in requests if r.uid in ids_of(*args)}))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, verify)
+
+    spy(llm.runner, "verify", lambda ids, *_: ids)
+    spy(llm.speculator, "step", lambda inputs: [x.seq_id for x in inputs])
+    run(llm, requests)
+    for req in requests:
+        assert req.output.token_ids == plain.output.token_ids and req.output.stats.speculation_method == req.speculation
+    assert requests[0].output.stats.speculation is None
+    assert all(requests[i].output.stats.speculation.steps for i in (1, 2, 3))
+    assert requests[3].output.stats.speculation.sources and not requests[1].output.stats.speculation.sources
+    assert {"tree", "hybrid"} in [m for name, m in passes if name == "step"] or \
+        {"suffix", "hybrid"} in [m for name, m in passes if name == "verify"]
+    assert all("tree" not in m for name, m in passes if name == "verify")
+    assert all("suffix" not in m for name, m in passes if name == "step")
+    assert_pages_free(llm)
+
+
+def test_a_request_asking_for_a_method_the_llm_lacks_is_refused(target):
+    llm = LLM(target, engine=TINY_POOL, speculation=SuffixSpeculation(max_spec_tokens=4))
+    assert (llm.method, llm.methods) == ("suffix", ("none", "suffix"))
+    with pytest.raises(RequestError, match='"default", "none", "suffix"') as e:
+        llm.new_request(PROMPTS[0], SamplingParams(max_tokens=4), speculation="tree")
+    assert e.value.param == "speculation"

@@ -30,6 +30,7 @@ from specjax.llm import LLM
 from specjax.params import random_params
 from specjax.runner import EngineConfig
 from specjax.speculation.speculator import TreeSpeculation
+from specjax.speculation.suffix import HybridSpeculation, SuffixSpeculation
 from specjax.tokenizer import Tokenizer
 from tests.test_tree_speculation import TARGET, word_tokenizer
 
@@ -78,10 +79,12 @@ def serving(llm: LLM, model_name: str, **server_options):
 
 @pytest.fixture(scope="module")
 def server():
-    """The server in a thread; the target is its own draft, so every greedy proposal is accepted."""
+    """The server in a thread, hybrid: suffix drafts that score at least half a token, else the
+    target as its own draft model, so every greedy draft-model proposal is accepted."""
     target = tiny_target()
-    llm = LLM(target, engine=ENGINE, seed=0,
-              speculation=TreeSpeculation(drafts=[target], expansion=(1, 1), max_nodes=3))
+    llm = LLM(target, engine=ENGINE, seed=0, speculation=HybridSpeculation(
+        suffix=SuffixSpeculation(max_spec_tokens=4), min_score=0.5,
+        tree=TreeSpeculation(drafts=[target], expansion=(1, 1), max_nodes=3)))
     with serving(llm, MODEL) as (url, _):
         yield url, llm
 
@@ -158,22 +161,37 @@ def test_seeded_sampling_is_reproducible(client):
         return client.completions.create(model=MODEL, prompt=PROMPTS[2], max_tokens=12, temperature=0.9, seed=seed,
                                          extra_body=extra or None).choices[0].text
 
-    assert sample(7) == sample(7) and sample(7, speculation="none") == sample(7, speculation="none")
-    assert sample(8) != sample(7)
+    # Draft-model trees, not suffix drafts: those change as the cache learns, and a sampled token
+    # depends on the tree that verified it (it follows the target's distribution all the same).
+    assert sample(7, speculation="tree") == sample(7, speculation="tree")
+    assert sample(7, speculation="none") == sample(7, speculation="none") and sample(8) != sample(7)
 
 
-def test_speculation_on_and_off_give_the_same_greedy_text(client):
-    on = client.completions.create(model=MODEL, prompt=PROMPTS[3], max_tokens=20, temperature=0)
-    off = client.completions.create(model=MODEL, prompt=PROMPTS[3], max_tokens=20, temperature=0,
-                                    extra_body={"speculation": "none"})
-    named = greedy(client, PROMPTS[3], 20, speculation="tree")
-    assert on.choices[0].text == off.choices[0].text == named
-    spec = on.model_extra["speculation"]
-    assert spec["method"] == "tree" and spec["tau"] > 2.5 and spec["acceptance_rate"] == 1.0
-    assert off.model_extra["speculation"] is None
+def test_every_speculation_method_gives_the_same_greedy_text_in_one_batch(client, server):
+    """Requests asking for each method the hybrid server offers, all in flight at once: plain
+    decoding's text, each reply and metric under the request's own method."""
+    url, _ = server
+    methods = ("none", "tree", "suffix", "hybrid", "default")
+    prompt = "t1 t2 t3 t1 t2 t3 t1 t2"  # repeats itself: the suffix cache drafts it
+    steps = {m: metric(url, f'specjax_speculation_steps_total{{method="{m}"}}') for m in methods[1:4]}
+    with ThreadPoolExecutor(len(methods) * 2) as pool:
+        replies = list(pool.map(lambda m: client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=20, temperature=0, extra_body={"speculation": m}), methods * 2))
+    assert len({r.choices[0].text for r in replies}) == 1 and len(replies[0].choices[0].text.split()) == 20
+    spec = [r.model_extra["speculation"] for r in replies]
+    assert spec[0] is None and [s["method"] for s in spec[1:5]] == ["tree", "suffix", "hybrid", "hybrid"]
+    assert spec[1]["tau"] > 2.5 and spec[1]["acceptance_rate"] == 1.0  # the target drafts for itself
+    for m in methods[1:4]:
+        assert metric(url, f'specjax_speculation_steps_total{{method="{m}"}}') > steps[m]
+    assert metric(url, 'specjax_speculation_tau{method="suffix"}') > 1
+
+
+@pytest.mark.parametrize("choice", ["chain", "Tree", ""])
+def test_an_unknown_speculation_method_gets_400_listing_the_methods(client, choice):
     with pytest.raises(openai.BadRequestError) as e:
-        greedy(client, PROMPTS[3], 4, speculation="suffix")
-    assert e.value.body["param"] == "speculation" and "speculates with tree" in e.value.body["message"]
+        greedy(client, PROMPTS[3], 4, speculation=choice)
+    message = e.value.body["message"]
+    assert e.value.body["param"] == "speculation" and '"default", "none", "tree", "suffix", "hybrid"' in message
 
 
 def test_logprobs_are_the_targets_with_and_without_speculation_streamed_or_not(client):
@@ -210,7 +228,7 @@ def test_logprobs_are_the_targets_with_and_without_speculation_streamed_or_not(c
 
 
 def test_concurrent_clients_all_complete_once_and_correctly(client, server):
-    """32 clients, 3 requests each, of mixed lengths, streamed or not, speculating or not, greedy or
+    """32 clients, 3 requests each, of mixed lengths, streamed or not, of every speculation method, greedy or
     sampled, all in flight together: every one completes with its own text and the pages come back."""
     url, llm = server
     full = {p: greedy(client, p, 24).split() for p in PROMPTS}
@@ -219,10 +237,10 @@ def test_concurrent_clients_all_complete_once_and_correctly(client, server):
         results = []
         for i in range(3):
             prompt, max_tokens = PROMPTS[(worker + i) % 4], 4 + (worker * 3 + i * 5) % 21
-            extra = {"speculation": "none"} if (worker + i) % 3 == 0 else {}
+            extra = {"speculation": ("none", "default", "tree", "suffix")[(worker // 2 + i) % 4]}
             sampled = worker % 8 == 7
             kwargs = dict(model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0.8 if sampled else 0,
-                          seed=worker if sampled else None, extra_body=extra or None)
+                          seed=worker if sampled else None, extra_body=extra)
             if (worker + i) % 2:
                 text = "".join(c.choices[0].text for c in client.completions.create(stream=True, **kwargs))
                 rid = None
@@ -286,8 +304,8 @@ def test_metrics_health_and_schema(client, server):
     assert status == 200 and headers["content-type"].startswith("text/plain")
     for name in ("specjax_requests_waiting", "specjax_requests_running", "specjax_kv_pages_total",
                  "specjax_generation_tokens_total", "specjax_preemptions_total",
-                 "specjax_time_to_first_token_seconds_bucket", "specjax_time_per_output_token_seconds_count", 'specjax_speculation_tau{method="tree"}',
-                 'specjax_speculation_acceptance_rate{method="tree"}'):
+                 "specjax_time_to_first_token_seconds_bucket", "specjax_time_per_output_token_seconds_count",
+                 'specjax_speculation_tau{method="hybrid"}', 'specjax_speculation_acceptance_rate{method="hybrid"}'):
         assert name in text
     assert metric(url, "specjax_kv_pages_total") > 0 and metric(url, "specjax_generation_tokens_total") >= 3
     status, _, schema = request(url, "GET", "/openapi.json")
@@ -405,6 +423,9 @@ def test_a_drain_past_its_deadline_cancels_what_still_runs():
     llm = LLM(tiny_target(), engine=ENGINE)
     with serving(llm, MODEL, drain_timeout=0) as (url, uvicorn_server):
         client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+        with pytest.raises(openai.BadRequestError) as e:  # a server without speculation offers none
+            greedy(client, PROMPTS[0], 2, speculation="tree")
+        assert e.value.body["param"] == "speculation" and '"default", "none" (no speculation' in e.value.body["message"]
         stream = iter(client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=120, temperature=0,
                                                 stream=True))
         next(stream)

@@ -6,10 +6,10 @@ the batch-aware policy, at several Poisson arrival rates, in one run.
     python benchmarks/serving.py --rates 0.5,4 --n 32 --methods plain,suffix,batch-aware --workloads code
 
 Each method gets its own server (``serving.server`` over its own ``LLM``, a real uvicorn server on
-a free port of 127.0.0.1, in a thread of this process) and all of them see the same requests at
-the same times, one server after another, each in a fresh process (all rates on one, then the
-next: XLA's CPU executables keep their code memory for the process's life, and several servers'
-worth exhausted a small VM's):
+a free port of 127.0.0.1, in a thread of a child process that also runs the client) and all of
+them see the same requests at the same times, one server after another, each in a fresh process
+(all rates on one, then the next: XLA's CPU executables keep their code memory for the process's
+life, and several servers' worth exhausted a small VM's):
 
   plain        no speculation (the reference)
   draft        a chain of ``--k`` tokens from ``--draft``
@@ -31,7 +31,8 @@ from the SSE stream: TTFT is the time to the first chunk carrying text, TPOT the
 per further output token (usage's ``completion_tokens``), throughput the output tokens over the
 time from the first arrival to the last response. tau (tokens per verification step) and
 acceptance come from the server's Prometheus counters, read before and after each run; the
-seconds the server spent compiling during a run (none, once warm) are read from its LLM.
+seconds the server spent compiling during a run (none once every step shape is warm; the
+warm-up does not guarantee that) are read from its LLM.
 
 Results: a table on stdout and JSON in benchmarks/results/serving-<subject>-<device>-<date>.json.
 """

@@ -82,7 +82,7 @@ class Engine:
         pages = llm.runner.pages
         self.metrics = Metrics(llm.method != "none", waiting=lambda: self.num_waiting,
                                running=lambda: len(self.scheduler.running), pages_used=lambda: pages.num_used,
-                               pages_total=pages.num_pages)
+                               pages_total=pages.num_pages, compile_seconds=lambda: llm.compile_time_s)
         self._cond = threading.Condition()
         self._inbox: list[tuple[str, Stream]] = []  # ("add" | "abort", stream), applied between steps
         self._waiting = 0  # the scheduler's waiting queue after the engine thread last looked

@@ -23,13 +23,16 @@ class Metrics:
     """``speculates``: whether the LLM offers any speculation (else no speculation metrics)."""
 
     def __init__(self, speculates: bool, *, waiting: Callable[[], int], running: Callable[[], int],
-                 pages_used: Callable[[], int], pages_total: int):
+                 pages_used: Callable[[], int], pages_total: int, compile_seconds: Callable[[], float]):
         self.registry = r = CollectorRegistry()
         self.speculates = speculates
         Gauge("specjax_requests_waiting", "Requests waiting for a slot or KV pages", registry=r).set_function(waiting)
         Gauge("specjax_requests_running", "Requests being prefilled or decoded", registry=r).set_function(running)
         Gauge("specjax_kv_pages_used", "KV cache pages held by running requests", registry=r).set_function(pages_used)
         Gauge("specjax_kv_pages_total", "KV cache pages in the pool", registry=r).set(pages_total)
+        # A step of a shape not seen before compiles first, and the whole batch waits for it.
+        Gauge("specjax_compile_seconds", "Seconds the engine's steps have spent compiling new step shapes",
+              registry=r).set_function(compile_seconds)
         self.generated_tokens = Counter("specjax_generation_tokens", "Tokens generated", registry=r)
         self.prompt_tokens = Counter("specjax_prompt_tokens", "Prompt tokens of finished requests", registry=r)
         self.requests = Counter("specjax_requests", "Finished requests by finish reason", ["finish_reason"],

@@ -308,6 +308,7 @@ def test_metrics_health_and_schema(client, server):
                  'specjax_speculation_tau{method="hybrid"}', 'specjax_speculation_acceptance_rate{method="hybrid"}'):
         assert name in text
     assert metric(url, "specjax_kv_pages_total") > 0 and metric(url, "specjax_generation_tokens_total") >= 3
+    assert metric(url, "specjax_compile_seconds") > 0  # the server compiled its steps on first use
     status, _, schema = request(url, "GET", "/openapi.json")
     assert status == 200 and {"/v1/completions", "/v1/chat/completions", "/v1/models"} <= set(schema["paths"])
 

@@ -33,7 +33,7 @@ def time_task(task: tasks.Task, *, repeats: int, input_sets: int, peaks: dict, s
     """One task's baselines, timed on ``task.bench_shapes[0]`` (or ``test_shapes[0]`` off GPUs)."""
     on_gpu = jax.default_backend() == "gpu"
     shape = (task.bench_shapes if on_gpu else task.test_shapes)[0]
-    static = {k: tuple(v) if isinstance(v, list) else v for k, v in task.static(shape).items()}
+    static = task.static(shape)
     atol, rtol = task.tolerance_for(shape)
     row = {"task": task.name, "family": task.family, "level": task.level, "shape": shape, "baselines": {}}
     try:
@@ -63,8 +63,7 @@ def time_task(task: tasks.Task, *, repeats: int, input_sets: int, peaks: dict, s
 def time_baselines(names: list[str] | None = None, *, repeats: int = 50, input_sets: int = 3,
                    peaks_cache: Path = PEAKS_CACHE) -> dict:
     """Every named task's baselines (all tasks when ``names`` is None), with the device and its peaks."""
-    known = tasks.all_tasks()
-    chosen = [tasks.get(n) for n in names] if names else list(known.values())
+    chosen = [tasks.get(n) for n in names] if names else list(tasks.all_tasks().values())
     peaks = measure_peaks(peaks_cache)
     return {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(), "jax": jax.__version__,
             "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "peaks": peaks, "repeats": repeats,
@@ -94,7 +93,8 @@ def markdown(report: dict) -> str:
             continue
         for name, e in row["baselines"].items():
             if "seconds" not in e:
-                rows.append(f"| {row['task']} | {row['family']} | {name} | — | — | — | — | {e.get('error', '')} |")
+                rows.append(f"| {row['task']} | {row['family']} | {name} | — | — | — | — | "
+                            f"{e.get('error', '')} |")
                 continue
             rows.append(f"| {row['task']} | {row['family']} | {name} | {e['seconds'] * 1e6:.1f} | "
                         f"{e['bandwidth_fraction']:.1%} | {e['flops_fraction']:.1%} | "

@@ -207,14 +207,11 @@ def _worker() -> None:
     reference = jax.jit(task.reference, static_argnames=task.static_keys)
     out: dict = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend()}
 
-    def static_of(shape):
-        return {k: tuple(v) if isinstance(v, list) else v for k, v in task.static(shape).items()}
-
     timed_shape = shapes[0]
     timed_sets = [task.inputs(timed_shape, s) for s in spec["seeds"]] if timing else []
     if timing:
         peaks = measure_peaks(Path(spec["peaks_cache"]))
-        baselines = {name: median_time(fn, timed_sets, static_of(timed_shape), spec["repeats"], perf_counter, block)
+        baselines = {name: median_time(fn, timed_sets, task.static(timed_shape), spec["repeats"], perf_counter, block)
                      for name, fn in task.all_baselines().items() if on_gpu or name not in task.gpu_baselines}
 
     workdir = Path.cwd()
@@ -230,7 +227,7 @@ def _worker() -> None:
         guard.after_call(module)
         worst, previous = 0.0, []
         for shape in shapes:
-            static = static_of(shape)
+            static = task.static(shape)
             atol, rtol = task.tolerance_for(shape)
             for seed in spec["seeds"]:
                 args = task.inputs(shape, seed)
@@ -247,10 +244,11 @@ def _worker() -> None:
         out["correct"] = worst <= 1
         if timing and out["correct"]:
             with guard.active():
-                seconds = median_time(kernel, timed_sets, static_of(timed_shape), spec["repeats"], perf_counter, block)
+                seconds = median_time(kernel, timed_sets, task.static(timed_shape), spec["repeats"], perf_counter,
+                                      block)
             guard.after_call(module)
             moved = sum(a.nbytes for a in timed_sets[0]) + sum(
-                np.asarray(x).nbytes for x in compare.leaves(reference(*timed_sets[0], **static_of(timed_shape))))
+                np.asarray(x).nbytes for x in compare.leaves(reference(*timed_sets[0], **task.static(timed_shape))))
             best = min(baselines.values())
             out["timing"] = {"shape": timed_shape, "candidate_s": seconds, "baselines_s": baselines,
                              "speedup": best / seconds, "bandwidth_fraction": moved / seconds / peaks["bandwidth"],

@@ -54,7 +54,7 @@ def test_each_templates_default_config_lowers_to_triton_for_cuda(task):
     module = types.ModuleType(f"template_{task}")
     exec(source.replace('INTERPRET = jax.default_backend() != "gpu"', "INTERPRET = False"), module.__dict__)
     shape = spec.test_shapes[0]
-    static = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.static(shape).items()}
+    static = spec.static(shape)
     lowered = jax.jit(lambda *args: module.kernel(*args, **static)).trace(*spec.inputs(shape, 0)).lower(
         lowering_platforms=("cuda",))
     assert "__gpu$xla.gpu.triton" in lowered.as_text()

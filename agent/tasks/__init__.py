@@ -54,7 +54,9 @@ class Task:
     inputs_note: str = ""
 
     def static(self, shape: Shape) -> dict[str, Any]:
-        return {k: shape[k] for k in self.static_keys}
+        """The shape's static arguments, hashable as ``jax.jit`` wants them (a list, as JSON brings
+        shapes back, becomes a tuple)."""
+        return {k: tuple(shape[k]) if isinstance(shape[k], list) else shape[k] for k in self.static_keys}
 
     def inputs(self, shape: Shape, seed: int) -> tuple:
         """The task's inputs for ``shape`` from ``seed``: device arrays, deterministic in the seed."""

@@ -338,7 +338,7 @@ def add_method_args(p: argparse.ArgumentParser, draft_required: bool = True) -> 
     p.add_argument("--target", default="smollm2-135m", help="target model name or path (default %(default)s)")
     p.add_argument("--draft", action="append", required=draft_required, default=[],
                    help="draft name or directory, 'target' or 'random'; repeat for several drafts")
-    p.add_argument("--methods", type=lambda s: [m.strip() for m in s.split(",") if m.strip()],
+    p.add_argument("--methods", type=common.name_list,
                    help=f"comma-separated, from {', '.join(METHODS)} (default: see below)")
     p.add_argument("--max-nodes", type=int, default=DEFAULT_MAX_NODES,
                    help="node budget per step, root included, at most 128 (default %(default)s)")

@@ -38,6 +38,21 @@ def int_list(text: str) -> list[int]:
     return values
 
 
+def name_list(text: str) -> list[str]:
+    """``"chat, code"`` -> ["chat", "code"] (argparse ``type=``): comma-separated, blanks dropped."""
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def add_target_and_draft(parser) -> None:
+    """``--target``, ``--draft`` (one draft, or ``target``) and ``--k``, as the scripts that compare
+    one draft chain against other methods take them."""
+    parser.add_argument("--target", default="smollm2-135m", help="target model name or path (default %(default)s)")
+    parser.add_argument("--draft", default="smollm2-135m-draft-a",
+                        help="draft of the draft and hybrid methods: a draft name or directory, or 'target' (the "
+                             "target itself: every proposal accepted, a sanity check) (default %(default)s)")
+    parser.add_argument("--k", type=int, default=4, help="draft chain length (default %(default)s)")
+
+
 # ---------------------------------------------------------------------------- environment
 def cpu_cores() -> int:
     """CPUs this process may run on (the affinity mask, not the host's total)."""

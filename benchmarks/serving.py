@@ -244,22 +244,14 @@ def positive_floats(text: str) -> list[float]:
     return values
 
 
-def names(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--target", default="smollm2-135m", help="target model name or path (default %(default)s)")
-    p.add_argument("--draft", default="smollm2-135m-draft-a",
-                   help="draft of the draft and hybrid methods: a draft name or directory, or 'target' (the target "
-                        "itself: every proposal accepted, a sanity check) (default %(default)s)")
-    p.add_argument("--k", type=int, default=4, help="draft chain length (default %(default)s)")
+    common.add_target_and_draft(p)
     p.add_argument("--max-spec-tokens", type=int, default=31, help="suffix draft size at most (default %(default)s)")
-    p.add_argument("--methods", type=names, default=list(METHODS),
+    p.add_argument("--methods", type=common.name_list, default=list(METHODS),
                    help=f"comma-separated, from {', '.join(METHODS)} (default: all; plain always runs)")
-    p.add_argument("--workloads", type=names, default=["chat", "code", "agentic"],
+    p.add_argument("--workloads", type=common.name_list, default=["chat", "code", "agentic"],
                    help="comma-separated workloads, their requests taken in turn (default chat,code,agentic)")
     p.add_argument("--rates", type=positive_floats, default=[0.2, 0.5, 2.0],
                    help="Poisson arrival rates, requests per second (default 0.2,0.5,2)")

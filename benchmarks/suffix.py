@@ -71,12 +71,8 @@ def summarize(label: str, outputs, seconds: float, reference) -> dict:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--target", default="smollm2-135m", help="target model name or path (default %(default)s)")
-    p.add_argument("--draft", default="smollm2-135m-draft-a",
-                   help="draft for the draft and hybrid methods: a draft name or directory, or 'target' (the "
-                        "target itself, a sanity check: every proposal accepted)")
-    p.add_argument("--k", type=int, default=4, help="draft chain length (default %(default)s)")
-    p.add_argument("--methods", type=lambda s: [m.strip() for m in s.split(",") if m.strip()], default=list(METHODS),
+    common.add_target_and_draft(p)
+    p.add_argument("--methods", type=common.name_list, default=list(METHODS),
                    help=f"comma-separated, from {', '.join(METHODS)} (default: all; plain always runs)")
     p.add_argument("--workload", default="agentic", choices=sorted(WORKLOADS), help="(default %(default)s)")
     p.add_argument("--n", type=int, default=16, help="measured requests (default %(default)s)")

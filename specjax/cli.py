@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 from specjax import __version__
 
@@ -110,6 +111,16 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="seconds running requests may finish in after SIGTERM before they are cancelled "
                             "(default: %(default)s)")
     serve.add_argument("--seed", type=int, help="seed of unseeded requests' sampling (default: random)")
+    serve.add_argument("--warmup", action="store_true",
+                       help="compile every step shape before taking requests (LLM.warm_up): no request then waits "
+                            "for a compilation, which stalls the whole batch; start-up takes longer")
+    serve.add_argument("--warmup-max-len", type=int,
+                       help="with --warmup, compile the shapes of sequences up to this many tokens; longer ones "
+                            "compile when met (default: --max-model-len)")
+    serve.add_argument("--compile-cache", default=os.environ.get("SPECJAX_COMPILE_CACHE"),
+                       help="directory of JAX's persistent compilation cache, so a restart reuses earlier "
+                            "compilations; '' turns it off (default: $SPECJAX_COMPILE_CACHE, else xla/ in the "
+                            "model cache, ~/.cache/specjax)")
 
     commands.add_parser("models", help="list the built-in model names",
                         description="List the built-in model names and where each comes from.")
@@ -231,18 +242,24 @@ def _serve(args) -> int:
     from specjax.llm import LLM
     from specjax.runner import EngineConfig
 
-    for name in ("max_batch", "max_queue", "kv_cache_mb", "default_max_tokens"):
+    for name in ("max_batch", "max_queue", "kv_cache_mb", "default_max_tokens", "warmup_max_len"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
+    if args.compile_cache != "":
+        from specjax.checkpoints.registry import cache_dir
+
+        use_compile_cache(args.compile_cache or cache_dir() / "xla")
     speculation = _speculation(args)
     engine_config = EngineConfig(max_num_seqs=args.max_batch, max_model_len=args.max_model_len,
                                  kv_cache_bytes=args.kv_cache_mb << 20 if args.kv_cache_mb else None)
     print(f"specjax: loading {args.model} …", file=sys.stderr, flush=True)
     llm = LLM(args.model, dtype=args.dtype, engine=engine_config, seed=args.seed, speculation=speculation)
+    if args.warmup:
+        _warm_up(llm, args.warmup_max_len)
     engine = Engine(llm, max_queue=args.max_queue)
     app = create_app(engine, model_name=args.served_model_name or args.model, api_key=args.api_key,
                      default_max_tokens=args.default_max_tokens)
@@ -252,6 +269,31 @@ def _serve(args) -> int:
     if args.suffix_cache:
         llm.save_suffix_cache(args.suffix_cache)
     return 0
+
+
+def use_compile_cache(directory: str | os.PathLike) -> None:
+    """Keep every compiled executable in JAX's persistent cache at ``directory``: a server that
+    restarts loads its step shapes instead of compiling them again (a small model's steps compile
+    in under JAX's default 1 s threshold, hence 0)."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+def _warm_up(llm, max_len: int | None) -> None:
+    start, reported = time.perf_counter(), [0]
+
+    def progress(done: int, total: int) -> None:
+        if done == total or time.perf_counter() - start > 10 * (reported[0] + 1):
+            reported[0] += 1
+            print(f"specjax: warm-up compiled {done}/{total} step shapes in {time.perf_counter() - start:.0f} s",
+                  file=sys.stderr, flush=True)
+
+    print(f"specjax: warming up: compiling the step shapes of sequences up to {max_len or llm.max_model_len} "
+          "tokens …", file=sys.stderr, flush=True)
+    if llm.warm_up(max_len, progress) == 0:
+        print("specjax: warm-up found every step shape compiled", file=sys.stderr, flush=True)
 
 
 def _models(_args) -> int:

@@ -32,7 +32,7 @@ from specjax.speculation.budget import SpeculationBudget, StepCostModel, accepta
 from specjax.speculation.speculator import TreeSpeculation, TreeSpeculator
 from specjax.speculation.stats import SpeculationStats
 from specjax.speculation.suffix import HybridSpeculation, SuffixSpeculation, SuffixSpeculator, draft_trees
-from specjax.speculation.tree import tree_bucket
+from specjax.speculation.tree import TREE_SIZES, tree_bucket
 
 HYBRID_PRIOR_STEPS = 4  # pseudo draft-model steps of one accepted token each, in hybrid's bar
 
@@ -198,6 +198,29 @@ class LLM:
     def compile_time_s(self) -> float:
         """Seconds spent compiling steps so far (never counted in any step's time)."""
         return self.runner.compile_time_s + (self.speculator.all_compile_time_s if self.speculator else 0.0)
+
+    def warm_up(self, max_len: int | None = None, progress=None) -> int:
+        """Compile, without running anything, every step shape the methods this LLM offers meet
+        for sequences of up to ``max_len`` tokens (default ``max_model_len``): plain decoding and
+        prompt chunks, suffix trees of every size bucket up to ``max_spec_tokens``, and the draft
+        models' tree steps, at every batch and prefix bucket. A compilation stalls every request
+        in the batch, so a server compiles before it takes traffic, as vLLM captures its CUDA
+        graphs at start-up. Returns how many shapes were new; ``progress(done, total)`` is called
+        after each. Shapes still left to first use: a long prompt's last partial chunk after a
+        prefix, a recomputed (preempted) request's prompt, and draft-model steps with logprobs or
+        after suffix steps (hybrid)."""
+        tree_sizes = ()
+        if self.suffix is not None:
+            largest = tree_bucket(1 + self.suffix.settings.max_spec_tokens)
+            tree_sizes = tuple(s for s in TREE_SIZES if s <= largest)
+        jobs = self.runner.warm_up_jobs(tree_sizes, max_len)
+        if self.speculator is not None:
+            jobs += self.speculator.warm_up_jobs(max_len)
+        for done, job in enumerate(jobs, 1):
+            job()
+            if progress is not None:
+                progress(done, len(jobs))
+        return len(jobs)
 
     def _hybrid_bar(self) -> float:
         """The score a suffix draft needs for hybrid speculation to take it over the draft models."""

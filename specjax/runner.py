@@ -2,8 +2,11 @@
 
 A step appends T new tokens to each of B sequences (a prefill chunk, or one decode token), writes
 their K/V into the cache, and samples each sequence's next token. Shapes are bucketed to powers of
-two in B, T and the number of prefix pages read, so a long generation compiles a handful of times.
-Host-side bookkeeping (which pages each sequence owns) lives in ``kv_cache.PageTable``.
+two in B, T and the number of prefix pages read, so a long generation compiles a handful of times;
+``ModelRunner.warm_up`` compiles every bucket a server can meet before it takes traffic. Whether a
+step samples and whether it scores logprobs are run-time switches, not shapes: one executable per
+bucket serves greedy and sampled rows, with and without logprobs. Host-side bookkeeping (which
+pages each sequence owns) lives in ``kv_cache.PageTable``.
 """
 
 from __future__ import annotations
@@ -31,6 +34,15 @@ def next_power_of_two(n: int, minimum: int = 1) -> int:
     return max(minimum, 1 << max(n - 1, 0).bit_length())
 
 
+def powers_of_two(low: int, high: int) -> list[int]:
+    """Powers of two from ``low`` up to ``high`` (both powers of two)."""
+    return [1 << e for e in range(low.bit_length() - 1, high.bit_length())]
+
+
+# Multi-token steps (prompt chunks) pad to at least this many tokens: short prompts share a shape.
+MIN_PREFILL_BUCKET = 16
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Runtime knobs of the runner (not of the model).
@@ -47,10 +59,14 @@ class EngineConfig:
     max_num_seqs: int = 32
     prefill_chunk: int = 512
     min_batch_bucket: int | None = None  # None: the backend's default (see backend_defaults)
+    # Steps read at least this many prefix pages (masked past each sequence's length): short
+    # contexts share one shape instead of four. 8 x 16 tokens cost no measurable time on a 2-core
+    # CPU (SmolLM2-135M, batch 4: 24.2 ms reading 1 page, 24.6 ms reading 8, 2026-11-26).
+    min_page_bucket: int = 8
     compiler_options: tuple[tuple[str, str | bool | int], ...] | None = None  # XLA options; None: backend default
 
     def __post_init__(self):
-        for name in ("page_size", "max_num_seqs", "prefill_chunk") + (
+        for name in ("page_size", "max_num_seqs", "prefill_chunk", "min_page_bucket") + (
                 ("min_batch_bucket",) if self.min_batch_bucket is not None else ()):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -109,6 +125,9 @@ class CompiledBuckets:
     def __len__(self) -> int:
         return len(self._executables)
 
+    def __contains__(self, key: tuple) -> bool:
+        return key in self._executables
+
     def get(self, key: tuple, fn, *args, **kwargs) -> jax.stages.Compiled:
         """The executable of jitted ``fn`` for bucket ``key``, lowered for ``args``/``kwargs`` if new."""
         compiled = self._executables.get(key)
@@ -134,18 +153,89 @@ class ModelRunner:
         self.cache: KVCache = init_kv_cache(config, num_pages, engine.page_size, self.dtype)
         self.pages = PageTable(num_pages, engine.page_size)
         min_bucket, options = backend_defaults(jax.devices()[0].platform)
-        self.min_batch_bucket = engine.min_batch_bucket or min_bucket
+        self.min_batch_bucket = next_power_of_two(engine.min_batch_bucket or min_bucket)
+        self.max_page_bucket = next_power_of_two(self.pages.pages_for(self.max_model_len))
+        self._min_page_bucket = min(next_power_of_two(engine.min_page_bucket), self.max_page_bucket)
         self.compiler_options = dict(engine.compiler_options) if engine.compiler_options is not None else options
         self._compiled = CompiledBuckets(self.compiler_options)  # by (kind, B, T, pages) bucket
-        self._step = jax.jit(functools.partial(_step, config=config), donate_argnames=("cache",),
-                             static_argnames=("logprobs",))
-        self._verify = jax.jit(functools.partial(_verify_step, config=config), donate_argnames=("cache",),
-                               static_argnames=("all_greedy", "logprobs"))
+        self._step = jax.jit(functools.partial(_step, config=config), donate_argnames=("cache",))
+        self._verify = jax.jit(functools.partial(_verify_step, config=config), donate_argnames=("cache",))
 
     @property
     def compile_time_s(self) -> float:
         """Seconds spent compiling this runner's steps (never counted in a step's time)."""
         return self._compiled.compile_time_s
+
+    @property
+    def num_compiled(self) -> int:
+        """Executables compiled so far (one per step kind and shape bucket)."""
+        return len(self._compiled)
+
+    # -- shape buckets --------------------------------------------------------------------------
+    def batch_bucket(self, rows: int) -> int:
+        return next_power_of_two(rows, self.min_batch_bucket)
+
+    def page_bucket(self, num_pages: int) -> int:
+        """Prefix pages a step reads for sequences of up to ``num_pages`` pages: a power of two, at
+        least ``min_page_bucket`` unless the longest sequence needs fewer."""
+        return next_power_of_two(num_pages, self._min_page_bucket)
+
+    def token_bucket(self, num_tokens: int) -> int:
+        """New tokens per row of a step: 1 for decoding, a padded chunk for prefill."""
+        return 1 if num_tokens == 1 else next_power_of_two(num_tokens, MIN_PREFILL_BUCKET)
+
+    def buckets(self, max_len: int | None = None) -> dict[str, list[int]]:
+        """Every bucket a step can take, for sequences of up to ``max_len`` tokens (default
+        ``max_model_len``): "batch" rows, "pages" of prefix, "prefill" chunk tokens."""
+        max_len = min(max_len or self.max_model_len, self.max_model_len)
+        return {"batch": powers_of_two(self.batch_bucket(1), self.batch_bucket(self.engine.max_num_seqs)),
+                "pages": powers_of_two(self.page_bucket(1), self.page_bucket(self.pages.pages_for(max_len))),
+                "prefill": powers_of_two(self.token_bucket(2), self.token_bucket(min(self.engine.prefill_chunk, max_len)))}
+
+    def step_keys(self, max_len: int | None = None) -> list[tuple]:
+        """The (kind, B, T, pages) buckets of plain steps a server meets for sequences of up to
+        ``max_len`` tokens: decoding at every batch and prefix size; prompt chunks of every size
+        over a fresh sequence, and full chunks after any prefix (a long prompt's later chunks).
+        A long prompt's last, partial chunk and a preempted request's recomputation may still meet
+        a new bucket."""
+        buckets = self.buckets(max_len)
+        pages, chunk = buckets["pages"], buckets["prefill"][-1]
+        keys = [("step", b, 1, p) for b in buckets["batch"] for p in pages]
+        keys += [("step", b, t, pages[0]) for b in buckets["batch"] for t in buckets["prefill"]]
+        keys += [("step", b, chunk, p) for b in buckets["batch"] for p in pages[1:]]
+        return keys
+
+    def verify_keys(self, tree_sizes: Sequence[int], max_len: int | None = None) -> list[tuple]:
+        """The ("verify", B, N, pages) buckets of verification steps of ``tree_sizes``-node trees."""
+        buckets = self.buckets(max_len)
+        return [("verify", b, n, p) for b in buckets["batch"] for n in tree_sizes for p in buckets["pages"]]
+
+    def has_executable(self, key: tuple) -> bool:
+        return key in self._compiled
+
+    def compile(self, key: tuple) -> None:
+        """Compile the executable of a ("step", B, T, pages) or ("verify", B, N, pages) bucket, if new."""
+        kind, b, t, p = key
+        if kind == "step":
+            self._compiled.get(key, self._step, self.params, cache=self.cache, **self._step_arrays(b, t, p))
+        elif kind == "verify":
+            self._compiled.get(key, self._verify, self.params, cache=self.cache, **self._verify_arrays(b, t, p))
+        else:
+            raise ValueError(f"unknown step kind {kind!r} in bucket {key!r}")
+
+    def warm_up_jobs(self, tree_sizes: Sequence[int] = (), max_len: int | None = None) -> list:
+        """One thunk per bucket not yet compiled among the plain-step buckets (``step_keys``) and
+        the verification buckets of ``tree_sizes``-node trees; each compiles it without running."""
+        keys = self.step_keys(max_len) + self.verify_keys(tree_sizes, max_len)
+        return [functools.partial(self.compile, k) for k in keys if not self.has_executable(k)]
+
+    def warm_up(self, tree_sizes: Sequence[int] = (), max_len: int | None = None) -> int:
+        """Compile ahead every bucket of ``warm_up_jobs``, so no step waits for a compilation;
+        returns how many were new."""
+        jobs = self.warm_up_jobs(tree_sizes, max_len)
+        for job in jobs:
+            job()
+        return len(jobs)
 
     # -- sequence lifecycle ------------------------------------------------------------------
     def add_sequence(self, seq_id, max_tokens: int) -> None:
@@ -175,22 +265,41 @@ class ModelRunner:
         if len(seq_ids) > self.engine.max_num_seqs:
             raise ValueError(f"{len(seq_ids)} sequences in one step; max_num_seqs is {self.engine.max_num_seqs}")
         lengths = [self.pages.length(s) for s in seq_ids]
-        b = next_power_of_two(len(seq_ids), self.min_batch_bucket)
-        p = next_power_of_two(max(self.pages.pages_for(length) for length in lengths))
+        b = self.batch_bucket(len(seq_ids))
+        p = self.page_bucket(max(self.pages.pages_for(length) for length in lengths))
         return b, p, lengths
 
-    def _prefix(self, seq_ids: Sequence, b: int, p: int, lengths: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        """[b, p] block tables and [b] committed lengths, padding rows empty."""
-        block_tables = np.zeros((b, p), np.int32)
-        block_tables[: len(seq_ids)] = self.pages.block_table(list(seq_ids), p)
-        context_lens = np.zeros((b,), np.int32)
-        context_lens[: len(seq_ids)] = lengths
-        return block_tables, context_lens
+    def _prefix(self, args: dict, seq_ids: Sequence, lengths: Sequence[int]) -> None:
+        """Fill ``args``' block tables and committed lengths for a step's sequences (rows past them stay empty)."""
+        p = args["block_tables"].shape[1]
+        args["block_tables"][: len(seq_ids)] = self.pages.block_table(list(seq_ids), p)
+        args["context_lens"][: len(seq_ids)] = lengths
 
-    def _run(self, fn, key: tuple, args: dict, static: dict | None = None):
-        """Run jitted ``fn`` with the cache donated, compiling per shape bucket ``key`` (timed apart);
-        ``static``: its static arguments (they select the executable, so ``key`` must cover them)."""
-        compiled = self._compiled.get(key, fn, self.params, cache=self.cache, **args, **(static or {}))
+    @staticmethod
+    def _common_arrays(b: int, p: int) -> dict:
+        """The arrays every step takes, for a [b]-row batch reading [p] prefix pages: empty rows,
+        greedy, no logprobs."""
+        return dict(block_tables=np.zeros((b, p), np.int32), context_lens=np.zeros((b,), np.int32),
+                    temperature=np.zeros((b,), np.float32), top_k=np.zeros((b,), np.int32),
+                    top_p=np.ones((b,), np.float32), base_keys=np.zeros((b, 2), np.uint32),
+                    sample_index=np.zeros((b,), np.int32), logprobs=np.zeros((), bool))
+
+    def _step_arrays(self, b: int, t: int, p: int) -> dict:
+        """``_step``'s arguments for bucket (b, t, p), every row empty: what a step fills in, and
+        what compiling the bucket ahead of time lowers for."""
+        return dict(self._common_arrays(b, p), tokens=np.zeros((b, t), np.int32), positions=np.zeros((b, t), np.int32),
+                    slots=np.full((b, t), INVALID_SLOT, np.int32), last=np.zeros((b, 1), np.int32))
+
+    def _verify_arrays(self, b: int, n: int, p: int) -> dict:
+        """``_verify_step``'s arguments for bucket (b, n, p), every row an empty root-only tree."""
+        return dict(self._common_arrays(b, p), tokens=np.zeros((b, n), np.int32), positions=np.zeros((b, n), np.int32),
+                    mask=np.broadcast_to(np.eye(n, dtype=bool), (b, n, n)).copy(),
+                    parents=np.full((b, n), -1, np.int32), depths=np.zeros((b, n), np.int32),
+                    live=np.zeros((b, n), bool), position_slots=np.full((b, n), INVALID_SLOT, np.int32))
+
+    def _run(self, fn, key: tuple, args: dict):
+        """Run jitted ``fn`` with the cache donated, compiling per shape bucket ``key`` (timed apart)."""
+        compiled = self._compiled.get(key, fn, self.params, cache=self.cache, **args)
         start = time.perf_counter()
         *outputs, self.cache = compiled(self.params, cache=self.cache, **args)
         outputs = [np.asarray(x) for x in outputs]
@@ -203,37 +312,28 @@ class ModelRunner:
 
         Compilation time of a new bucket is counted in ``compile_time_s``, not in the step time.
         """
-        b, p, lengths = self._check_batch([x.seq_id for x in inputs])
+        seq_ids = [x.seq_id for x in inputs]
+        b, p, lengths = self._check_batch(seq_ids)
         n = len(inputs)
-        t = next_power_of_two(max(len(x.tokens) for x in inputs))
-        tokens = np.zeros((b, t), np.int32)
-        positions = np.zeros((b, t), np.int32)
-        slots = np.full((b, t), INVALID_SLOT, np.int32)
-        last = np.zeros((b, 1), np.int32)
-        temperature = np.zeros((b,), np.float32)
-        top_k = np.zeros((b,), np.int32)
-        top_p = np.ones((b,), np.float32)
-        base_keys = np.zeros((b, 2), np.uint32)
-        sample_index = np.zeros((b,), np.int32)
+        if any(len(x.tokens) == 0 for x in inputs):
+            raise ValueError(f"sequence {next(x.seq_id for x in inputs if not x.tokens)!r} has no new tokens "
+                             "in this step")
+        t = self.token_bucket(max(len(x.tokens) for x in inputs))
+        args = self._step_arrays(b, t, p)
         for row, (x, length) in enumerate(zip(inputs, lengths)):
             k = len(x.tokens)
-            if k == 0:
-                raise ValueError(f"sequence {x.seq_id!r} has no new tokens in this step")
             if length + k > self.max_model_len:
                 raise ValueError(f"sequence {x.seq_id!r} would exceed max_model_len {self.max_model_len}")
-            tokens[row, :k] = x.tokens
-            positions[row, :] = length + np.arange(t)
-            slots[row, :k] = self.pages.slots(x.seq_id, length, k)
-            last[row, 0] = k - 1
-            temperature[row], top_k[row], top_p[row] = x.temperature, x.top_k, x.top_p
+            args["tokens"][row, :k] = x.tokens
+            args["positions"][row, :] = length + np.arange(t)
+            args["slots"][row, :k] = self.pages.slots(x.seq_id, length, k)
+            args["last"][row, 0] = k - 1
+            args["temperature"][row], args["top_k"][row], args["top_p"][row] = x.temperature, x.top_k, x.top_p
             if x.base_key is not None:
-                base_keys[row], sample_index[row] = x.base_key, x.sample_index
-        block_tables, context_lens = self._prefix([x.seq_id for x in inputs], b, p, lengths)
-        args = dict(tokens=tokens, positions=positions, block_tables=block_tables, context_lens=context_lens,
-                    slots=slots, last=last, temperature=temperature, top_k=top_k, top_p=top_p,
-                    base_keys=base_keys, sample_index=sample_index)
-        (next_tokens, *scores), elapsed = self._run(self._step, ("step", b, t, p, logprobs), args,
-                                                    static=dict(logprobs=logprobs))
+                args["base_keys"][row], args["sample_index"][row] = x.base_key, x.sample_index
+        self._prefix(args, seq_ids, lengths)
+        args["logprobs"] = np.bool_(logprobs)
+        (next_tokens, *scores), elapsed = self._run(self._step, ("step", b, t, p), args)
         for x in inputs:
             self.pages.commit(x.seq_id, len(x.tokens))
         if logprobs:
@@ -262,38 +362,23 @@ class ModelRunner:
         stacked = stack_trees(trees)
         n = stacked["tokens"].shape[1]
         rows = len(seq_ids)
-
-        def pad(x, fill):
-            x = np.asarray(x)
-            out = np.full((b,) + x.shape[1:], fill, x.dtype)
-            out[:rows] = x
-            return out
-
-        depths = pad(stacked["depths"], 0)
-        position_slots = np.full((b, n), INVALID_SLOT, np.int32)
+        args = self._verify_arrays(b, n, p)
+        for name in ("tokens", "parents", "depths", "mask", "live"):
+            args[name][:rows] = stacked[name]
         for row, (seq_id, length, tree) in enumerate(zip(seq_ids, lengths, trees)):
             span = int(tree.depths.max()) + 1  # the root's position and one per level
             if length + span > self.max_model_len:
                 raise ValueError(f"sequence {seq_id!r} would exceed max_model_len {self.max_model_len}")
-            position_slots[row, :span] = self.pages.slots(seq_id, length, span)
-        block_tables, context_lens = self._prefix(seq_ids, b, p, lengths)
-        eye = np.broadcast_to(np.eye(n, dtype=bool), (b, n, n))
-        sampled = sampling_inputs or [StepInput(s, []) for s in seq_ids]
-        all_greedy = all(x.temperature == 0 for x in sampled)
-        args = dict(tokens=pad(stacked["tokens"], 0), positions=context_lens[:, None] + depths,
-                    block_tables=block_tables, context_lens=context_lens,
-                    mask=np.where(np.arange(b)[:, None, None] < rows, pad(stacked["mask"], False), eye),
-                    parents=pad(stacked["parents"], -1), depths=depths,
-                    live=pad(stacked["live"], False), position_slots=position_slots,
-                    temperature=pad(np.array([x.temperature for x in sampled], np.float32), 0.0),
-                    top_k=pad(np.array([x.top_k for x in sampled], np.int32), 0),
-                    top_p=pad(np.array([x.top_p for x in sampled], np.float32), 1.0),
-                    base_keys=pad(np.stack([np.zeros(2, np.uint32) if x.base_key is None else x.base_key
-                                            for x in sampled]), 0),
-                    sample_index=pad(np.array([x.sample_index for x in sampled], np.int32), 0))
-        (last, path, bonus, *scores), elapsed = self._run(
-            self._verify, ("verify", b, n, p, all_greedy, logprobs), args,
-            static=dict(all_greedy=all_greedy, logprobs=logprobs))
+            args["position_slots"][row, :span] = self.pages.slots(seq_id, length, span)
+        self._prefix(args, seq_ids, lengths)
+        args["positions"] = args["context_lens"][:, None] + args["depths"]
+        for row, x in enumerate(sampling_inputs or ()):
+            args["temperature"][row], args["top_k"][row], args["top_p"][row] = x.temperature, x.top_k, x.top_p
+            if x.base_key is not None:
+                args["base_keys"][row] = x.base_key
+            args["sample_index"][row] = x.sample_index
+        args["logprobs"] = np.bool_(logprobs)
+        (last, path, bonus, *scores), elapsed = self._run(self._verify, ("verify", b, n, p), args)
         new_tokens = []
         for row, (seq_id, tree) in enumerate(zip(seq_ids, trees)):
             nodes = np.nonzero(path[row])[0]  # ancestors come first: parents precede children
@@ -314,13 +399,20 @@ def _step(params, *, config, cache, tokens, positions, block_tables, context_len
     cache = write_kv(cache, new_k, new_v, slots)
     keys = sampling.row_keys(jax.random.wrap_key_data(base_keys), sample_index)
     next_tokens = sampling.sample(logits[:, 0], keys, temperature, top_k, top_p)
-    if logprobs:
-        return next_tokens, *sampling.token_logprobs(logits[:, 0], next_tokens), cache
-    return next_tokens, cache
+    scores = jax.lax.cond(logprobs, lambda: sampling.token_logprobs(logits[:, 0], next_tokens),
+                          lambda: _no_logprobs((b,)))
+    return next_tokens, *scores, cache
+
+
+def _no_logprobs(shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Zeros shaped as ``sampling.token_logprobs``' outputs for tokens of ``shape``: a step whose
+    rows asked for no logprobs skips the vocabulary-wide log-softmax and top-k."""
+    top = shape + (sampling.MAX_LOGPROBS,)
+    return jnp.zeros(shape, jnp.float32), jnp.zeros(top, jnp.int32), jnp.zeros(top, jnp.float32)
 
 
 def _verify_step(params, *, config, cache, tokens, positions, block_tables, context_lens, mask, parents, depths,
-                 live, position_slots, temperature, top_k, top_p, base_keys, sample_index, all_greedy, logprobs):
+                 live, position_slots, temperature, top_k, top_p, base_keys, sample_index, logprobs):
     meta = AttentionMetadata(block_tables=block_tables, context_lens=context_lens, new_mask=mask)
     logits, new_k, new_v = forward(params, config, tokens, positions, cache, meta)
     b, n = tokens.shape
@@ -337,10 +429,21 @@ def _verify_step(params, *, config, cache, tokens, positions, block_tables, cont
         return mss_accept(probs, tokens, mask, index, parents, parents, proposed, None, None,
                           jax.vmap(jax.random.fold_in, (0, None))(keys, 1))
 
-    last, path, bonus = greedy() if all_greedy else jax.lax.cond(jnp.any(temperature > 0), stochastic, greedy)
+    def scored(accept):
+        last, path, bonus = accept()
+        return last, path, bonus, *emitted_logprobs(logits, tokens, path, depths, last, bonus, n)
+
+    def unscored(accept):
+        return *accept(), *_no_logprobs((b, n))
+
+    # One switch (a GPU conditional waits on the host once): accept greedily unless a row samples,
+    # and score the emitted tokens only when a row asked for logprobs.
+    branch = 2 * logprobs.astype(jnp.int32) + jnp.any(temperature > 0).astype(jnp.int32)
+    last, path, bonus, *scores = jax.lax.switch(branch, [functools.partial(unscored, greedy),
+                                                         functools.partial(unscored, stochastic),
+                                                         functools.partial(scored, greedy),
+                                                         functools.partial(scored, stochastic)])
     # Accepted node at depth d lands at position context_len + d; everything else is dropped.
     slots = jnp.where(path, jnp.take_along_axis(position_slots, depths, axis=1), INVALID_SLOT)
     cache = write_kv(cache, new_k, new_v, slots)
-    if logprobs:
-        return last, path, bonus, *emitted_logprobs(logits, tokens, path, depths, last, bonus, n), cache
-    return last, path, bonus, cache
+    return last, path, bonus, *scores, cache

@@ -183,3 +183,23 @@ def test_a_request_asking_for_a_method_the_llm_lacks_is_refused(target):
     with pytest.raises(RequestError, match='"default", "none", "suffix"') as e:
         llm.new_request(PROMPTS[0], SamplingParams(max_tokens=4), speculation="tree")
     assert e.value.param == "speculation"
+
+
+def test_a_warmed_up_llm_compiles_nothing_while_serving(target):
+    """After ``warm_up``, requests of every method, greedy and sampled, some asking for logprobs,
+    batched together at several lengths, run on executables compiled ahead."""
+    llm = LLM(target, engine=TINY_POOL, seed=0, speculation=HybridSpeculation(
+        suffix=SuffixSpeculation(max_spec_tokens=4), min_score=0.5,
+        tree=TreeSpeculation(drafts=[target], expansion=(1, 1), max_nodes=3)))
+    progress = []
+    new = llm.warm_up(progress=lambda done, total: progress.append((done, total)))
+    assert new > 0 and progress == [(i, new) for i in range(1, new + 1)]
+    assert llm.warm_up() == 0
+    compiled = llm.compile_time_s
+    requests = [llm.new_request(prompt, SamplingParams(temperature=0.8 * (i % 2), seed=i, max_tokens=6 + 3 * i,
+                                                       ignore_eos=True, logprobs=1 if method == "none" else None),
+                                speculation=method)
+                for i, (prompt, method) in enumerate(zip(PROMPTS[:6], ("none", "tree", "suffix") * 2))]
+    run(llm, requests)
+    assert all(req.output.finish_reason == "length" for req in requests)
+    assert llm.compile_time_s == compiled

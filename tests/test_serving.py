@@ -466,32 +466,45 @@ def test_serve_refuses_bad_flags_before_loading_anything(flags, message, capsys)
     assert message in capsys.readouterr().err
 
 
-def test_serve_process_api_key_overload_and_draining_sigterm(tmp_path):
-    """``specjax serve`` with one slot and a one-request queue: the key from the environment, 429
-    for a third request, then SIGTERM: 503 for new requests while the running and the waiting one
-    (of --default-max-tokens tokens) finish, and exit status 0."""
-    target = tiny_target()
-    save_checkpoint(tmp_path / "tiny", target.config, target.params, target.tokenizer)
+def start_serve(model_dir, *flags) -> tuple[subprocess.Popen, str]:
+    """``specjax serve`` of ``model_dir`` in a child process on a free port, once /health answers;
+    returns the process and its URL."""
     sock = free_socket()
     port = sock.getsockname()[1]
     sock.close()
     url = f"http://127.0.0.1:{port}"
     process = subprocess.Popen(
-        [sys.executable, "-m", "specjax.cli", "serve", "--model", str(tmp_path / "tiny"), "--served-model-name",
-         MODEL, "--port", str(port), "--max-batch", "1", "--max-queue", "1", "--kv-cache-mb", "4",
-         "--default-max-tokens", "5"],
+        [sys.executable, "-m", "specjax.cli", "serve", "--model", str(model_dir), "--served-model-name", MODEL,
+         "--port", str(port), *flags],
         env={**os.environ, "SPECJAX_API_KEY": KEY}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while True:
+        if process.poll() is not None:
+            raise AssertionError(process.stdout.read())
+        try:
+            if request(url, "GET", "/health")[0] == 200:
+                return process, url
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError("the server did not come up")
+        time.sleep(0.2)
+
+
+def test_serve_process_api_key_overload_and_draining_sigterm(tmp_path):
+    """``specjax serve`` with one slot and a one-request queue: the key from the environment, 429
+    for a third request, then SIGTERM: 503 for new requests while the running and the waiting one
+    (of --default-max-tokens tokens) finish, and exit status 0.
+
+    Without a warm-up or a compilation cache, the running request stops to compile each larger
+    prefix bucket (1 s or so each): that is the window the other requests arrive in (warmed up, the
+    tiny model's 200 tokens take under 0.2 s)."""
+    target = tiny_target()
+    save_checkpoint(tmp_path / "tiny", target.config, target.params, target.tokenizer)
+    process, url = start_serve(tmp_path / "tiny", "--max-batch", "1", "--max-queue", "1", "--kv-cache-mb", "4",
+                               "--default-max-tokens", "5", "--compile-cache", "")
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, process.stdout.read()
-            try:
-                if request(url, "GET", "/health")[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "the server did not come up"
-            time.sleep(0.2)
         client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120)
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
@@ -520,3 +533,29 @@ def test_serve_process_api_key_overload_and_draining_sigterm(tmp_path):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_serve_warmup_compiles_ahead_into_its_cache_and_a_restart_reuses_it(tmp_path):
+    """``--warmup``: the server compiles before /health answers, and requests then compile nothing;
+    ``--compile-cache``: a second server over the same cache loads those executables instead."""
+    target = tiny_target()
+    save_checkpoint(tmp_path / "tiny", target.config, target.params, target.tokenizer)
+    flags = ("--max-batch", "2", "--warmup", "--compile-cache", str(tmp_path / "xla"))
+    warm_up_seconds = []
+    for _ in range(2):
+        process, url = start_serve(tmp_path / "tiny", *flags)
+        try:
+            warm_up_seconds.append(metric(url, "specjax_compile_seconds"))
+            client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+            with ThreadPoolExecutor(2) as pool:
+                texts = list(pool.map(lambda p: greedy(client, p, 200, ignore_eos=True), PROMPTS[:2]))
+            assert all(len(text.split()) == 200 for text in texts)
+            assert metric(url, "specjax_compile_seconds") == warm_up_seconds[-1]
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=60) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert any((tmp_path / "xla").iterdir())
+    assert 0 < warm_up_seconds[1] < warm_up_seconds[0] / 2

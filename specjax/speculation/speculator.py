@@ -165,6 +165,54 @@ class TreeSpeculator:
         for runner, input_map in zip(self.runners, self._input_maps):
             runner.step([StepInput(x.seq_id, input_map[np.asarray(x.tokens)].tolist()) for x in inputs])
 
+    # -- shape buckets ---------------------------------------------------------------------------
+    def _arrays(self, b: int, tp: int, pt: int, pds: tuple[int, ...]) -> dict:
+        """The step's arguments for bucket (b rows, tp pending tokens, pt target pages, pds draft
+        pages), every row inactive: what a step fills in, and what compiling ahead lowers for."""
+        drafts = range(len(self.runners))
+        batch = StepBatch(
+            active=np.zeros((b,), bool), root_pos=np.zeros((b,), np.int32), target_blocks=np.zeros((b, pt), np.int32),
+            draft_blocks=tuple(np.zeros((b, p), np.int32) for p in pds),
+            draft_lengths=tuple(np.zeros((b,), np.int32) for _ in drafts),
+            pending=tuple(np.zeros((b, tp), np.int32) for _ in drafts),
+            pending_len=tuple(np.ones((b,), np.int32) for _ in drafts),
+            temperature=np.zeros((b,), np.float32), top_k=np.zeros((b,), np.int32), top_p=np.ones((b,), np.float32),
+            keys=None)
+        return dict(batch=batch, base_keys=np.zeros((b, 2), np.uint32), sample_index=np.zeros((b,), np.int32))
+
+    def _compile(self, key: tuple, args: dict):
+        """The executable of bucket ``key`` = (b, tp, pt, pds, all_greedy, logprobs) for ``args``."""
+        *_, all_greedy, logprobs = key
+        return self._compiled.get(key, self._step, target_params=self.target.params, drafts=self.models,
+                                  target_cache=self.target.cache, draft_caches=tuple(r.cache for r in self.runners),
+                                  **args, all_greedy=all_greedy, logprobs=logprobs)
+
+    def step_keys(self, max_len: int | None = None) -> list[tuple]:
+        """The buckets of tree steps over sequences of up to ``max_len`` tokens (default the
+        target's ``max_model_len``), greedy and sampled, without logprobs: every batch bucket, and
+        every (target pages, draft pages) pair a sequence length leads to. The drafts' pending
+        tokens are the root and the accepted nodes (hybrid steps the suffix cache verified leave
+        more, a wider bucket compiled when met)."""
+        target = self.target
+        max_len = min(max_len or target.max_model_len, target.max_model_len)
+        tp = next_power_of_two(self.spec.depth + 1)
+        pages = {(target.page_bucket(target.pages.pages_for(n + self.spec.depth)),
+                  tuple(r.page_bucket(r.pages.pages_for(n + s.num_fed)) for r, s in zip(self.runners, self.spec.shapes)))
+                 for n in range(1, max_len - self.spec.depth + 1)}
+        return [(b, tp, pt, pds, all_greedy, False) for b in target.buckets(max_len)["batch"]
+                for pt, pds in sorted(pages) for all_greedy in (True, False)]
+
+    def warm_up_jobs(self, max_len: int | None = None) -> list:
+        """One thunk per bucket not yet compiled among the tree steps (``step_keys``) and the
+        drafts' prompt steps; each compiles it without running."""
+        jobs = [functools.partial(runner.compile, key) for runner in self.runners for key in runner.step_keys(max_len)
+                if key[2] > 1 and not runner.has_executable(key)]  # drafts only run prompt chunks
+        for key in self.step_keys(max_len):
+            if key not in self._compiled:
+                b, tp, pt, pds, *_ = key
+                jobs.append(functools.partial(self._compile, key, self._arrays(b, tp, pt, pds)))
+        return jobs
+
     # -- one speculative step ------------------------------------------------------------------
     def step(self, inputs: Sequence[StepInput], *, logprobs: bool = False):
         """One tree step for each sequence; ``inputs[i].tokens`` is its whole sequence (prompt and
@@ -181,49 +229,36 @@ class TreeSpeculator:
             if target.pages.length(seq_id) != size - 1:
                 raise ValueError(f"sequence {seq_id!r}: the target caches {target.pages.length(seq_id)} tokens, "
                                  f"the sequence has {size} (all but the root must be cached)")
-        pt = next_power_of_two(max(target.pages.pages_for(n + spec.depth) for n in sizes))
+        pt = target.page_bucket(max(target.pages.pages_for(n + spec.depth) for n in sizes))
         draft_lengths = [[r.pages.length(i) for i in ids] for r in self.runners]
         # Pending tokens are at most the accepted nodes a draft did not run and the root: one width serves.
         tp = next_power_of_two(max([spec.depth + 1] + [n - length for lengths in draft_lengths
                                                       for n, length in zip(sizes, lengths)]))
-
-        def pad(x, fill=0):
-            x = np.asarray(x)
-            out = np.full((b,) + x.shape[1:], fill, x.dtype)
-            out[:rows] = x
-            return out
-
-        def pending(lengths):
-            out = np.zeros((rows, tp), np.int32)
-            for row, (x, length) in enumerate(zip(inputs, lengths)):
-                out[row, : len(x.tokens) - length] = x.tokens[length:]
-            return pad(out)
-
-        pds = tuple(next_power_of_two(max(r.pages.pages_for(n + s.num_fed) for n in sizes))
+        pds = tuple(r.page_bucket(max(r.pages.pages_for(n + s.num_fed) for n in sizes))
                     for r, s in zip(self.runners, spec.shapes))
-        batch = StepBatch(
-            active=pad(np.ones(rows, bool), False), root_pos=pad(np.array(sizes, np.int32) - 1),
-            target_blocks=pad(target.pages.block_table(ids, pt)),
-            draft_blocks=tuple(pad(r.pages.block_table(ids, p)) for r, p in zip(self.runners, pds)),
-            draft_lengths=tuple(pad(np.array(lengths, np.int32)) for lengths in draft_lengths),
-            pending=tuple(pending(lengths) for lengths in draft_lengths),
-            pending_len=tuple(pad(np.array(sizes, np.int32) - np.array(lengths, np.int32), 1)
-                              for lengths in draft_lengths),
-            temperature=pad(np.array([x.temperature for x in inputs], np.float32)),
-            top_k=pad(np.array([x.top_k for x in inputs], np.int32)),
-            top_p=pad(np.array([x.top_p for x in inputs], np.float32), 1.0),
-            keys=None)
-        base_keys = pad(np.stack([np.zeros(2, np.uint32) if x.base_key is None else x.base_key for x in inputs]))
-        sample_index = pad(np.array([x.sample_index for x in inputs], np.int32))
-        args = dict(target_params=target.params, drafts=self.models, target_cache=target.cache,
-                    draft_caches=tuple(r.cache for r in self.runners), batch=batch, base_keys=base_keys,
-                    sample_index=sample_index)
+        args = self._arrays(b, tp, pt, pds)
+        batch = args["batch"]
+        batch.active[:rows] = True
+        batch.root_pos[:rows] = np.array(sizes) - 1
+        batch.target_blocks[:rows] = target.pages.block_table(ids, pt)
+        for d, (runner, p, lengths) in enumerate(zip(self.runners, pds, draft_lengths)):
+            batch.draft_blocks[d][:rows] = runner.pages.block_table(ids, p)
+            batch.draft_lengths[d][:rows] = lengths
+            for row, (x, length) in enumerate(zip(inputs, lengths)):
+                batch.pending[d][row, : len(x.tokens) - length] = x.tokens[length:]
+            batch.pending_len[d][:rows] = np.array(sizes) - np.array(lengths)
+        for row, x in enumerate(inputs):
+            batch.temperature[row], batch.top_k[row], batch.top_p[row] = x.temperature, x.top_k, x.top_p
+            if x.base_key is not None:
+                args["base_keys"][row] = x.base_key
+            args["sample_index"][row] = x.sample_index
         # An all-greedy batch (the common case) compiles its own step without any sampling work.
         all_greedy = all(x.temperature == 0 for x in inputs)
-        key = (b, tp, pt, pds, all_greedy, logprobs)
-        compiled = self._compiled.get(key, self._step, **args, all_greedy=all_greedy, logprobs=logprobs)
+        compiled = self._compile((b, tp, pt, pds, all_greedy, logprobs), args)
         start = time.perf_counter()
-        result, target.cache, draft_caches = compiled(**args)
+        result, target.cache, draft_caches = compiled(target_params=target.params, drafts=self.models,
+                                                      target_cache=target.cache,
+                                                      draft_caches=tuple(r.cache for r in self.runners), **args)
         for runner, cache in zip(self.runners, draft_caches):
             runner.cache = cache
         tokens, count, accepted = np.asarray(result.tokens), np.asarray(result.count), np.asarray(result.accepted)

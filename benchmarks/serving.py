@@ -1,15 +1,14 @@
 """Open-loop load against the OpenAI-compatible server: plain decoding, each speculation method and
 the batch-aware policy, at several Poisson arrival rates, in one run.
 
-    python benchmarks/serving.py                     # rates 0.2,0.5,2 req/s, 14 requests each, 64 tokens
+    python benchmarks/serving.py                     # rates 0.2,0.5,2 req/s, 2 rounds of 14 requests, 64 tokens
     python benchmarks/serving.py --quick             # a smoke run: 2 rates x 4 requests of 16 tokens
     python benchmarks/serving.py --rates 0.5,4 --n 32 --methods plain,suffix,batch-aware --workloads code
 
 Each method gets its own server (``serving.server`` over its own ``LLM``, a real uvicorn server on
-a free port of 127.0.0.1, in a thread of a child process that also runs the client) and all of
-them see the same requests at the same times, one server after another, each in a fresh process
-(all rates on one, then the next: XLA's CPU executables keep their code memory for the process's
-life, and several servers' worth exhausted a small VM's):
+a free port of 127.0.0.1, in a thread of a child process that also runs the client; XLA's CPU
+executables keep their code memory for a process's life, and several servers' worth in one
+process exhausted a small VM's). All of them see the same requests at the same times:
 
   plain        no speculation (the reference)
   draft        a chain of ``--k`` tokens from ``--draft``
@@ -18,21 +17,24 @@ life, and several servers' worth exhausted a small VM's):
   batch-aware  suffix speculation sized per step for the whole batch
                (``SuffixSpeculation(batch_aware=True)``, specjax/speculation/budget.py)
 
-Requests: the chat-templated held-out requests of ``--workloads``, taken in turn from each
-workload; every server first answers ``--warmup`` of them in closed bursts of 1, 2, 4, ... (up to
-``--max-batch``) so most step shapes are compiled and the suffix caches hold some earlier
-responses; then each rate gets the next ``--n`` requests. A rate's arrival times are Poisson
-(exponential gaps, seeded by ``--seed`` and the rate), the same for every method. Methods run one
-after another, so machine drift between them is not spread out: each run records the 1-minute
-load average at its start.
+Every server first compiles every step shape its requests can meet (``LLM.warm_up``, as
+``specjax serve --warmup`` does; ``--compile-cache`` keeps them for the next run), then answers
+``--warmup`` requests in closed bursts of 1, 2, 4, ... (up to ``--max-batch``), so its suffix cache
+holds some earlier responses. Requests: the chat-templated held-out requests of ``--workloads``,
+taken in turn from each workload. The runs go in ``--rounds`` rounds; in each round every rate
+gets the next ``--n`` requests, served by every method in turn (the order turns each round, so
+machine drift is spread over the methods rather than landing on one), at Poisson arrival times
+(exponential gaps, seeded by ``--seed``, the round and the rate), the same for every method. Each
+run records the 1-minute load average at its start.
 
 The client streams every request (OpenAI's async client, ``stream=True``, greedy) and times it
 from the SSE stream: TTFT is the time to the first chunk carrying text, TPOT the time after it
 per further output token (usage's ``completion_tokens``), throughput the output tokens over the
 time from the first arrival to the last response. tau (tokens per verification step) and
 acceptance come from the server's Prometheus counters, read before and after each run; the
-seconds the server spent compiling during a run (none once every step shape is warm; the
-warm-up does not guarantee that) are read from its LLM.
+seconds the server spent compiling during a run (none, once every step shape is compiled ahead)
+are read from its LLM. A method's rounds at a rate are then pooled: latency percentiles over all
+their requests, throughput as all output tokens over the runs' summed time.
 
 Results: a table on stdout and JSON in benchmarks/results/serving-<subject>-<device>-<date>.json.
 """
@@ -41,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import concurrent.futures
 import contextlib
 import math
 import multiprocessing
@@ -65,7 +66,7 @@ METHODS = ("plain", "draft", "suffix", "hybrid", "batch-aware")
 MODEL_NAME = "bench"  # the name the servers serve under
 # The counters of serving/metrics.py that tau and acceptance are computed from (prometheus suffixes _total).
 SPEC_COUNTERS = ("steps", "tokens", "proposed_tokens", "accepted_tokens")
-QUICK = {"rates": [0.5, 2.0], "n": 4, "max_tokens": 16, "warmup": 3, "workloads": ["chat", "code"]}
+QUICK = {"rates": [0.5, 2.0], "n": 4, "rounds": 1, "max_tokens": 16, "warmup": 3, "workloads": ["chat", "code"]}
 
 
 # ---------------------------------------------------------------------------- requests and arrivals
@@ -258,12 +259,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n", type=int, default=14, help="requests per rate (default %(default)s)")
     p.add_argument("--max-tokens", type=int, default=64, help="output tokens per request at most (default %(default)s)")
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together at most (default %(default)s)")
-    p.add_argument("--warmup", type=int, default=15,
-                   help="requests each server answers first, in bursts of 1, 2, 4, ... (default %(default)s)")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="rounds of --n requests a rate; each round runs every method in turn (default %(default)s)")
+    p.add_argument("--warmup", type=int, default=6,
+                   help="requests each server answers after compiling, in bursts of 1, 2, 4, ... (default %(default)s)")
+    p.add_argument("--compile-cache", default=os.environ.get("SPECJAX_COMPILE_CACHE"),
+                   help="JAX's persistent compilation cache for the servers' warm-ups ('' or unset: none; "
+                        "default $SPECJAX_COMPILE_CACHE)")
     p.add_argument("--page-size", type=int, default=16, help="KV page size (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="workload sample and arrival times (default 0)")
     p.add_argument("--quick", action="store_true",
-                   help=f"a smoke run: rates {','.join(map(str, QUICK['rates']))}, {QUICK['n']} requests each, "
+                   help=f"a smoke run: rates {','.join(map(str, QUICK['rates']))}, {QUICK['n']} requests each in "
+                        f"{QUICK['rounds']} round, "
                         f"{QUICK['max_tokens']} tokens, {QUICK['warmup']} warm-up requests, workloads "
                         f"{','.join(QUICK['workloads'])} (options given explicitly still win)")
     p.add_argument("--out", type=Path, help="JSON result path")
@@ -279,7 +286,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     bad = [w for w in args.workloads if w not in WORKLOADS]
     if bad or not args.workloads:
         p.error(f"unknown workload(s) {', '.join(bad) or '(none given)'}; choose from {', '.join(WORKLOADS)}")
-    for name in ("n", "max_tokens", "max_batch", "k", "max_spec_tokens", "page_size"):
+    for name in ("n", "rounds", "max_tokens", "max_batch", "k", "max_spec_tokens", "page_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.warmup < 0:
@@ -293,36 +300,118 @@ def log(text: str) -> None:
     print(f"[serving] {text}", flush=True)
 
 
-def method_runs(args: argparse.Namespace, method: str) -> list[dict]:
-    """Every rate's run against one server speculating as ``method``, after its warm-up."""
-    from specjax.checkpoints import load_model
-    from specjax.llm import LLM
+def run_blocks(args: argparse.Namespace) -> list[tuple[int, float, int]]:
+    """(round, rate, first request index) of each run in the order every server serves them: each
+    round goes through every rate, each run taking the next ``--n`` requests."""
+    return [(r, rate, (r * len(args.rates) + i) * args.n) for r in range(args.rounds) for i, rate in enumerate(args.rates)]
 
-    target = load_model(args.target, dtype="float32")
-    requests = interleaved_requests(args.workloads, args.warmup + args.n * len(args.rates), args.seed)
-    warm, measured = requests[: args.warmup], requests[args.warmup:]
-    prompts = [target.tokenizer.encode(target.tokenizer.apply_chat_template(r.messages), add_special_tokens=False)
-               for r in requests]
-    # Pages for a full batch of the longest request, with room for the draft chain past its end.
-    engine = acceptance.engine_for(target.config, prompts, args.max_tokens + args.k, args.max_batch,
-                                   page_size=args.page_size)
-    draft = target if args.draft == "target" else args.draft
-    llm = LLM(target, engine=engine, seed=args.seed,
-              speculation=speculations([method], draft, args.k, args.max_spec_tokens)[method])
-    runs = []
-    with running_server(llm) as url:
+
+def method_server(args: argparse.Namespace, method: str, conn) -> None:
+    """A child process: one server speculating as ``method``, compiled ahead (``LLM.warm_up``) and
+    warmed with ``--warmup`` requests, then a run per (start index, arrival offsets) the parent
+    sends, until it sends None. Replies ("ready", info), ("run", run) or ("error", traceback)."""
+    import traceback
+
+    try:
+        from specjax.checkpoints import load_model
+        from specjax.cli import use_compile_cache
+        from specjax.llm import LLM
+
+        if args.compile_cache:
+            use_compile_cache(args.compile_cache)
+        target = load_model(args.target, dtype="float32")
+        requests = interleaved_requests(args.workloads, args.warmup + args.n * args.rounds * len(args.rates), args.seed)
+        warm, measured = requests[: args.warmup], requests[args.warmup:]
+        prompts = [target.tokenizer.encode(target.tokenizer.apply_chat_template(r.messages), add_special_tokens=False)
+                   for r in requests]
+        # Pages for a full batch of the longest request, with room for the draft chain past its end.
+        engine = acceptance.engine_for(target.config, prompts, args.max_tokens + args.k, args.max_batch,
+                                       page_size=args.page_size)
+        draft = target if args.draft == "target" else args.draft
+        llm = LLM(target, engine=engine, seed=args.seed,
+                  speculation=speculations([method], draft, args.k, args.max_spec_tokens)[method])
         start = time.perf_counter()
-        warm_up(url, warm, args.max_tokens, args.max_batch)
-        log(f"{method}: serving at {url}, warmed up with {len(warm)} requests in "
-            f"{time.perf_counter() - start:.0f} s (compiling {llm.compile_time_s:.0f} s in all)")
-        for i, rate in enumerate(args.rates):
-            load = os.getloadavg()[0]
-            run = measure(url, llm, measured[i * args.n: (i + 1) * args.n], poisson_offsets(rate, args.n, args.seed),
-                          args.max_tokens)
-            runs.append({"rate": rate, "method": method, "load_average_1m": load, **run})
-            log(f"{method} at {rate}/s: {run['completed']}/{args.n} done in {run['seconds']:.1f} s, "
-                f"{run['tokens_per_s']:.1f} tok/s, load average {load:.1f} at the start")
-    return runs
+        shapes = llm.warm_up(max(len(p) for p in prompts) + args.max_tokens + args.k + 1)
+        info = {"shapes_compiled": shapes, "warm_up_s": time.perf_counter() - start}
+        with running_server(llm) as url:
+            start = time.perf_counter()
+            warm_up(url, warm, args.max_tokens, args.max_batch)
+            info.update(warm_up_requests=len(warm), warm_up_requests_s=time.perf_counter() - start)
+            conn.send(("ready", info))
+            while (command := conn.recv()) is not None:
+                first, offsets = command
+                conn.send(("run", measure(url, llm, measured[first: first + len(offsets)], offsets, args.max_tokens)))
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))
+        raise
+
+
+class MethodServers:
+    """One ``method_server`` process per method, all alive at once so their runs can interleave
+    (only the one being measured does any work)."""
+
+    def __init__(self, args: argparse.Namespace, methods: list[str]):
+        context = multiprocessing.get_context("spawn")
+        self.conns, self.processes, self.info = {}, [], {}
+        try:
+            for method in methods:  # one after another: compiling two at once only shares the cores
+                parent, child = context.Pipe()
+                process = context.Process(target=method_server, args=(args, method, child), name=f"serve-{method}",
+                                          daemon=True)
+                process.start()
+                self.conns[method] = parent
+                self.processes.append(process)
+                self.info[method] = self._reply(method, "ready")
+                log(f"{method}: compiled {self.info[method]['shapes_compiled']} step shapes in "
+                    f"{self.info[method]['warm_up_s']:.0f} s, then answered {self.info[method]['warm_up_requests']} "
+                    f"warm-up requests in {self.info[method]['warm_up_requests_s']:.0f} s")
+        except BaseException:
+            self.close()
+            raise
+
+    def _reply(self, method: str, expected: str):
+        kind, value = self.conns[method].recv()
+        if kind == "error":
+            raise RuntimeError(f"the {method} server failed:\n{value}")
+        assert kind == expected, (kind, expected)
+        return value
+
+    def run(self, method: str, first: int, offsets: list[float]) -> dict:
+        self.conns[method].send((first, offsets))
+        return self._reply(method, "run")
+
+    def close(self) -> None:
+        for conn in self.conns.values():
+            with contextlib.suppress(OSError):
+                conn.send(None)
+        for process in self.processes:
+            process.join(60)
+            if process.is_alive():
+                process.kill()
+
+
+def combined(runs: list[dict]) -> dict:
+    """One method's runs at one rate (a run per round) as one: their requests pooled for the
+    latency percentiles, throughput as all output tokens over all the runs' seconds, speculation
+    counts summed."""
+    requests = [q for r in runs for q in r["requests"]]
+    done = [q for q in requests if "error" not in q]
+    tokens, seconds = sum(r["output_tokens"] for r in runs), sum(r["seconds"] for r in runs)
+    spec = None
+    if all(r["speculation"] for r in runs):
+        counts = {k: sum(r["speculation"][k] for r in runs) for k in ("steps", "step_tokens", "proposed", "accepted")}
+        spec = {**counts, "tau": counts["step_tokens"] / counts["steps"],
+                "acceptance_rate": counts["accepted"] / counts["proposed"] if counts["proposed"] else 0.0}
+    return {"rate": runs[0]["rate"], "method": runs[0]["method"], "rounds": len(runs),
+            "completed": len(done), "errors": len(requests) - len(done), "output_tokens": tokens, "seconds": seconds,
+            "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
+            "tokens_per_s_by_round": [r["tokens_per_s"] for r in runs],
+            "ttft": percentile_stats([q["ttft_s"] for q in done]),
+            "tpot": percentile_stats([q["tpot_s"] for q in done if q["tpot_s"] is not None]),
+            "latency": percentile_stats([q["latency_s"] for q in done]),
+            "max_late_ms": max(r["max_late_ms"] for r in runs), "speculation": spec,
+            "compile_s": sum(r["compile_s"] for r in runs),
+            "load_average_1m": [r["load_average_1m"] for r in runs], "requests": requests}
 
 
 def main(argv=None) -> int:
@@ -331,29 +420,40 @@ def main(argv=None) -> int:
     if warning := common.load_warning(env):
         log(warning)
     methods = ["plain"] + [m for m in args.methods if m != "plain"]
-    runs = []
-    for method in methods:
-        # A fresh process per server: XLA's CPU executables keep their code memory for the
-        # process's life, and four servers' worth ran it out ("LLVM ERROR: Unable to allocate
-        # section memory") on the 2-core VM.
-        with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            runs += pool.submit(method_runs, args, method).result()
-    runs = compared_with_plain(runs)
-    rows = table_rows(runs, methods, args.rates)
+    rounds = []
+    servers = MethodServers(args, methods)
+    try:
+        for round_index, rate, first in run_blocks(args):
+            offsets = poisson_offsets(rate, args.n, args.seed + round_index)
+            # The order turns each round, so a drift of the machine's speed is spread over the methods.
+            for method in methods[round_index % len(methods):] + methods[: round_index % len(methods)]:
+                load = os.getloadavg()[0]
+                run = servers.run(method, first, offsets)
+                rounds.append({"round": round_index, "rate": rate, "method": method, "load_average_1m": load, **run})
+                log(f"round {round_index}, {method} at {rate}/s: {run['completed']}/{args.n} done in "
+                    f"{run['seconds']:.1f} s, {run['tokens_per_s']:.1f} tok/s, compiling {run['compile_s']:.1f} s, "
+                    f"load average {load:.1f} at the start")
+    finally:
+        servers.close()
+    results = compared_with_plain([combined([r for r in rounds if (r["rate"], r["method"]) == (rate, method)])
+                                   for rate in args.rates for method in methods])
+    rows = table_rows(results, methods, args.rates)
     common.print_table(
-        f"serving · {args.target} · {','.join(args.workloads)} · {args.n} requests a rate, at most "
-        f"{args.max_tokens} tokens, greedy, max batch {args.max_batch} · {env['device_kind']} · "
+        f"serving · {args.target} · {','.join(args.workloads)} · {args.rounds} x {args.n} requests a rate, at "
+        f"most {args.max_tokens} tokens, greedy, max batch {args.max_batch} · {env['device_kind']} · "
         f"jax {env['jax_version']} · {env['date_utc'][:10]}",
         ["rate/s", "method", "done", "tok/s", "vs plain", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99", "tau",
          "acceptance", "same text", "compile s"], rows,
         [f"draft: {args.draft}, chain of {args.k}; suffix: at most {args.max_spec_tokens} tokens; TTFT/TPOT in ms, "
-         "client-side from the SSE stream; tok/s: output tokens from the first arrival to the last response; same "
-         "text: outputs equal to plain's; compile s: compilation during the run (should be 0)"])
+         "client-side from the SSE stream; tok/s: output tokens over the runs' time, each run from its first arrival "
+         "to its last response; same text: outputs equal to plain's; compile s: compilation during the runs "
+         "(0: every step shape was compiled ahead)"])
     payload = {"benchmark": "serving", "target": args.target, "workloads": args.workloads,
                "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-               "environment": env, "methods": methods,
-               "arrivals": {str(rate): poisson_offsets(rate, args.n, args.seed) for rate in args.rates},
-               "runs": runs}
+               "environment": env, "methods": methods, "servers": servers.info,
+               "arrivals": {str(rate): [poisson_offsets(rate, args.n, args.seed + r) for r in range(args.rounds)]
+                            for rate in args.rates},
+               "results": results, "runs": rounds}
     subject = f"{Path(args.target).name}-{'-'.join(args.workloads)}"
     out = args.out or common.default_results_path("serving", subject, env)
     log(f"wrote {common.write_json(out, payload)}")

@@ -206,9 +206,8 @@ class LLM:
         models' tree steps, at every batch and prefix bucket. A compilation stalls every request
         in the batch, so a server compiles before it takes traffic, as vLLM captures its CUDA
         graphs at start-up. Returns how many shapes were new; ``progress(done, total)`` is called
-        after each. Shapes still left to first use: a long prompt's last partial chunk after a
-        prefix, a recomputed (preempted) request's prompt, and draft-model steps with logprobs or
-        after suffix steps (hybrid)."""
+        after each. Shapes still left to first use: draft-model steps with logprobs, and those
+        after suffix steps (hybrid), whose drafts have more tokens to catch up on."""
         tree_sizes = ()
         if self.suffix is not None:
             largest = tree_bucket(1 + self.suffix.settings.max_spec_tokens)

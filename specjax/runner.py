@@ -12,6 +12,7 @@ pages each sequence owns) lives in ``kv_cache.PageTable``.
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -38,6 +39,8 @@ def powers_of_two(low: int, high: int) -> list[int]:
     """Powers of two from ``low`` up to ``high`` (both powers of two)."""
     return [1 << e for e in range(low.bit_length() - 1, high.bit_length())]
 
+
+log = logging.getLogger("specjax.runner")
 
 # Multi-token steps (prompt chunks) pad to at least this many tokens: short prompts share a shape.
 MIN_PREFILL_BUCKET = 16
@@ -193,17 +196,11 @@ class ModelRunner:
                 "prefill": powers_of_two(self.token_bucket(2), self.token_bucket(min(self.engine.prefill_chunk, max_len)))}
 
     def step_keys(self, max_len: int | None = None) -> list[tuple]:
-        """The (kind, B, T, pages) buckets of plain steps a server meets for sequences of up to
-        ``max_len`` tokens: decoding at every batch and prefix size; prompt chunks of every size
-        over a fresh sequence, and full chunks after any prefix (a long prompt's later chunks).
-        A long prompt's last, partial chunk and a preempted request's recomputation may still meet
-        a new bucket."""
+        """The (kind, B, T, pages) buckets of plain steps over sequences of up to ``max_len``
+        tokens: decoding and prompt chunks of every size, at every batch and prefix size (a long
+        prompt's later chunks and a preempted request's recomputation read a prefix)."""
         buckets = self.buckets(max_len)
-        pages, chunk = buckets["pages"], buckets["prefill"][-1]
-        keys = [("step", b, 1, p) for b in buckets["batch"] for p in pages]
-        keys += [("step", b, t, pages[0]) for b in buckets["batch"] for t in buckets["prefill"]]
-        keys += [("step", b, chunk, p) for b in buckets["batch"] for p in pages[1:]]
-        return keys
+        return [("step", b, t, p) for b in buckets["batch"] for t in [1] + buckets["prefill"] for p in buckets["pages"]]
 
     def verify_keys(self, tree_sizes: Sequence[int], max_len: int | None = None) -> list[tuple]:
         """The ("verify", B, N, pages) buckets of verification steps of ``tree_sizes``-node trees."""
@@ -299,6 +296,8 @@ class ModelRunner:
 
     def _run(self, fn, key: tuple, args: dict):
         """Run jitted ``fn`` with the cache donated, compiling per shape bucket ``key`` (timed apart)."""
+        if not self.has_executable(key):
+            log.info("compiling step shape %s on first use (LLM.warm_up compiles ahead)", key)
         compiled = self._compiled.get(key, fn, self.params, cache=self.cache, **args)
         start = time.perf_counter()
         *outputs, self.cache = compiled(self.params, cache=self.cache, **args)

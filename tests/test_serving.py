@@ -540,7 +540,7 @@ def test_serve_warmup_compiles_ahead_into_its_cache_and_a_restart_reuses_it(tmp_
     ``--compile-cache``: a second server over the same cache loads those executables instead."""
     target = tiny_target()
     save_checkpoint(tmp_path / "tiny", target.config, target.params, target.tokenizer)
-    flags = ("--max-batch", "2", "--warmup", "--compile-cache", str(tmp_path / "xla"))
+    flags = ("--max-batch", "1", "--max-model-len", "256", "--warmup", "--compile-cache", str(tmp_path / "xla"))
     warm_up_seconds = []
     for _ in range(2):
         process, url = start_serve(tmp_path / "tiny", *flags)

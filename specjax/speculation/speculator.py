@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -26,6 +27,8 @@ from specjax.sampling import logprob_entries, row_keys
 from specjax.speculation.specinfer import SpecInfer, StepBatch, speculative_step
 from specjax.speculation.tree import TREE_SIZES
 from specjax.speculation.tree_draft import DraftModel, TreeShape
+
+log = logging.getLogger("specjax.speculation")
 
 SPECINFER_EXPANSION = (1, 1, 3, 1, 1, 1, 1, 1)  # the expansion vector SpecInfer evaluates
 
@@ -254,7 +257,10 @@ class TreeSpeculator:
             args["sample_index"][row] = x.sample_index
         # An all-greedy batch (the common case) compiles its own step without any sampling work.
         all_greedy = all(x.temperature == 0 for x in inputs)
-        compiled = self._compile((b, tp, pt, pds, all_greedy, logprobs), args)
+        key = (b, tp, pt, pds, all_greedy, logprobs)
+        if key not in self._compiled:
+            log.info("compiling tree step shape %s on first use (LLM.warm_up compiles ahead)", key)
+        compiled = self._compile(key, args)
         start = time.perf_counter()
         result, target.cache, draft_caches = compiled(target_params=target.params, drafts=self.models,
                                                       target_cache=target.cache,

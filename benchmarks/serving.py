@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import math
 import multiprocessing
 import os
@@ -324,14 +325,17 @@ def method_server(args: argparse.Namespace, method: str, conn) -> None:
         warm, measured = requests[: args.warmup], requests[args.warmup:]
         prompts = [target.tokenizer.encode(target.tokenizer.apply_chat_template(r.messages), add_special_tokens=False)
                    for r in requests]
-        # Pages for a full batch of the longest request, with room for the draft chain past its end.
-        engine = acceptance.engine_for(target.config, prompts, args.max_tokens + args.k, args.max_batch,
-                                       page_size=args.page_size)
+        # Pages for a full batch of the longest request, with room for the draft chain past its
+        # end; no sequence longer than that, so the prefix buckets stop there.
+        longest = max(len(p) for p in prompts) + args.max_tokens + args.k + 1
+        engine = dataclasses.replace(acceptance.engine_for(target.config, prompts, args.max_tokens + args.k,
+                                                           args.max_batch, page_size=args.page_size),
+                                     max_model_len=longest)
         draft = target if args.draft == "target" else args.draft
         llm = LLM(target, engine=engine, seed=args.seed,
                   speculation=speculations([method], draft, args.k, args.max_spec_tokens)[method])
         start = time.perf_counter()
-        shapes = llm.warm_up(max(len(p) for p in prompts) + args.max_tokens + args.k + 1)
+        shapes = llm.warm_up()
         info = {"shapes_compiled": shapes, "warm_up_s": time.perf_counter() - start}
         with running_server(llm) as url:
             start = time.perf_counter()
@@ -370,7 +374,11 @@ class MethodServers:
             raise
 
     def _reply(self, method: str, expected: str):
-        kind, value = self.conns[method].recv()
+        conn, process = self.conns[method], self.processes[list(self.conns).index(method)]
+        while not conn.poll(1.0):
+            if not process.is_alive():  # killed without a word (e.g. out of memory)
+                raise RuntimeError(f"the {method} server's process died (exit code {process.exitcode})")
+        kind, value = conn.recv()
         if kind == "error":
             raise RuntimeError(f"the {method} server failed:\n{value}")
         assert kind == expected, (kind, expected)

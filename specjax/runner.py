@@ -197,10 +197,12 @@ class ModelRunner:
 
     def step_keys(self, max_len: int | None = None) -> list[tuple]:
         """The (kind, B, T, pages) buckets of plain steps over sequences of up to ``max_len``
-        tokens: decoding and prompt chunks of every size, at every batch and prefix size (a long
-        prompt's later chunks and a preempted request's recomputation read a prefix)."""
+        tokens, at every batch size: decoding at every prefix size, and prompt chunks of every
+        size over no prefix or over the widest (``step``)."""
         buckets = self.buckets(max_len)
-        return [("step", b, t, p) for b in buckets["batch"] for t in [1] + buckets["prefill"] for p in buckets["pages"]]
+        prefixes = sorted({buckets["pages"][0], self.max_page_bucket})
+        return ([("step", b, 1, p) for b in buckets["batch"] for p in buckets["pages"]]
+                + [("step", b, t, p) for b in buckets["batch"] for t in buckets["prefill"] for p in prefixes])
 
     def verify_keys(self, tree_sizes: Sequence[int], max_len: int | None = None) -> list[tuple]:
         """The ("verify", B, N, pages) buckets of verification steps of ``tree_sizes``-node trees."""
@@ -318,6 +320,12 @@ class ModelRunner:
             raise ValueError(f"sequence {next(x.seq_id for x in inputs if not x.tokens)!r} has no new tokens "
                              "in this step")
         t = self.token_bucket(max(len(x.tokens) for x in inputs))
+        if t > 1 and max(lengths):
+            # A prompt chunk after a prefix (a long prompt's later chunks, a recomputation) reads
+            # the widest prefix bucket: one shape per chunk size instead of one per prefix size
+            # (each executable costs ~270 memory maps on a CPU, of the 65,530 Linux allows a
+            # process by default), for a gather that is cheap next to a chunk's matmuls.
+            p = self.max_page_bucket
         args = self._step_arrays(b, t, p)
         for row, (x, length) in enumerate(zip(inputs, lengths)):
             k = len(x.tokens)

@@ -102,7 +102,7 @@ def _traffic(runner, rng):
 
 
 def test_warm_up_compiles_every_bucket_traffic_meets(params):
-    # Pages of 2 tokens: the 40-token prompt's second chunk reads a 16-page prefix.
+    # Pages of 2 tokens: the 40-token prompt's second chunk follows a 16-page prefix.
     engine = EngineConfig(page_size=2, kv_cache_bytes=1 << 20, max_model_len=64, max_num_seqs=2, prefill_chunk=32)
     warmed = ModelRunner(CONFIG, params, engine)
     new = warmed.warm_up(tree_sizes=(4,))

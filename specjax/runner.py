@@ -159,6 +159,7 @@ class ModelRunner:
         self.min_batch_bucket = next_power_of_two(engine.min_batch_bucket or min_bucket)
         self.max_page_bucket = next_power_of_two(self.pages.pages_for(self.max_model_len))
         self._min_page_bucket = min(next_power_of_two(engine.min_page_bucket), self.max_page_bucket)
+        self._chunk_bucket = self.token_bucket(min(engine.prefill_chunk, self.max_model_len))
         self.compiler_options = dict(engine.compiler_options) if engine.compiler_options is not None else options
         self._compiled = CompiledBuckets(self.compiler_options)  # by (kind, B, T, pages) bucket
         self._step = jax.jit(functools.partial(_step, config=config), donate_argnames=("cache",))
@@ -197,12 +198,15 @@ class ModelRunner:
 
     def step_keys(self, max_len: int | None = None) -> list[tuple]:
         """The (kind, B, T, pages) buckets of plain steps over sequences of up to ``max_len``
-        tokens, at every batch size: decoding at every prefix size, and prompt chunks of every
-        size over no prefix or over the widest (``step``)."""
+        tokens, at every batch size: decoding at every prefix size, prompt chunks of every size
+        over no prefix, and full-size chunks over every prefix size (``step``)."""
         buckets = self.buckets(max_len)
-        prefixes = sorted({buckets["pages"][0], self.max_page_bucket})
-        return ([("step", b, 1, p) for b in buckets["batch"] for p in buckets["pages"]]
-                + [("step", b, t, p) for b in buckets["batch"] for t in buckets["prefill"] for p in prefixes])
+        pages = buckets["pages"]
+        keys = ([("step", b, 1, p) for b in buckets["batch"] for p in pages]
+                + [("step", b, t, pages[0]) for b in buckets["batch"] for t in buckets["prefill"]])
+        if min(max_len or self.max_model_len, self.max_model_len) > self.engine.prefill_chunk:  # prompts of 2+ chunks
+            keys += [("step", b, self._chunk_bucket, p) for b in buckets["batch"] for p in pages[1:]]
+        return keys
 
     def verify_keys(self, tree_sizes: Sequence[int], max_len: int | None = None) -> list[tuple]:
         """The ("verify", B, N, pages) buckets of verification steps of ``tree_sizes``-node trees."""
@@ -321,11 +325,12 @@ class ModelRunner:
                              "in this step")
         t = self.token_bucket(max(len(x.tokens) for x in inputs))
         if t > 1 and max(lengths):
-            # A prompt chunk after a prefix (a long prompt's later chunks, a recomputation) reads
-            # the widest prefix bucket: one shape per chunk size instead of one per prefix size
-            # (each executable costs ~270 memory maps on a CPU, of the 65,530 Linux allows a
-            # process by default), for a gather that is cheap next to a chunk's matmuls.
-            p = self.max_page_bucket
+            # A prompt chunk after a prefix (a long prompt's later chunks, a recomputation) pads
+            # to a full chunk: one shape per prefix size, not one per chunk size too (each
+            # executable costs ~270 memory maps on a CPU, of the 65,530 Linux allows a process by
+            # default). Only a prompt's last chunk is ever short, so that is the only padding;
+            # reading the widest prefix instead cost every chunk attention over it.
+            t = self._chunk_bucket
         args = self._step_arrays(b, t, p)
         for row, (x, length) in enumerate(zip(inputs, lengths)):
             k = len(x.tokens)

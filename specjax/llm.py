@@ -200,10 +200,11 @@ class LLM:
         return self.runner.compile_time_s + (self.speculator.all_compile_time_s if self.speculator else 0.0)
 
     def warm_up(self, max_len: int | None = None, progress=None) -> int:
-        """Compile, without running anything, every step shape the methods this LLM offers meet
-        for sequences of up to ``max_len`` tokens (default ``max_model_len``): plain decoding and
-        prompt chunks, suffix trees of every size bucket up to ``max_spec_tokens``, and the draft
-        models' tree steps, at every batch and prefix bucket. A compilation stalls every request
+        """Compile every step shape the methods this LLM offers meet for sequences of up to
+        ``max_len`` tokens (default ``max_model_len``): plain decoding and prompt chunks, suffix
+        trees of every size bucket up to ``max_spec_tokens``, and the draft models' tree steps, at
+        every batch and prefix bucket. The target's steps also run once on empty rows (a first
+        run is slow); the draft-model tree steps are compiled only. A compilation stalls every request
         in the batch, so a server compiles before it takes traffic, as vLLM captures its CUDA
         graphs at start-up. Returns how many shapes were new; ``progress(done, total)`` is called
         after each. Shapes still left to first use: draft-model steps with logprobs, and those
@@ -589,12 +590,12 @@ class Scheduler:
         results = []
         if suffix_rows:
             trees = draft_trees([inputs[r.uid].tokens[-1] for r, _ in suffix_rows], [d for _, d in suffix_rows])
-            compiled = llm.runner.compile_time_s
             scored = _wants_logprobs([r for r, _ in suffix_rows])
             new_tokens, elapsed, *scores = llm.runner.verify([r.uid for r, _ in suffix_rows], trees,
                                                               [inputs[r.uid] for r, _ in suffix_rows], logprobs=scored)
-            # Not a step that compiled: a new executable's first run is slow.
-            if llm.budget is not None and llm.runner.compile_time_s == compiled:
+            # Not an executable's first run: it is slow (up to 2x on a CPU), and a bucket that
+            # looks dear is never chosen again, so its estimate would never recover.
+            if llm.budget is not None and not llm.runner.first_run:
                 llm.budget.cost.observe(len(suffix_rows), trees[0].size, elapsed)
             logprobs = scores[0] if scored else [[None] * len(t) for t in new_tokens]
             for (req, _), tree, tokens, token_logprobs in zip(suffix_rows, trees, new_tokens, logprobs):

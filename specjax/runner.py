@@ -162,6 +162,8 @@ class ModelRunner:
         self._chunk_bucket = self.token_bucket(min(engine.prefill_chunk, self.max_model_len))
         self.compiler_options = dict(engine.compiler_options) if engine.compiler_options is not None else options
         self._compiled = CompiledBuckets(self.compiler_options)  # by (kind, B, T, pages) bucket
+        self._ran: set[tuple] = set()  # buckets whose executable has run at least once
+        self.first_run = False  # whether the last step was its executable's first run
         self._step = jax.jit(functools.partial(_step, config=config), donate_argnames=("cache",))
         self._verify = jax.jit(functools.partial(_verify_step, config=config), donate_argnames=("cache",))
 
@@ -217,20 +219,24 @@ class ModelRunner:
         return key in self._compiled
 
     def compile(self, key: tuple) -> None:
-        """Compile the executable of a ("step", B, T, pages) or ("verify", B, N, pages) bucket, if new."""
+        """Compile the executable of a ("step", B, T, pages) or ("verify", B, N, pages) bucket, if
+        new, and run it once on empty rows (they write nothing): an executable's first run is
+        slow (up to 2x a step on a CPU), and that should land neither on a request nor in the
+        step timings the batch-aware budget learns from."""
         kind, b, t, p = key
-        if kind == "step":
-            self._compiled.get(key, self._step, self.params, cache=self.cache, **self._step_arrays(b, t, p))
-        elif kind == "verify":
-            self._compiled.get(key, self._verify, self.params, cache=self.cache, **self._verify_arrays(b, t, p))
-        else:
+        if kind not in ("step", "verify"):
             raise ValueError(f"unknown step kind {kind!r} in bucket {key!r}")
+        if key not in self._ran:
+            fn, arrays = ((self._step, self._step_arrays(b, t, p)) if kind == "step"
+                          else (self._verify, self._verify_arrays(b, t, p)))
+            self._run(fn, key, arrays)
 
     def warm_up_jobs(self, tree_sizes: Sequence[int] = (), max_len: int | None = None) -> list:
-        """One thunk per bucket not yet compiled among the plain-step buckets (``step_keys``) and
-        the verification buckets of ``tree_sizes``-node trees; each compiles it without running."""
+        """One thunk per bucket not yet run among the plain-step buckets (``step_keys``) and the
+        verification buckets of ``tree_sizes``-node trees; each compiles it and runs it once on
+        empty rows (``compile``)."""
         keys = self.step_keys(max_len) + self.verify_keys(tree_sizes, max_len)
-        return [functools.partial(self.compile, k) for k in keys if not self.has_executable(k)]
+        return [functools.partial(self.compile, k) for k in keys if k not in self._ran]
 
     def warm_up(self, tree_sizes: Sequence[int] = (), max_len: int | None = None) -> int:
         """Compile ahead every bucket of ``warm_up_jobs``, so no step waits for a compilation;
@@ -301,10 +307,13 @@ class ModelRunner:
                     live=np.zeros((b, n), bool), position_slots=np.full((b, n), INVALID_SLOT, np.int32))
 
     def _run(self, fn, key: tuple, args: dict):
-        """Run jitted ``fn`` with the cache donated, compiling per shape bucket ``key`` (timed apart)."""
+        """Run jitted ``fn`` with the cache donated, compiling per shape bucket ``key`` (timed apart).
+        Sets ``first_run``: whether this was the executable's first run (slower than the rest)."""
         if not self.has_executable(key):
             log.info("compiling step shape %s on first use (LLM.warm_up compiles ahead)", key)
         compiled = self._compiled.get(key, fn, self.params, cache=self.cache, **args)
+        self.first_run = key not in self._ran
+        self._ran.add(key)
         start = time.perf_counter()
         *outputs, self.cache = compiled(self.params, cache=self.cache, **args)
         outputs = [np.asarray(x) for x in outputs]

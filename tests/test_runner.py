@@ -112,7 +112,7 @@ def test_warm_up_compiles_every_bucket_traffic_meets(params):
     produced = _traffic(warmed, np.random.default_rng(1))
     # Greedy and sampled rows, with and without logprobs, ran on the warmed executables.
     assert (warmed.num_compiled, warmed.compile_time_s) == (compiled, seconds)
-    # Compiling ahead ran nothing: a cold runner produces the same tokens.
+    # Compiling ahead ran empty rows only: a cold runner produces the same tokens.
     assert _traffic(ModelRunner(CONFIG, params, engine), np.random.default_rng(1)) == produced
 
 

@@ -206,8 +206,8 @@ class TreeSpeculator:
                 for pt, pds in sorted(pages) for all_greedy in (True, False)]
 
     def warm_up_jobs(self, max_len: int | None = None) -> list:
-        """One thunk per bucket not yet compiled among the tree steps (``step_keys``) and the
-        drafts' prompt steps; each compiles it without running."""
+        """One thunk per bucket not yet compiled among the tree steps (``step_keys``, compiled
+        without running) and the drafts' prompt steps (``ModelRunner.compile``)."""
         jobs = [functools.partial(runner.compile, key) for runner in self.runners for key in runner.step_keys(max_len)
                 if key[2] > 1 and not runner.has_executable(key)]  # drafts only run prompt chunks
         for key in self.step_keys(max_len):

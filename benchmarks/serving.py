@@ -213,6 +213,13 @@ def percentile_stats(seconds: list[float]) -> dict:
     return stats
 
 
+def latency_summary(done: list[dict]) -> dict:
+    """TTFT, TPOT and latency percentiles of finished request records."""
+    return {"ttft": percentile_stats([r["ttft_s"] for r in done]),
+            "tpot": percentile_stats([r["tpot_s"] for r in done if r["tpot_s"] is not None]),
+            "latency": percentile_stats([r["latency_s"] for r in done])}
+
+
 def measure(url: str, llm, requests: list, offsets: list[float], max_tokens: int) -> dict:
     """One method at one rate: the requests sent open-loop, their latencies, throughput and tau."""
     before, compiled = speculation_counters(url), llm.compile_time_s
@@ -225,10 +232,7 @@ def measure(url: str, llm, requests: list, offsets: list[float], max_tokens: int
     for r in done:  # times relative to the run's first request
         r["start_s"], r["end_s"] = r["start_s"] - t0, r["end_s"] - t0
     return {"completed": len(done), "errors": len(records) - len(done), "output_tokens": tokens,
-            "seconds": span, "tokens_per_s": tokens / span if span > 0 else 0.0,
-            "ttft": percentile_stats([r["ttft_s"] for r in done]),
-            "tpot": percentile_stats([r["tpot_s"] for r in done if r["tpot_s"] is not None]),
-            "latency": percentile_stats([r["latency_s"] for r in done]),
+            "seconds": span, "tokens_per_s": tokens / span if span > 0 else 0.0, **latency_summary(done),
             "max_late_ms": 1e3 * max(r["late_s"] for r in records),
             "speculation": speculation_delta(before, after), "compile_s": llm.compile_time_s - compiled,
             "requests": records}
@@ -356,7 +360,7 @@ class MethodServers:
 
     def __init__(self, args: argparse.Namespace, methods: list[str]):
         context = multiprocessing.get_context("spawn")
-        self.conns, self.processes, self.info = {}, [], {}
+        self.conns, self.processes, self.info = {}, {}, {}
         try:
             for method in methods:  # one after another: compiling two at once only shares the cores
                 parent, child = context.Pipe()
@@ -364,7 +368,7 @@ class MethodServers:
                                           daemon=True)
                 process.start()
                 self.conns[method] = parent
-                self.processes.append(process)
+                self.processes[method] = process
                 self.info[method] = self._reply(method, "ready")
                 log(f"{method}: compiled {self.info[method]['shapes_compiled']} step shapes in "
                     f"{self.info[method]['warm_up_s']:.0f} s, then answered {self.info[method]['warm_up_requests']} "
@@ -374,7 +378,7 @@ class MethodServers:
             raise
 
     def _reply(self, method: str, expected: str):
-        conn, process = self.conns[method], self.processes[list(self.conns).index(method)]
+        conn, process = self.conns[method], self.processes[method]
         while not conn.poll(1.0):
             if not process.is_alive():  # killed without a word (e.g. out of memory)
                 raise RuntimeError(f"the {method} server's process died (exit code {process.exitcode})")
@@ -392,7 +396,7 @@ class MethodServers:
         for conn in self.conns.values():
             with contextlib.suppress(OSError):
                 conn.send(None)
-        for process in self.processes:
+        for process in self.processes.values():
             process.join(60)
             if process.is_alive():
                 process.kill()
@@ -414,9 +418,7 @@ def combined(runs: list[dict]) -> dict:
             "completed": len(done), "errors": len(requests) - len(done), "output_tokens": tokens, "seconds": seconds,
             "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
             "tokens_per_s_by_round": [r["tokens_per_s"] for r in runs],
-            "ttft": percentile_stats([q["ttft_s"] for q in done]),
-            "tpot": percentile_stats([q["tpot_s"] for q in done if q["tpot_s"] is not None]),
-            "latency": percentile_stats([q["latency_s"] for q in done]),
+            **latency_summary(done),
             "max_late_ms": max(r["max_late_ms"] for r in runs), "speculation": spec,
             "compile_s": sum(r["compile_s"] for r in runs),
             "load_average_1m": [r["load_average_1m"] for r in runs], "requests": requests}

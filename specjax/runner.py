@@ -190,10 +190,14 @@ class ModelRunner:
         """New tokens per row of a step: 1 for decoding, a padded chunk for prefill."""
         return 1 if num_tokens == 1 else next_power_of_two(num_tokens, MIN_PREFILL_BUCKET)
 
+    def longest(self, max_len: int | None = None) -> int:
+        """The longest sequence a warm-up covers: ``max_len``, capped by and defaulting to ``max_model_len``."""
+        return min(max_len or self.max_model_len, self.max_model_len)
+
     def buckets(self, max_len: int | None = None) -> dict[str, list[int]]:
         """Every bucket a step can take, for sequences of up to ``max_len`` tokens (default
         ``max_model_len``): "batch" rows, "pages" of prefix, "prefill" chunk tokens."""
-        max_len = min(max_len or self.max_model_len, self.max_model_len)
+        max_len = self.longest(max_len)
         return {"batch": powers_of_two(self.batch_bucket(1), self.batch_bucket(self.engine.max_num_seqs)),
                 "pages": powers_of_two(self.page_bucket(1), self.page_bucket(self.pages.pages_for(max_len))),
                 "prefill": powers_of_two(self.token_bucket(2), self.token_bucket(min(self.engine.prefill_chunk, max_len)))}
@@ -206,7 +210,7 @@ class ModelRunner:
         pages = buckets["pages"]
         keys = ([("step", b, 1, p) for b in buckets["batch"] for p in pages]
                 + [("step", b, t, pages[0]) for b in buckets["batch"] for t in buckets["prefill"]])
-        if min(max_len or self.max_model_len, self.max_model_len) > self.engine.prefill_chunk:  # prompts of 2+ chunks
+        if self.longest(max_len) > self.engine.prefill_chunk:  # prompts of 2+ chunks
             keys += [("step", b, self._chunk_bucket, p) for b in buckets["batch"] for p in pages[1:]]
         return keys
 
@@ -306,6 +310,15 @@ class ModelRunner:
                     parents=np.full((b, n), -1, np.int32), depths=np.zeros((b, n), np.int32),
                     live=np.zeros((b, n), bool), position_slots=np.full((b, n), INVALID_SLOT, np.int32))
 
+    @staticmethod
+    def _fill_sampling(args: dict, inputs: Sequence[StepInput]) -> None:
+        """Each input's sampling settings and key into its row of ``args`` (``_common_arrays``)."""
+        for row, x in enumerate(inputs):
+            args["temperature"][row], args["top_k"][row], args["top_p"][row] = x.temperature, x.top_k, x.top_p
+            if x.base_key is not None:
+                args["base_keys"][row] = x.base_key
+            args["sample_index"][row] = x.sample_index
+
     def _run(self, fn, key: tuple, args: dict):
         """Run jitted ``fn`` with the cache donated, compiling per shape bucket ``key`` (timed apart).
         Sets ``first_run``: whether this was the executable's first run (slower than the rest)."""
@@ -349,9 +362,7 @@ class ModelRunner:
             args["positions"][row, :] = length + np.arange(t)
             args["slots"][row, :k] = self.pages.slots(x.seq_id, length, k)
             args["last"][row, 0] = k - 1
-            args["temperature"][row], args["top_k"][row], args["top_p"][row] = x.temperature, x.top_k, x.top_p
-            if x.base_key is not None:
-                args["base_keys"][row], args["sample_index"][row] = x.base_key, x.sample_index
+        self._fill_sampling(args, inputs)
         self._prefix(args, seq_ids, lengths)
         args["logprobs"] = np.bool_(logprobs)
         (next_tokens, *scores), elapsed = self._run(self._step, ("step", b, t, p), args)
@@ -393,11 +404,7 @@ class ModelRunner:
             args["position_slots"][row, :span] = self.pages.slots(seq_id, length, span)
         self._prefix(args, seq_ids, lengths)
         args["positions"] = args["context_lens"][:, None] + args["depths"]
-        for row, x in enumerate(sampling_inputs or ()):
-            args["temperature"][row], args["top_k"][row], args["top_p"][row] = x.temperature, x.top_k, x.top_p
-            if x.base_key is not None:
-                args["base_keys"][row] = x.base_key
-            args["sample_index"][row] = x.sample_index
+        self._fill_sampling(args, sampling_inputs or ())
         args["logprobs"] = np.bool_(logprobs)
         (last, path, bonus, *scores), elapsed = self._run(self._verify, ("verify", b, n, p), args)
         new_tokens = []

@@ -197,7 +197,7 @@ class TreeSpeculator:
         tokens are the root and the accepted nodes (hybrid steps the suffix cache verified leave
         more, a wider bucket compiled when met)."""
         target = self.target
-        max_len = min(max_len or target.max_model_len, target.max_model_len)
+        max_len = target.longest(max_len)
         tp = next_power_of_two(self.spec.depth + 1)
         pages = {(target.page_bucket(target.pages.pages_for(n + self.spec.depth)),
                   tuple(r.page_bucket(r.pages.pages_for(n + s.num_fed)) for r, s in zip(self.runners, self.spec.shapes)))

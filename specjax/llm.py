@@ -574,8 +574,11 @@ class Scheduler:
         suffix_rows, draft_rows = [], [r for r in batch if r.speculation == "tree"]
         if proposing := [r for r in batch if r.speculation in SUFFIX_METHODS]:
             bar = llm._hybrid_bar() if llm.speculator is not None else None
-            sizes = (llm.budget.plan([acceptance_by_depth(r.output.stats.speculation) for r in proposing]).sizes
-                     if llm.budget is not None else [llm.suffix.settings.max_spec_tokens] * len(proposing))
+            if llm.budget is not None:
+                sizes = llm.budget.plan([acceptance_by_depth(r.output.stats.speculation) for r in proposing],
+                                        llm.runner.prefix_page_bucket([r.uid for r in proposing])).sizes
+            else:
+                sizes = [llm.suffix.settings.max_spec_tokens] * len(proposing)
             for req, size in zip(proposing, sizes):
                 sequence = inputs[req.uid].tokens
                 # A tree deeper than the tokens still allowed, or than its pages hold, would verify
@@ -591,12 +594,13 @@ class Scheduler:
         if suffix_rows:
             trees = draft_trees([inputs[r.uid].tokens[-1] for r, _ in suffix_rows], [d for _, d in suffix_rows])
             scored = _wants_logprobs([r for r, _ in suffix_rows])
+            pages = llm.runner.prefix_page_bucket([r.uid for r, _ in suffix_rows])  # before verify commits
             new_tokens, elapsed, *scores = llm.runner.verify([r.uid for r, _ in suffix_rows], trees,
                                                               [inputs[r.uid] for r, _ in suffix_rows], logprobs=scored)
             # Not an executable's first run: it is slow (up to 2x on a CPU), and a bucket that
             # looks dear is never chosen again, so its estimate would never recover.
             if llm.budget is not None and not llm.runner.first_run:
-                llm.budget.cost.observe(len(suffix_rows), trees[0].size, elapsed)
+                llm.budget.cost.observe(len(suffix_rows), trees[0].size, pages, elapsed)
             logprobs = scores[0] if scored else [[None] * len(t) for t in new_tokens]
             for (req, _), tree, tokens, token_logprobs in zip(suffix_rows, trees, new_tokens, logprobs):
                 record = (tree.num_nodes - 1, int(tree.depths.max()), len(tokens) - 1)

@@ -186,6 +186,10 @@ class ModelRunner:
         least ``min_page_bucket`` unless the longest sequence needs fewer."""
         return next_power_of_two(num_pages, self._min_page_bucket)
 
+    def prefix_page_bucket(self, seq_ids: Sequence) -> int:
+        """The prefix-page bucket a step over these sequences, as committed now, reads."""
+        return self._check_batch(seq_ids)[1]
+
     def token_bucket(self, num_tokens: int) -> int:
         """New tokens per row of a step: 1 for decoding, a padded chunk for prefill."""
         return 1 if num_tokens == 1 else next_power_of_two(num_tokens, MIN_PREFILL_BUCKET)

@@ -21,29 +21,58 @@ BATCHES = (1, 2, 4, 8, 16, 32)
 TREES = (1, 2, 4, 8, 16, 32)
 
 
+PAGES = 8  # the prefix-page bucket of the synthetic steps
+
+
 def synthetic(step: float, per_token: float) -> StepCostModel:
-    """Every key timed: a fixed step cost plus ``per_token`` for each row's tree node."""
+    """Every (batch, tree) key timed at ``PAGES``: a fixed step cost plus ``per_token`` for each row's tree node."""
     cost = StepCostModel()
     for b, t in itertools.product(BATCHES, TREES):
-        cost.observe(b, t, step + per_token * b * t)
+        cost.observe(b, t, PAGES, step + per_token * b * t)
     return cost
 
 
 def test_cost_model_averages_each_key_and_estimates_others_monotonically():
     cost = StepCostModel(alpha=0.5)
-    assert cost.cost(4, 4) is None
-    cost.observe(3, 5, 1.0)  # keyed by its buckets, (4, 8)
-    cost.observe(4, 8, 2.0)
-    assert cost.seconds == {(4, 8): 1.5}
+    assert cost.cost(4, 4, PAGES) is None
+    cost.observe(3, 5, 8, 1.0)  # keyed by its buckets, (4, 8, 8)
+    cost.observe(4, 8, 8, 2.0)
+    assert cost.seconds == {(4, 8, 8): 1.5}
 
     cost = StepCostModel()
     for (b, t), s in {(1, 1): 1.0, (1, 2): 5.0, (1, 4): 3.0, (1, 16): 4.0, (8, 1): 2.0, (8, 16): 10.0}.items():
-        cost.observe(b, t, s)  # (1, 2) above (1, 4): timing noise the estimate must not follow down
-    assert cost.cost(8, 16) == 10.0
-    assert 2.0 < cost.cost(8, 4) < 10.0 and 5.0 <= cost.cost(4, 16) <= 10.0
-    assert cost.cost(32, 64) > cost.cost(8, 16)  # extrapolated upwards
-    grid = np.array([[cost.cost(b, t) for t in (1, 2, 4, 8, 16, 32, 64)] for b in (1, 2, 4, 8, 16, 32)])
+        cost.observe(b, t, PAGES, s)  # (1, 2) above (1, 4): timing noise the estimate must not follow down
+    assert cost.cost(8, 16, PAGES) == 10.0
+    assert 2.0 < cost.cost(8, 4, PAGES) < 10.0 and 5.0 <= cost.cost(4, 16, PAGES) <= 10.0
+    assert cost.cost(32, 64, PAGES) > cost.cost(8, 16, PAGES)  # extrapolated upwards
+    grid = np.array([[cost.cost(b, t, PAGES) for t in (1, 2, 4, 8, 16, 32, 64)] for b in (1, 2, 4, 8, 16, 32)])
     assert np.all(np.diff(grid, axis=0) >= 0) and np.all(np.diff(grid, axis=1) >= 0)
+
+
+def test_cost_model_keeps_contexts_apart_and_interpolates_between_them():
+    cost = StepCostModel()
+    for t, short, long in ((1, 1.0, 3.0), (16, 1.5, 9.0)):
+        cost.observe(1, t, 8, short)
+        cost.observe(1, t, 64, long)
+    assert cost.cost(1, 16, 8) == 1.5 and cost.cost(1, 16, 64) == 9.0  # neither context prices the other
+    assert cost.cost(1, 16, 1) == 1.5  # flat below the shortest timed context
+    assert 1.5 < cost.cost(1, 16, 32) < 9.0 and cost.cost(1, 16, 128) > 9.0
+    grid = np.array([[cost.cost(1, t, p) for t in (1, 2, 4, 8, 16, 32)] for p in (1, 8, 16, 32, 64, 128, 256)])
+    assert np.all(np.diff(grid, axis=0) >= 0) and np.all(np.diff(grid, axis=1) >= 0)
+
+
+def test_trees_dear_at_long_context_do_not_stop_speculation_at_short_context():
+    """What batch-aware serving met on a CPU: suffix trees were mostly speculated for long agentic
+    contexts, root-only steps mostly ran for short prompts; keyed without the context, the trees'
+    cost looked 2-5x a plain step's and short requests stopped speculating altogether."""
+    cost = StepCostModel()
+    for t, short, long in ((1, 0.020, 0.060), (16, 0.027, 0.200)):
+        cost.observe(1, t, 8, short)
+        cost.observe(1, t, 256, long)
+    budget = SpeculationBudget(cost, max_tree=16)
+    likely = [[0.9]]  # a request whose suffix drafts are mostly accepted
+    assert budget.plan(likely, 8).tree_size == 16
+    assert budget.plan([[0.1]], 256).tree_size == 1  # dear trees, poor acceptance: none
 
 
 def test_acceptance_from_stats_is_smoothed_and_expected_tokens_follow_the_chain():
@@ -58,19 +87,19 @@ def test_acceptance_from_stats_is_smoothed_and_expected_tokens_follow_the_chain(
 
 def test_flat_cost_speculates_fully_and_steeper_costs_less_down_to_none():
     rows = [[0.8]] * 16
-    flat = SpeculationBudget(synthetic(1.0, 1e-5), max_tree=32).plan(rows)
+    flat = SpeculationBudget(synthetic(1.0, 1e-5), max_tree=32).plan(rows, PAGES)
     assert flat.tree_size == 32 and flat.sizes == [31] * 16
 
-    chosen = [SpeculationBudget(synthetic(1.0, slope), max_tree=32).plan(rows).tree_size
+    chosen = [SpeculationBudget(synthetic(1.0, slope), max_tree=32).plan(rows, PAGES).tree_size
               for slope in (1e-5, 1e-3, 1e-2, 3e-2, 1e-1)]
     assert chosen == sorted(chosen, reverse=True) and 1 < chosen[1] < 32
     # Each extra token costs as much as a one-token step: even perfect acceptance only ties.
     for acceptance in (0.8, 1.0):
-        plan = SpeculationBudget(synthetic(0.0, 1.0), max_tree=32).plan([[acceptance]] * 4)
+        plan = SpeculationBudget(synthetic(0.0, 1.0), max_tree=32).plan([[acceptance]] * 4, PAGES)
         assert plan.tree_size == 1 and plan.sizes == [0] * 4
     # The same per-token slope halts speculation at a large batch but not at a small one.
     cost = synthetic(1.0, 3e-2)
-    assert SpeculationBudget(cost).plan([[0.8]]).tree_size > SpeculationBudget(cost).plan(rows * 2).tree_size
+    assert SpeculationBudget(cost).plan([[0.8]], PAGES).tree_size > SpeculationBudget(cost).plan(rows * 2, PAGES).tree_size
 
 
 def test_plans_never_expect_less_than_plain_decoding_under_their_model():
@@ -79,18 +108,18 @@ def test_plans_never_expect_less_than_plain_decoding_under_their_model():
         cost = StepCostModel()
         base = np.sort(rng.uniform(0.1, 2.0, size=(len(BATCHES), len(TREES))), axis=1)
         for (i, b), (j, t) in itertools.product(enumerate(BATCHES), enumerate(TREES)):
-            cost.observe(b, t, base[: i + 1, j].sum())  # monotone in both
+            cost.observe(b, t, PAGES, base[: i + 1, j].sum())  # monotone in both
         rows = [rng.uniform(0, 1, size=rng.integers(1, 5)).tolist() for _ in range(rng.integers(1, 33))]
-        plan = SpeculationBudget(cost).plan(rows)
+        plan = SpeculationBudget(cost).plan(rows, PAGES)
         tokens = sum(1 + expected_accepted(a, k) for a, k in zip(rows, plan.sizes))
-        assert plan.tokens_per_s == pytest.approx(tokens / cost.cost(len(rows), plan.tree_size))
-        assert plan.plain_tokens_per_s == pytest.approx(len(rows) / cost.cost(len(rows), 1))
+        assert plan.tokens_per_s == pytest.approx(tokens / cost.cost(len(rows), plan.tree_size, PAGES))
+        assert plan.plain_tokens_per_s == pytest.approx(len(rows) / cost.cost(len(rows), 1, PAGES))
         assert plan.tokens_per_s >= plan.plain_tokens_per_s
         assert all(0 <= k < plan.tree_size for k in plan.sizes)
 
 
 def test_a_request_that_accepts_nothing_gets_no_speculation():
-    plan = SpeculationBudget(synthetic(1.0, 1e-4), max_tree=16).plan([[0.0], [0.9], [0.7, 0.0]])
+    plan = SpeculationBudget(synthetic(1.0, 1e-4), max_tree=16).plan([[0.0], [0.9], [0.7, 0.0]], PAGES)
     assert plan.tree_size == 16 and plan.sizes == [0, 15, 15]
 
 
@@ -98,7 +127,8 @@ def test_batch_aware_suffix_speculation_is_lossless(target, prompts, plain):  # 
     llm = LLM(target, engine=ENGINE, speculation=SuffixSpeculation(max_spec_tokens=15, batch_aware=True))
     assert llm.runner.pages.num_free == llm.runner.pages.num_pages  # calibration gave its pages back
     calibrated = dict(llm.budget.cost.seconds)
-    assert {(1, 1), (1, 16), (32, 1), (32, 16)} <= set(calibrated)
+    assert {(b, t) for b, t, _ in calibrated} >= {(1, 1), (1, 16), (32, 1), (32, 16)}
+    assert {p for _, _, p in calibrated} == {llm.runner.page_bucket(1)}  # short scratch sequences
     for _ in range(2):  # cold, then warm from the cache
         outs = llm.generate(prompts, GREEDY)
         assert [o.token_ids for o in outs] == plain

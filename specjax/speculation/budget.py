@@ -2,8 +2,8 @@
 
 Speculating pays when verification is nearly free (a memory-bound accelerator at small batch) and
 costs throughput when every extra token costs real compute (large batch, or a CPU). The
-``StepCostModel`` learns what a verification step of (batch rows, tree bucket) costs on this
-device, from the runner's own step timings; ``SpeculationBudget`` then picks, per step, the one
+``StepCostModel`` learns what a verification step of (batch rows, tree bucket, prefix pages) costs
+on this device, from the runner's own step timings; ``SpeculationBudget`` then picks, per step, the one
 tree bucket the batch shares and each row's size within it, to maximise expected tokens per second
 for the whole batch. Size 0 is a root-only tree: the row decodes one token, as a plain step would.
 """
@@ -33,10 +33,16 @@ def _monotone_interp(x: float, xs: Sequence[float], ys: Sequence[float], proport
 
 
 class StepCostModel:
-    """Seconds of one verification step by (batch bucket, tree bucket): an exponential moving
-    average per key of the steps seen, estimated elsewhere by interpolating the keys seen
-    (monotone in both: linear in tree nodes, and in rows between timed batch buckets; past the
-    largest timed batch, in proportion to rows, so the costs of tree sizes keep their ratios there).
+    """Seconds of one verification step by (batch bucket, tree bucket, prefix-page bucket): an
+    exponential moving average per key of the steps seen, estimated elsewhere by interpolating the
+    keys seen, monotone in all three. Within a page bucket: linear in tree nodes, and in rows
+    between timed batch buckets; past the largest timed batch, in proportion to rows, so the costs
+    of tree sizes keep their ratios there. Across page buckets: linear between timed ones, flat
+    below the smallest and along the last segment past the largest.
+
+    The context is part of the key because attention over it is much of a step's cost on some
+    devices (a CPU, or any device at long context): keyed by rows and tree only, trees speculated
+    for long-context requests would price every tree of a short one.
 
     alpha: weight of each new timing in its key's average.
     """
@@ -45,28 +51,37 @@ class StepCostModel:
         if not 0 < alpha <= 1:
             raise ValueError(f"alpha must be in (0, 1], got {alpha!r}")
         self.alpha = alpha
-        self.seconds: dict[tuple[int, int], float] = {}
+        self.seconds: dict[tuple[int, int, int], float] = {}
 
     @staticmethod
-    def key(rows: int, tree_size: int) -> tuple[int, int]:
-        return next_power_of_two(rows), tree_bucket(tree_size)
+    def key(rows: int, tree_size: int, pages: int) -> tuple[int, int, int]:
+        """``pages``: the prefix-page bucket the step reads (``ModelRunner.prefix_page_bucket``)."""
+        return next_power_of_two(rows), tree_bucket(tree_size), next_power_of_two(pages)
 
-    def observe(self, rows: int, tree_size: int, seconds: float) -> None:
-        key = self.key(rows, tree_size)
+    def observe(self, rows: int, tree_size: int, pages: int, seconds: float) -> None:
+        key = self.key(rows, tree_size, pages)
         old = self.seconds.get(key)
         self.seconds[key] = seconds if old is None else old + self.alpha * (seconds - old)
 
-    def cost(self, rows: int, tree_size: int) -> float | None:
-        """Estimated seconds of a step of ``rows`` trees of ``tree_size`` nodes; None before any timing."""
+    def cost(self, rows: int, tree_size: int, pages: int) -> float | None:
+        """Estimated seconds of a step of ``rows`` trees of ``tree_size`` nodes over ``pages``
+        prefix pages; None before any timing."""
         if not self.seconds:
             return None
-        b, t = self.key(rows, tree_size)
-        batches = sorted({kb for kb, _ in self.seconds})
+        b, t, p = self.key(rows, tree_size, pages)
+        page_buckets = sorted({kp for _, _, kp in self.seconds})
+        per_pages = [self._cost_within(b, t, kp) for kp in page_buckets]
+        return _monotone_interp(p, page_buckets, per_pages, False)
+
+    def _cost_within(self, b: int, t: int, p: int) -> float:
+        """The estimate at (b, t) from the timings of page bucket ``p`` alone."""
+        timed = {(kb, kt): s for (kb, kt, kp), s in self.seconds.items() if kp == p}
+        batches = sorted({kb for kb, _ in timed})
         # Each timed batch bucket's cost at this tree size, then across batch buckets.
         per_batch = []
         for kb in batches:
-            sizes = sorted(kt for kbb, kt in self.seconds if kbb == kb)
-            per_batch.append(_monotone_interp(t, sizes, [self.seconds[(kb, kt)] for kt in sizes], False))
+            sizes = sorted(kt for kbb, kt in timed if kbb == kb)
+            per_batch.append(_monotone_interp(t, sizes, [timed[(kb, kt)] for kt in sizes], False))
         return _monotone_interp(b, batches, per_batch, True)
 
 
@@ -90,9 +105,10 @@ def calibrate(runner: ModelRunner, cost: StepCostModel, batch_buckets: Sequence[
                 for run in range(repeats + 1):
                     trees = [TokenTree.chain(int(rng.integers(vocab)), rng.integers(0, vocab, size - 1).tolist())
                              for _ in ids]
+                    pages = runner.prefix_page_bucket(ids)
                     _, seconds = runner.verify(ids, trees)
                     if run:
-                        cost.observe(rows, size, seconds)
+                        cost.observe(rows, size, pages, seconds)
             finally:
                 for seq_id in ids:
                     runner.release(seq_id)
@@ -143,14 +159,15 @@ class SpeculationBudget:
         self.cost = cost
         self.max_tree = max_tree
 
-    def plan(self, acceptance: Sequence[Sequence[float]]) -> BudgetPlan:
-        """``acceptance``: per row, its chance to accept each depth given the one before."""
+    def plan(self, acceptance: Sequence[Sequence[float]], pages: int) -> BudgetPlan:
+        """``acceptance``: per row, its chance to accept each depth given the one before;
+        ``pages``: the prefix-page bucket the step will read."""
         rows = len(acceptance)
         best = None
         for size in (s for s in TREE_SIZES if s <= self.max_tree):
             sizes = [size - 1 if expected_accepted(a, size - 1) > 0 else 0 for a in acceptance]
             tokens = sum(1 + expected_accepted(a, k) for a, k in zip(acceptance, sizes))
-            seconds = self.cost.cost(rows, size)
+            seconds = self.cost.cost(rows, size, pages)
             rate = tokens / seconds if seconds else float(tokens)  # no timings: tokens alone decide
             if size == 1:
                 plain = rate

@@ -28,7 +28,7 @@ from specjax.config import resolve_dtype
 from specjax.params import inference_params
 from specjax.runner import EngineConfig, ModelRunner, StepInput
 from specjax.sampling import SamplingParams, TokenLogprob, request_key
-from specjax.speculation.budget import SpeculationBudget, StepCostModel, acceptance_by_depth, calibrate
+from specjax.speculation.budget import SpeculationBudget, StepCostModel, calibrate, draft_gains
 from specjax.speculation.speculator import TreeSpeculation, TreeSpeculator
 from specjax.speculation.stats import SpeculationStats
 from specjax.speculation.suffix import HybridSpeculation, SuffixSpeculation, SuffixSpeculator, draft_trees
@@ -101,6 +101,9 @@ class Request:
     arrival: float = field(default_factory=time.perf_counter)  # time to first token counts from here
     prefilled: int = 0
     pending_text: str = ""  # decoded text held back while it could still become a stop string
+    # Its verified suffix drafts' summed scores and the tokens they had accepted (the batch-aware budget's calibration).
+    draft_scores: float = 0.0
+    draft_accepted: int = 0
 
     @property
     def speculation(self) -> SpeculationMethod:
@@ -574,18 +577,20 @@ class Scheduler:
         suffix_rows, draft_rows = [], [r for r in batch if r.speculation == "tree"]
         if proposing := [r for r in batch if r.speculation in SUFFIX_METHODS]:
             bar = llm._hybrid_bar() if llm.speculator is not None else None
-            if llm.budget is not None:
-                sizes = llm.budget.plan([acceptance_by_depth(r.output.stats.speculation) for r in proposing],
-                                        llm.runner.prefix_page_bucket([r.uid for r in proposing])).sizes
-            else:
-                sizes = [llm.suffix.settings.max_spec_tokens] * len(proposing)
-            for req, size in zip(proposing, sizes):
+            drafts = []
+            for req in proposing:
                 sequence = inputs[req.uid].tokens
-                # A tree deeper than the tokens still allowed, or than its pages hold, would verify
-                # positions past them (a batch-aware size may exceed max_spec_tokens, the lookahead).
+                # A tree deeper than the tokens still allowed, or than its pages hold, would verify positions past them.
                 room = min(req.max_total - 1, llm.runner.pages.capacity(req.uid)) - len(sequence)
-                draft, seconds = llm.suffix.propose(req.uid, sequence, min(size, room))
+                draft, seconds = llm.suffix.propose(req.uid, sequence, room)
                 req.output.stats.speculation.host_time_s += seconds
+                drafts.append(draft)
+            if llm.budget is not None:  # cut each draft to the size that pays in this batch
+                gains = [draft_gains(d.probs if d else [], r.draft_scores, r.draft_accepted)
+                         for r, d in zip(proposing, drafts)]
+                sizes = llm.budget.plan(gains, llm.runner.prefix_page_bucket([r.uid for r in proposing])).sizes
+                drafts = [d.truncated(k) if d else d for d, k in zip(drafts, sizes)]
+            for req, draft in zip(proposing, drafts):
                 if req.speculation == "suffix" or draft is None or draft.score >= bar:
                     suffix_rows.append((req, draft))
                 else:
@@ -602,8 +607,11 @@ class Scheduler:
             if llm.budget is not None and not llm.runner.first_run:
                 llm.budget.cost.observe(len(suffix_rows), trees[0].size, pages, elapsed)
             logprobs = scores[0] if scored else [[None] * len(t) for t in new_tokens]
-            for (req, _), tree, tokens, token_logprobs in zip(suffix_rows, trees, new_tokens, logprobs):
+            for (req, draft), tree, tokens, token_logprobs in zip(suffix_rows, trees, new_tokens, logprobs):
                 record = (tree.num_nodes - 1, int(tree.depths.max()), len(tokens) - 1)
+                if draft:
+                    req.draft_scores += draft.score
+                    req.draft_accepted += len(tokens) - 1
                 results.append((req, "suffix", record, tokens, token_logprobs, elapsed))
         if draft_rows:
             scored = _wants_logprobs(draft_rows)

@@ -16,7 +16,6 @@ from typing import Sequence
 import numpy as np
 
 from specjax.runner import ModelRunner, next_power_of_two
-from specjax.speculation.stats import SpeculationStats
 from specjax.speculation.tree import TREE_SIZES, TokenTree, tree_bucket
 
 
@@ -114,24 +113,18 @@ def calibrate(runner: ModelRunner, cost: StepCostModel, batch_buckets: Sequence[
                     runner.release(seq_id)
 
 
-def acceptance_by_depth(stats: SpeculationStats | None, prior: float = 0.5, prior_steps: float = 2.0
-                        ) -> list[float]:
-    """A request's chance to accept depth d given depth d - 1 was accepted, d = 1, 2, ...: its
-    record smoothed towards ``prior`` by ``prior_steps`` pseudo-steps, so a new request is neither
-    trusted nor written off on its first steps."""
-    if stats is None or not stats.reached:
-        return [prior]
-    return [(a + prior * prior_steps) / (r + prior_steps) for r, a in zip(stats.reached, stats.accepted_at)]
+def draft_gains(probs: Sequence[float], predicted: float = 0.0, accepted: float = 0.0,
+                prior: float = 2.0) -> list[float]:
+    """Expected accepted tokens of a suffix draft cut to its first k tokens, k = 0 .. len(probs).
 
-
-def expected_accepted(acceptance: Sequence[float], size: int) -> float:
-    """Expected accepted tokens of a chain of ``size`` tokens; depths past ``acceptance`` keep its
-    last value."""
-    total, reach = 0.0, 1.0
-    for d in range(size):
-        reach *= acceptance[min(d, len(acceptance) - 1)]
-        total += reach
-    return total
+    A draft's tokens come most probable first (``SuffixDraft``), so its first k are its best
+    k-token subtree and their summed probabilities its expected accepted tokens. Those frequencies
+    misjudge some requests (a chat reply that only resembles cached ones accepts about half what
+    they predict), so they are scaled by how the request's own verified drafts did: ``accepted``
+    tokens of ``predicted`` by their scores, smoothed by ``prior`` tokens of perfect calibration.
+    """
+    scale = (accepted + prior) / (predicted + prior)
+    return [0.0, *(scale * np.cumsum(probs)).tolist()]
 
 
 @dataclass(frozen=True)
@@ -145,12 +138,14 @@ class BudgetPlan:
 class SpeculationBudget:
     """Each step's speculation sizes for a batch, by expected tokens per second.
 
-    Rows share one tree bucket per step, so extra tokens within it cost nothing more: for each
-    candidate bucket (1, 2, 4, ... up to ``max_tree``) every row takes the bucket's full size unless
-    it expects nothing from it, and the bucket with the most expected tokens (one per row plus the
-    expected accepted) per estimated second wins, ties to the smaller. Bucket 1 is plain decoding,
-    so a plan never expects fewer tokens per second than plain decoding under the model. Without
-    timings it speculates fully, as speculation without a budget does.
+    Each row comes with its expected accepted tokens for each number of speculated tokens (for a
+    suffix draft, ``draft_gains``). Rows share one tree bucket per step, so extra tokens within it
+    cost nothing more: for each candidate bucket (1, 2, 4, ... up to ``max_tree``) every row takes
+    as much of the bucket as it has tokens for, unless it expects nothing from them, and the bucket
+    with the most expected tokens (one per row plus the expected accepted) per estimated second
+    wins, ties to the smaller. Bucket 1 is plain decoding, so a plan never expects fewer tokens per
+    second than plain decoding under the model. Without timings it speculates fully, as
+    speculation without a budget does.
     """
 
     def __init__(self, cost: StepCostModel, max_tree: int = 32):
@@ -159,14 +154,16 @@ class SpeculationBudget:
         self.cost = cost
         self.max_tree = max_tree
 
-    def plan(self, acceptance: Sequence[Sequence[float]], pages: int) -> BudgetPlan:
-        """``acceptance``: per row, its chance to accept each depth given the one before;
-        ``pages``: the prefix-page bucket the step will read."""
-        rows = len(acceptance)
+    def plan(self, gains: Sequence[Sequence[float]], pages: int) -> BudgetPlan:
+        """``gains``: per row, its expected accepted tokens with 0, 1, 2, ... speculated tokens
+        (non-decreasing, from 0.0; as many as the row has tokens to speculate); ``pages``: the
+        prefix-page bucket the step will read."""
+        rows = len(gains)
         best = None
         for size in (s for s in TREE_SIZES if s <= self.max_tree):
-            sizes = [size - 1 if expected_accepted(a, size - 1) > 0 else 0 for a in acceptance]
-            tokens = sum(1 + expected_accepted(a, k) for a, k in zip(acceptance, sizes))
+            sizes = [min(size - 1, len(g) - 1) for g in gains]
+            sizes = [k if g[k] > 0 else 0 for g, k in zip(gains, sizes)]
+            tokens = sum(1 + g[k] for g, k in zip(gains, sizes))
             seconds = self.cost.cost(rows, size, pages)
             rate = tokens / seconds if seconds else float(tokens)  # no timings: tokens alone decide
             if size == 1:

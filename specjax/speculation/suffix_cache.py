@@ -46,7 +46,7 @@ import operator
 import os
 from array import array
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Hashable, Iterable, Sequence
 
 import numpy as np
@@ -79,6 +79,15 @@ class SuffixDraft:
     score: float
     match_len: int
     source: str
+
+    def truncated(self, num_tokens: int) -> "SuffixDraft":
+        """Its first ``num_tokens`` tokens: the most probable ones (drafts are built best first),
+        a subtree since parents come before children."""
+        if num_tokens >= len(self.tokens):
+            return self
+        probs = self.probs[:num_tokens]
+        return replace(self, tokens=self.tokens[:num_tokens], parents=self.parents[:num_tokens], probs=probs,
+                       score=float(sum(probs)))
 
 
 _EMPTY_DRAFT = SuffixDraft(tokens=[], parents=[], probs=[], score=0.0, match_len=0, source="")

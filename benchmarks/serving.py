@@ -1,9 +1,10 @@
-"""Open-loop load against the OpenAI-compatible server: plain decoding, each speculation method and
-the batch-aware policy, at several Poisson arrival rates, in one run.
+"""Load against the OpenAI-compatible server: plain decoding, each speculation method and the
+batch-aware policy, at several load levels (closed-loop clients and open-loop Poisson arrival
+rates), in one run.
 
-    python benchmarks/serving.py                     # rates 0.2,0.5,2 req/s, 2 rounds of 14 requests, 64 tokens
-    python benchmarks/serving.py --quick             # a smoke run: 2 rates x 4 requests of 16 tokens
-    python benchmarks/serving.py --rates 0.5,4 --n 32 --methods plain,suffix,batch-aware --workloads code
+    python benchmarks/serving.py                     # 1 client, rates 0.2,0.5,2 req/s; 2 rounds of 14 requests
+    python benchmarks/serving.py --quick             # a smoke run: 1 client and 2 rates x 4 requests of 16 tokens
+    python benchmarks/serving.py --rates 0.5,4 --clients 1,4 --n 32 --methods plain,suffix,batch-aware --workloads code
 
 Each method gets its own server (``serving.server`` over its own ``LLM``, a real uvicorn server on
 a free port of 127.0.0.1, in a thread of a child process that also runs the client; XLA's CPU
@@ -21,19 +22,27 @@ Every server first compiles every step shape its requests can meet (``LLM.warm_u
 ``specjax serve --warmup`` does; ``--compile-cache`` keeps them for the next run), then answers
 ``--warmup`` requests in closed bursts of 1, 2, 4, ... (up to ``--max-batch``), so its suffix cache
 holds some earlier responses. Requests: the chat-templated held-out requests of ``--workloads``,
-taken in turn from each workload. The runs go in ``--rounds`` rounds; in each round every rate
-gets the next ``--n`` requests, served by every method in turn (the order turns each round, so
-machine drift is spread over the methods rather than landing on one), at Poisson arrival times
-(exponential gaps, seeded by ``--seed``, the round and the rate), the same for every method. Each
-run records the 1-minute load average at its start.
+taken in turn from each workload. The runs go in ``--rounds`` rounds; in each round every load
+level gets the next ``--n`` requests, served by every method in turn (the order turns each round,
+so machine drift is spread over the methods rather than landing on one). Load levels:
+
+  --clients c  closed loop: c clients, each sending its next request when its last one ends (as
+               vLLM's benchmark with --max-concurrency); 1 client is the lightest load a server
+               meets with no idle time, where throughput is the speed of one request
+  --rates r    open loop: Poisson arrivals at r requests per second (exponential gaps, seeded by
+               ``--seed``, the round and the rate, the same for every method), whatever the
+               earlier requests are doing; at a low rate the server is mostly idle and throughput
+               follows the arrivals
+
+Each run records the 1-minute load average at its start.
 
 The client streams every request (OpenAI's async client, ``stream=True``, greedy) and times it
 from the SSE stream: TTFT is the time to the first chunk carrying text, TPOT the time after it
 per further output token (usage's ``completion_tokens``), throughput the output tokens over the
-time from the first arrival to the last response. tau (tokens per verification step) and
+time from the first request to the last response. tau (tokens per verification step) and
 acceptance come from the server's Prometheus counters, read before and after each run; the
 seconds the server spent compiling during a run (none, once every step shape is compiled ahead)
-are read from its LLM. A method's rounds at a rate are then pooled: latency percentiles over all
+are read from its LLM. A method's rounds at a load level are then pooled: latency percentiles over all
 their requests, throughput as all output tokens over the runs' summed time.
 
 Results: a table on stdout and JSON in benchmarks/results/serving-<subject>-<device>-<date>.json.
@@ -67,7 +76,8 @@ METHODS = ("plain", "draft", "suffix", "hybrid", "batch-aware")
 MODEL_NAME = "bench"  # the name the servers serve under
 # The counters of serving/metrics.py that tau and acceptance are computed from (prometheus suffixes _total).
 SPEC_COUNTERS = ("steps", "tokens", "proposed_tokens", "accepted_tokens")
-QUICK = {"rates": [0.5, 2.0], "n": 4, "rounds": 1, "max_tokens": 16, "warmup": 3, "workloads": ["chat", "code"]}
+QUICK = {"clients": [1], "rates": [0.5, 2.0], "n": 4, "rounds": 1, "max_tokens": 16, "warmup": 3,
+         "workloads": ["chat", "code"]}
 
 
 # ---------------------------------------------------------------------------- requests and arrivals
@@ -78,6 +88,18 @@ def interleaved_requests(workloads: list[str], n: int, seed: int) -> list:
     if short := [w for w, rs in zip(workloads, each) if len(rs) < per]:
         raise ValueError(f"the workload(s) {', '.join(short)} hold fewer than the {per} requests asked for")
     return [r for group in zip(*each) for r in group][:n]
+
+
+@dataclasses.dataclass(frozen=True)
+class Load:
+    """A load level: ``clients`` closed-loop clients, or Poisson arrivals at ``rate`` per second."""
+
+    clients: int | None = None
+    rate: float | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.clients} client{'s' * (self.clients > 1)}" if self.clients else f"{self.rate:g}/s"
 
 
 def poisson_offsets(rate: float, n: int, seed: int) -> list[float]:
@@ -193,6 +215,22 @@ async def send_all(url: str, requests: list, offsets: list[float], max_tokens: i
                                                                                                  strict=True)))
 
 
+async def send_closed(url: str, requests: list, clients: int, max_tokens: int) -> list[dict]:
+    """Closed loop: ``clients`` clients, each sending the next unsent request as soon as its last one ends."""
+    import openai
+
+    records: list[dict] = [{}] * len(requests)
+    unsent = iter(enumerate(requests))  # shared: each next() hands one request to one client
+
+    async def client_loop(client) -> None:
+        for i, request in unsent:
+            records[i] = await stream_one(client, request, max_tokens, time.perf_counter())
+
+    async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=3600) as client:
+        await asyncio.gather(*(client_loop(client) for _ in range(clients)))
+    return records
+
+
 def warm_up(url: str, requests: list, max_tokens: int, max_batch: int) -> None:
     """Closed bursts of 1, 2, 4, ... requests at once (at most ``max_batch``), each awaited before the next."""
     size = 1
@@ -220,10 +258,12 @@ def latency_summary(done: list[dict]) -> dict:
             "latency": percentile_stats([r["latency_s"] for r in done])}
 
 
-def measure(url: str, llm, requests: list, offsets: list[float], max_tokens: int) -> dict:
-    """One method at one rate: the requests sent open-loop, their latencies, throughput and tau."""
+def measure(url: str, llm, requests: list, offsets: list[float] | None, clients: int | None, max_tokens: int) -> dict:
+    """One method at one load level: the requests sent open-loop at ``offsets`` or by ``clients``
+    closed-loop clients; their latencies, throughput and tau."""
     before, compiled = speculation_counters(url), llm.compile_time_s
-    records = asyncio.run(send_all(url, requests, offsets, max_tokens))
+    records = asyncio.run(send_all(url, requests, offsets, max_tokens) if offsets is not None
+                          else send_closed(url, requests, clients, max_tokens))
     after = speculation_counters(url)
     done = [r for r in records if "error" not in r]
     span = max((r["end_s"] for r in done), default=0.0) - min((r["start_s"] for r in records), default=0.0)
@@ -239,13 +279,24 @@ def measure(url: str, llm, requests: list, offsets: list[float], max_tokens: int
 
 
 # ---------------------------------------------------------------------------- command line
+def positive_ints(text: str) -> list[int]:
+    """``"1,4"`` -> [1, 4] (argparse ``type=``); ``""`` -> []; every entry must be a positive integer."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not all(v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
 def positive_floats(text: str) -> list[float]:
-    """``"0.5,2"`` -> [0.5, 2.0] (argparse ``type=``); every entry must be a positive number."""
+    """``"0.5,2"`` -> [0.5, 2.0] (argparse ``type=``); ``""`` -> []; every entry must be a positive number."""
     try:
         values = [float(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not values or not all(math.isfinite(v) and v > 0 for v in values):
+    if not all(math.isfinite(v) and v > 0 for v in values):
         raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
     return values
 
@@ -259,13 +310,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"comma-separated, from {', '.join(METHODS)} (default: all; plain always runs)")
     p.add_argument("--workloads", type=common.name_list, default=["chat", "code", "agentic"],
                    help="comma-separated workloads, their requests taken in turn (default chat,code,agentic)")
+    p.add_argument("--clients", type=positive_ints, default=[1],
+                   help="closed-loop load levels: clients each sending a request when its last one ends "
+                        "('': none; default 1)")
     p.add_argument("--rates", type=positive_floats, default=[0.2, 0.5, 2.0],
-                   help="Poisson arrival rates, requests per second (default 0.2,0.5,2)")
-    p.add_argument("--n", type=int, default=14, help="requests per rate (default %(default)s)")
+                   help="open-loop load levels: Poisson arrival rates, requests per second ('': none; "
+                        "default 0.2,0.5,2)")
+    p.add_argument("--n", type=int, default=14, help="requests per load level (default %(default)s)")
     p.add_argument("--max-tokens", type=int, default=64, help="output tokens per request at most (default %(default)s)")
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together at most (default %(default)s)")
     p.add_argument("--rounds", type=int, default=2,
-                   help="rounds of --n requests a rate; each round runs every method in turn (default %(default)s)")
+                   help="rounds of --n requests a load level; each round runs every method in turn (default %(default)s)")
     p.add_argument("--warmup", type=int, default=6,
                    help="requests each server answers after compiling, in bursts of 1, 2, 4, ... (default %(default)s)")
     p.add_argument("--compile-cache", default=os.environ.get("SPECJAX_COMPILE_CACHE"),
@@ -274,7 +329,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--page-size", type=int, default=16, help="KV page size (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="workload sample and arrival times (default 0)")
     p.add_argument("--quick", action="store_true",
-                   help=f"a smoke run: rates {','.join(map(str, QUICK['rates']))}, {QUICK['n']} requests each in "
+                   help=f"a smoke run: {','.join(map(str, QUICK['clients']))} client, rates "
+                        f"{','.join(map(str, QUICK['rates']))}, {QUICK['n']} requests each in "
                         f"{QUICK['rounds']} round, "
                         f"{QUICK['max_tokens']} tokens, {QUICK['warmup']} warm-up requests, workloads "
                         f"{','.join(QUICK['workloads'])} (options given explicitly still win)")
@@ -298,6 +354,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--warmup must be non-negative, got {args.warmup}")
     if len(set(args.rates)) != len(args.rates):
         p.error(f"--rates has a rate twice: {args.rates}")
+    if len(set(args.clients)) != len(args.clients):
+        p.error(f"--clients has a level twice: {args.clients}")
+    if not args.rates and not args.clients:
+        p.error("no load level: give --clients or --rates")
+    args.loads = [Load(clients=c) for c in args.clients] + [Load(rate=r) for r in args.rates]
     return args
 
 
@@ -305,16 +366,16 @@ def log(text: str) -> None:
     print(f"[serving] {text}", flush=True)
 
 
-def run_blocks(args: argparse.Namespace) -> list[tuple[int, float, int]]:
-    """(round, rate, first request index) of each run in the order every server serves them: each
-    round goes through every rate, each run taking the next ``--n`` requests."""
-    return [(r, rate, (r * len(args.rates) + i) * args.n) for r in range(args.rounds) for i, rate in enumerate(args.rates)]
+def run_blocks(args: argparse.Namespace) -> list[tuple[int, Load, int]]:
+    """(round, load level, first request index) of each run in the order every server serves them:
+    each round goes through every load level, each run taking the next ``--n`` requests."""
+    return [(r, load, (r * len(args.loads) + i) * args.n) for r in range(args.rounds) for i, load in enumerate(args.loads)]
 
 
 def method_server(args: argparse.Namespace, method: str, conn) -> None:
     """A child process: one server speculating as ``method``, compiled ahead (``LLM.warm_up``) and
-    warmed with ``--warmup`` requests, then a run per (start index, arrival offsets) the parent
-    sends, until it sends None. Replies ("ready", info), ("run", run) or ("error", traceback)."""
+    warmed with ``--warmup`` requests, then a run per (start index, arrival offsets or None,
+    closed-loop clients or None) the parent sends, until it sends None. Replies ("ready", info), ("run", run) or ("error", traceback)."""
     import traceback
 
     try:
@@ -325,7 +386,7 @@ def method_server(args: argparse.Namespace, method: str, conn) -> None:
         if args.compile_cache:
             use_compile_cache(args.compile_cache)
         target = load_model(args.target, dtype="float32")
-        requests = interleaved_requests(args.workloads, args.warmup + args.n * args.rounds * len(args.rates), args.seed)
+        requests = interleaved_requests(args.workloads, args.warmup + args.n * args.rounds * len(args.loads), args.seed)
         warm, measured = requests[: args.warmup], requests[args.warmup:]
         prompts = [target.tokenizer.encode(target.tokenizer.apply_chat_template(r.messages), add_special_tokens=False)
                    for r in requests]
@@ -347,8 +408,8 @@ def method_server(args: argparse.Namespace, method: str, conn) -> None:
             info.update(warm_up_requests=len(warm), warm_up_requests_s=time.perf_counter() - start)
             conn.send(("ready", info))
             while (command := conn.recv()) is not None:
-                first, offsets = command
-                conn.send(("run", measure(url, llm, measured[first: first + len(offsets)], offsets, args.max_tokens)))
+                first, offsets, clients = command
+                conn.send(("run", measure(url, llm, measured[first: first + args.n], offsets, clients, args.max_tokens)))
     except BaseException:
         conn.send(("error", traceback.format_exc()))
         raise
@@ -388,8 +449,8 @@ class MethodServers:
         assert kind == expected, (kind, expected)
         return value
 
-    def run(self, method: str, first: int, offsets: list[float]) -> dict:
-        self.conns[method].send((first, offsets))
+    def run(self, method: str, first: int, offsets: list[float] | None, clients: int | None) -> dict:
+        self.conns[method].send((first, offsets, clients))
         return self._reply(method, "run")
 
     def close(self) -> None:
@@ -403,7 +464,7 @@ class MethodServers:
 
 
 def combined(runs: list[dict]) -> dict:
-    """One method's runs at one rate (a run per round) as one: their requests pooled for the
+    """One method's runs at one load level (a run per round) as one: their requests pooled for the
     latency percentiles, throughput as all output tokens over all the runs' seconds, speculation
     counts summed."""
     requests = [q for r in runs for q in r["requests"]]
@@ -414,7 +475,7 @@ def combined(runs: list[dict]) -> dict:
         counts = {k: sum(r["speculation"][k] for r in runs) for k in ("steps", "step_tokens", "proposed", "accepted")}
         spec = {**counts, "tau": counts["step_tokens"] / counts["steps"],
                 "acceptance_rate": counts["accepted"] / counts["proposed"] if counts["proposed"] else 0.0}
-    return {"rate": runs[0]["rate"], "method": runs[0]["method"], "rounds": len(runs),
+    return {**{k: runs[0][k] for k in ("load", "clients", "rate", "method")}, "rounds": len(runs),
             "completed": len(done), "errors": len(requests) - len(done), "output_tokens": tokens, "seconds": seconds,
             "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
             "tokens_per_s_by_round": [r["tokens_per_s"] for r in runs],
@@ -433,30 +494,32 @@ def main(argv=None) -> int:
     rounds = []
     servers = MethodServers(args, methods)
     try:
-        for round_index, rate, first in run_blocks(args):
-            offsets = poisson_offsets(rate, args.n, args.seed + round_index)
+        for round_index, level, first in run_blocks(args):
+            offsets = poisson_offsets(level.rate, args.n, args.seed + round_index) if level.rate else None
             # The order turns each round, so a drift of the machine's speed is spread over the methods.
             for method in methods[round_index % len(methods):] + methods[: round_index % len(methods)]:
                 load = os.getloadavg()[0]
-                run = servers.run(method, first, offsets)
-                rounds.append({"round": round_index, "rate": rate, "method": method, "load_average_1m": load, **run})
-                log(f"round {round_index}, {method} at {rate}/s: {run['completed']}/{args.n} done in "
+                run = servers.run(method, first, offsets, level.clients)
+                rounds.append({"round": round_index, "load": level.label, "clients": level.clients, "rate": level.rate,
+                               "method": method, "load_average_1m": load, **run})
+                log(f"round {round_index}, {method} at {level.label}: {run['completed']}/{args.n} done in "
                     f"{run['seconds']:.1f} s, {run['tokens_per_s']:.1f} tok/s, compiling {run['compile_s']:.1f} s, "
                     f"load average {load:.1f} at the start")
     finally:
         servers.close()
-    results = compared_with_plain([combined([r for r in rounds if (r["rate"], r["method"]) == (rate, method)])
-                                   for rate in args.rates for method in methods])
-    rows = table_rows(results, methods, args.rates)
+    labels = [level.label for level in args.loads]
+    results = compared_with_plain([combined([r for r in rounds if (r["load"], r["method"]) == (label, method)])
+                                   for label in labels for method in methods])
+    rows = table_rows(results, methods, labels)
     common.print_table(
-        f"serving · {args.target} · {','.join(args.workloads)} · {args.rounds} x {args.n} requests a rate, at "
+        f"serving · {args.target} · {','.join(args.workloads)} · {args.rounds} x {args.n} requests a load level, at "
         f"most {args.max_tokens} tokens, greedy, max batch {args.max_batch} · {env['device_kind']} · "
         f"jax {env['jax_version']} · {env['date_utc'][:10]}",
-        ["rate/s", "method", "done", "tok/s", "vs plain", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99", "tau",
+        ["load", "method", "done", "tok/s", "vs plain", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99", "tau",
          "acceptance", "same text", "compile s"], rows,
         [f"draft: {args.draft}, chain of {args.k}; suffix: at most {args.max_spec_tokens} tokens; TTFT/TPOT in ms, "
-         "client-side from the SSE stream; tok/s: output tokens over the runs' time, each run from its first arrival "
-         "to its last response; same text: outputs equal to plain's; compile s: compilation during the runs "
+         "client-side from the SSE stream; tok/s: output tokens over the runs' time, each run from its first request "
+         "to its last response; load: closed-loop clients, or open-loop Poisson arrivals per second; same text: outputs equal to plain's; compile s: compilation during the runs "
          "(0: every step shape was compiled ahead)"])
     payload = {"benchmark": "serving", "target": args.target, "workloads": args.workloads,
                "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
@@ -471,12 +534,12 @@ def main(argv=None) -> int:
 
 
 def compared_with_plain(runs: list[dict]) -> list[dict]:
-    """The runs with their throughput relative to plain decoding's at the same rate (``vs_plain``) and
-    how many of their outputs equal plain's (``same_text_as_plain``: greedy, so lossless methods match)."""
-    plain = {r["rate"]: r for r in runs if r["method"] == "plain"}
+    """The runs with their throughput relative to plain decoding's at the same load level (``vs_plain``)
+    and how many of their outputs equal plain's (``same_text_as_plain``: greedy, so lossless methods match)."""
+    plain = {r["load"]: r for r in runs if r["method"] == "plain"}
 
     def compared(run: dict) -> dict:
-        reference, text = plain[run["rate"]], {q["id"]: q.get("text") for q in plain[run["rate"]]["requests"]}
+        reference, text = plain[run["load"]], {q["id"]: q.get("text") for q in plain[run["load"]]["requests"]}
         return {**run, "vs_plain": run["tokens_per_s"] / reference["tokens_per_s"] if reference["tokens_per_s"] else None,
                 "same_text_as_plain": sum(q.get("text") is not None and q.get("text") == text[q["id"]]
                                           for q in run["requests"])}
@@ -484,15 +547,15 @@ def compared_with_plain(runs: list[dict]) -> list[dict]:
     return [compared(r) for r in runs]
 
 
-def table_rows(runs: list[dict], methods: list[str], rates: list[float]) -> list[list]:
-    """One row per rate and method (from ``compared_with_plain``), methods in their listed order."""
-    by_key = {(r["rate"], r["method"]): r for r in runs}
+def table_rows(runs: list[dict], methods: list[str], labels: list[str]) -> list[list]:
+    """One row per load level and method (from ``compared_with_plain``), methods in their listed order."""
+    by_key = {(r["load"], r["method"]): r for r in runs}
     rows = []
-    for rate in rates:
+    for label in labels:
         for method in methods:
-            run = by_key[(rate, method)]
+            run = by_key[(label, method)]
             spec = run["speculation"] or {}
-            rows.append([f"{rate:g}", method, f"{run['completed']}/{len(run['requests'])}",
+            rows.append([label, method, f"{run['completed']}/{len(run['requests'])}",
                          common.fmt(run["tokens_per_s"], 1), common.fmt(run["vs_plain"], 2),
                          common.fmt(run["ttft"].get("median_ms"), 0), common.fmt(run["ttft"].get("p99_ms"), 0),
                          common.fmt(run["tpot"].get("median_ms"), 1), common.fmt(run["tpot"].get("p99_ms"), 1),

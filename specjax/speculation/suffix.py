@@ -40,9 +40,9 @@ class SuffixSpeculation:
         trie holds up to ``max_depth`` nodes per cached token (about 20 bytes each; repetitive
         text shares most), so 1000 responses of 1000 tokens take up to about 1 GB of host memory.
     cache_file: start from the global cache saved there (``LLM.save_suffix_cache``), if it exists.
-    batch_aware: size each step's speculation by expected tokens per second for the whole batch
-        (``budget.SpeculationBudget``, from timings of this device's steps), so a large batch
-        speculates less, down to none.
+    batch_aware: cut each step's drafts to the sizes that maximise expected tokens per second for
+        the whole batch (``budget.SpeculationBudget``: the drafts' own scores against timings of
+        this device's steps), so a large batch or a doubtful draft speculates less, down to none.
     """
 
     max_spec_tokens: int = 31

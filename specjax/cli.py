@@ -6,7 +6,6 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 
 from specjax import __version__
 
@@ -282,27 +281,10 @@ def use_compile_cache(directory: str | os.PathLike) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
-# Memory maps one step executable takes on a CPU (XLA JIT-compiles each kernel into its own code,
-# data and read-only mappings: ~270 for SmolLM2-135M, jax 0.10.2), against Linux's per-process
-# vm.max_map_count (65,530 by default). Past it, compiling fails with "Cannot allocate memory".
-CPU_MAPS_PER_EXECUTABLE = 300
-
-
 def _warm_up(llm, max_len: int | None) -> None:
-    import jax
-
     start, reported = time.perf_counter(), [0]
 
     def progress(done: int, total: int) -> None:
-        if done == 1 and jax.default_backend() == "cpu":
-            try:
-                limit = int(Path("/proc/sys/vm/max_map_count").read_text()) // CPU_MAPS_PER_EXECUTABLE
-            except (OSError, ValueError):
-                limit = None
-            if limit is not None and total > limit:
-                print(f"specjax: warning: {total} step shapes may exceed the {limit} or so executables this "
-                      "process can map on a CPU (vm.max_map_count); lower --warmup-max-len or --max-batch, or "
-                      "raise vm.max_map_count", file=sys.stderr, flush=True)
         if done == total or time.perf_counter() - start > 10 * (reported[0] + 1):
             reported[0] += 1
             print(f"specjax: warm-up compiled {done}/{total} step shapes in {time.perf_counter() - start:.0f} s",

@@ -17,6 +17,7 @@ import secrets
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Iterator, Literal, Sequence, Union, get_args
 
 import jax
@@ -83,6 +84,19 @@ class RequestError(ValueError):
     def __init__(self, message: str, param: str):
         super().__init__(message)
         self.param = param
+
+
+def _max_map_count() -> int | None:
+    """Linux's limit on a process's memory mappings (None where unknown)."""
+    try:
+        return int(Path("/proc/sys/vm/max_map_count").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _maps_in_use() -> int:
+    with open("/proc/self/maps", "rb") as maps:
+        return sum(1 for _ in maps)
 
 
 @dataclass(eq=False)  # the scheduler's lists hold requests by identity
@@ -211,19 +225,52 @@ class LLM:
         in the batch, so a server compiles before it takes traffic, as vLLM captures its CUDA
         graphs at start-up. Returns how many shapes were new; ``progress(done, total)`` is called
         after each. Shapes still left to first use: draft-model steps with logprobs, and those
-        after suffix steps (hybrid), whose drafts have more tokens to catch up on."""
+        after suffix steps (hybrid), whose drafts have more tokens to catch up on.
+
+        On a CPU, XLA maps each kernel of an executable into the process's memory on its own
+        (code, data and read-only mappings: about 280 for a SmolLM2-135M step, 800 for a tree step
+        with a draft model), and past Linux's per-process ``vm.max_map_count`` compiling aborts the
+        process. So there the first shape of each kind is compiled first, and if the rest would
+        pass the limit, ValueError says so before they are compiled."""
+        jobs = {kind: list(todo) for kind, todo in self.warm_up_jobs(max_len).items() if todo}
+        total, done = sum(map(len, jobs.values())), 0
+
+        def run(job) -> None:
+            nonlocal done
+            job()
+            done += 1
+            if progress is not None:
+                progress(done, total)
+
+        max_maps = _max_map_count() if jax.default_backend() == "cpu" else None
+        if max_maps is not None:
+            need = 0
+            for todo in jobs.values():
+                before = _maps_in_use()
+                run(todo.pop(0))
+                need += (_maps_in_use() - before) * len(todo)
+            if _maps_in_use() + need > max_maps:
+                raise ValueError(
+                    f"compiling the {total} step shapes of sequences up to {self.runner.longest(max_len)} tokens "
+                    f"would take about {_maps_in_use() + need} memory mappings, more than this process may hold "
+                    f"(vm.max_map_count = {max_maps}): warm up shorter sequences or a smaller max batch, or "
+                    "raise vm.max_map_count")
+        for todo in jobs.values():
+            for job in todo:
+                run(job)
+        return total
+
+    def warm_up_jobs(self, max_len: int | None = None) -> dict[str, list]:
+        """What ``warm_up`` would do, undone, by kind ("step", "verify", "draft prompt", "tree
+        step"): a thunk per step shape not yet compiled (and run)."""
         tree_sizes = ()
         if self.suffix is not None:
             largest = tree_bucket(1 + self.suffix.settings.max_spec_tokens)
             tree_sizes = tuple(s for s in TREE_SIZES if s <= largest)
         jobs = self.runner.warm_up_jobs(tree_sizes, max_len)
         if self.speculator is not None:
-            jobs += self.speculator.warm_up_jobs(max_len)
-        for done, job in enumerate(jobs, 1):
-            job()
-            if progress is not None:
-                progress(done, len(jobs))
-        return len(jobs)
+            jobs.update(self.speculator.warm_up_jobs(max_len))
+        return jobs
 
     def _hybrid_bar(self) -> float:
         """The score a suffix draft needs for hybrid speculation to take it over the draft models."""

@@ -239,17 +239,17 @@ class ModelRunner:
                           else (self._verify, self._verify_arrays(b, t, p)))
             self._run(fn, key, arrays)
 
-    def warm_up_jobs(self, tree_sizes: Sequence[int] = (), max_len: int | None = None) -> list:
-        """One thunk per bucket not yet run among the plain-step buckets (``step_keys``) and the
-        verification buckets of ``tree_sizes``-node trees; each compiles it and runs it once on
-        empty rows (``compile``)."""
-        keys = self.step_keys(max_len) + self.verify_keys(tree_sizes, max_len)
-        return [functools.partial(self.compile, k) for k in keys if k not in self._ran]
+    def warm_up_jobs(self, tree_sizes: Sequence[int] = (), max_len: int | None = None) -> dict[str, list]:
+        """One thunk per bucket not yet run, by kind: "step", the plain-step buckets
+        (``step_keys``), and "verify", the verification buckets of ``tree_sizes``-node trees; each
+        compiles it and runs it once on empty rows (``compile``)."""
+        return {kind: [functools.partial(self.compile, k) for k in keys if k not in self._ran]
+                for kind, keys in (("step", self.step_keys(max_len)), ("verify", self.verify_keys(tree_sizes, max_len)))}
 
     def warm_up(self, tree_sizes: Sequence[int] = (), max_len: int | None = None) -> int:
         """Compile ahead every bucket of ``warm_up_jobs``, so no step waits for a compilation;
         returns how many were new."""
-        jobs = self.warm_up_jobs(tree_sizes, max_len)
+        jobs = [job for kind in self.warm_up_jobs(tree_sizes, max_len).values() for job in kind]
         for job in jobs:
             job()
         return len(jobs)

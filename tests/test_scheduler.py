@@ -185,16 +185,36 @@ def test_a_request_asking_for_a_method_the_llm_lacks_is_refused(target):
     assert e.value.param == "speculation"
 
 
+def test_a_warm_up_that_would_pass_the_memory_map_limit_stops_early_and_says_so(target, monkeypatch):
+    """On a CPU every executable takes memory mappings, and past vm.max_map_count compiling
+    aborts the process: the warm-up measures one shape of each kind, then refuses the rest."""
+    import specjax.llm as llm_module
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("the memory-map limit is a CPU matter")  # GPU executables live in device memory
+    llm = LLM(target, engine=TINY_POOL, seed=0, speculation=SuffixSpeculation(max_spec_tokens=4))
+    planned = llm.warm_up_jobs()
+    # A process with room for 10 more mappings (the OS's limit, as read from /proc).
+    room = llm_module._maps_in_use() + 10
+    monkeypatch.setattr(llm_module, "_max_map_count", lambda: room)
+    progress = []
+    with pytest.raises(ValueError, match="vm.max_map_count"):
+        llm.warm_up(progress=lambda done, total: progress.append(done))
+    assert progress == [1, 2]  # one plain step and one verification step, then the refusal
+    assert sum(map(len, llm.warm_up_jobs().values())) == sum(map(len, planned.values())) - 2
+
+
 def test_a_warmed_up_llm_compiles_nothing_while_serving(target):
     """After ``warm_up``, requests of every method, greedy and sampled, some asking for logprobs,
     batched together at several lengths, run on executables compiled ahead."""
     llm = LLM(target, engine=TINY_POOL, seed=0, speculation=HybridSpeculation(
         suffix=SuffixSpeculation(max_spec_tokens=4), min_score=0.5,
         tree=TreeSpeculation(drafts=[target], expansion=(1, 1), max_nodes=3)))
-    progress = []
+    progress, planned = [], llm.warm_up_jobs()
+    assert set(planned) == {"step", "verify", "draft prompt", "tree step"} and all(planned.values())
     new = llm.warm_up(progress=lambda done, total: progress.append((done, total)))
-    assert new > 0 and progress == [(i, new) for i in range(1, new + 1)]
-    assert llm.warm_up() == 0
+    assert new == sum(map(len, planned.values())) and progress == [(i, new) for i in range(1, new + 1)]
+    assert llm.warm_up() == 0 and not any(llm.warm_up_jobs().values())
     compiled = llm.compile_time_s
     requests = [llm.new_request(prompt, SamplingParams(temperature=0.8 * (i % 2), seed=i, max_tokens=6 + 3 * i,
                                                        ignore_eos=True, logprobs=1 if method == "none" else None),

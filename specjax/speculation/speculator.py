@@ -205,16 +205,15 @@ class TreeSpeculator:
         return [(b, tp, pt, pds, all_greedy, False) for b in target.buckets(max_len)["batch"]
                 for pt, pds in sorted(pages) for all_greedy in (True, False)]
 
-    def warm_up_jobs(self, max_len: int | None = None) -> list:
-        """One thunk per bucket not yet compiled among the tree steps (``step_keys``, compiled
-        without running) and the drafts' prompt steps (``ModelRunner.compile``)."""
-        jobs = [functools.partial(runner.compile, key) for runner in self.runners for key in runner.step_keys(max_len)
-                if key[2] > 1 and not runner.has_executable(key)]  # drafts only run prompt chunks
-        for key in self.step_keys(max_len):
-            if key not in self._compiled:
-                b, tp, pt, pds, *_ = key
-                jobs.append(functools.partial(self._compile, key, self._arrays(b, tp, pt, pds)))
-        return jobs
+    def warm_up_jobs(self, max_len: int | None = None) -> dict[str, list]:
+        """One thunk per bucket not yet compiled, by kind: "draft prompt", the drafts' prompt
+        steps (``ModelRunner.compile``), and "tree step", the tree steps (``step_keys``, compiled
+        without running)."""
+        prompts = [functools.partial(runner.compile, key) for runner in self.runners for key in runner.step_keys(max_len)
+                   if key[2] > 1 and not runner.has_executable(key)]  # drafts only run prompt chunks
+        trees = [functools.partial(self._compile, key, self._arrays(*key[:4])) for key in self.step_keys(max_len)
+                 if key not in self._compiled]
+        return {"draft prompt": prompts, "tree step": trees}
 
     # -- one speculative step ------------------------------------------------------------------
     def step(self, inputs: Sequence[StepInput], *, logprobs: bool = False):

@@ -25,15 +25,16 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 # ---------------------------------------------------------------------------- parsing
-def int_list(text: str) -> list[int]:
-    """``"1,2,4"`` -> [1, 2, 4] (argparse ``type=``); every entry must be a positive integer."""
+def int_list(text: str, allow_empty: bool = False) -> list[int]:
+    """``"1,2,4"`` -> [1, 2, 4] (argparse ``type=``); every entry must be a positive integer, and
+    there must be one unless ``allow_empty`` (``""`` -> [])."""
     import argparse
 
     try:
         values = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
+    if not (values or allow_empty) or any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
 

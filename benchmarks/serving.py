@@ -54,6 +54,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import math
 import multiprocessing
 import os
@@ -279,17 +280,6 @@ def measure(url: str, llm, requests: list, offsets: list[float] | None, clients:
 
 
 # ---------------------------------------------------------------------------- command line
-def positive_ints(text: str) -> list[int]:
-    """``"1,4"`` -> [1, 4] (argparse ``type=``); ``""`` -> []; every entry must be a positive integer."""
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not all(v > 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
 def positive_floats(text: str) -> list[float]:
     """``"0.5,2"`` -> [0.5, 2.0] (argparse ``type=``); ``""`` -> []; every entry must be a positive number."""
     try:
@@ -310,7 +300,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"comma-separated, from {', '.join(METHODS)} (default: all; plain always runs)")
     p.add_argument("--workloads", type=common.name_list, default=["chat", "code", "agentic"],
                    help="comma-separated workloads, their requests taken in turn (default chat,code,agentic)")
-    p.add_argument("--clients", type=positive_ints, default=[1],
+    p.add_argument("--clients", type=functools.partial(common.int_list, allow_empty=True), default=[1],
                    help="closed-loop load levels: clients each sending a request when its last one ends "
                         "('': none; default 1)")
     p.add_argument("--rates", type=positive_floats, default=[0.2, 0.5, 2.0],

@@ -249,10 +249,11 @@ class LLM:
                 before = _maps_in_use()
                 run(todo.pop(0))
                 need += (_maps_in_use() - before) * len(todo)
-            if _maps_in_use() + need > max_maps:
+            need += _maps_in_use()
+            if need > max_maps:
                 raise ValueError(
                     f"compiling the {total} step shapes of sequences up to {self.runner.longest(max_len)} tokens "
-                    f"would take about {_maps_in_use() + need} memory mappings, more than this process may hold "
+                    f"would take about {need} memory mappings, more than this process may hold "
                     f"(vm.max_map_count = {max_maps}): warm up shorter sequences or a smaller max batch, or "
                     "raise vm.max_map_count")
         for todo in jobs.values():
@@ -622,6 +623,7 @@ class Scheduler:
                                         temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
                                         base_key=req.base_key, sample_index=len(out.token_ids))
         suffix_rows, draft_rows = [], [r for r in batch if r.speculation == "tree"]
+        pages = None  # the prefix-page bucket of the batch-aware budget's rows (all of them suffix rows)
         if proposing := [r for r in batch if r.speculation in SUFFIX_METHODS]:
             bar = llm._hybrid_bar() if llm.speculator is not None else None
             drafts = []
@@ -635,7 +637,8 @@ class Scheduler:
             if llm.budget is not None:  # cut each draft to the size that pays in this batch
                 gains = [draft_gains(d.probs if d else [], r.draft_scores, r.draft_accepted)
                          for r, d in zip(proposing, drafts)]
-                sizes = llm.budget.plan(gains, llm.runner.prefix_page_bucket([r.uid for r in proposing])).sizes
+                pages = llm.runner.prefix_page_bucket([r.uid for r in proposing])
+                sizes = llm.budget.plan(gains, pages).sizes
                 drafts = [d.truncated(k) if d else d for d, k in zip(drafts, sizes)]
             for req, draft in zip(proposing, drafts):
                 if req.speculation == "suffix" or draft is None or draft.score >= bar:
@@ -646,7 +649,6 @@ class Scheduler:
         if suffix_rows:
             trees = draft_trees([inputs[r.uid].tokens[-1] for r, _ in suffix_rows], [d for _, d in suffix_rows])
             scored = _wants_logprobs([r for r, _ in suffix_rows])
-            pages = llm.runner.prefix_page_bucket([r.uid for r, _ in suffix_rows])  # before verify commits
             new_tokens, elapsed, *scores = llm.runner.verify([r.uid for r, _ in suffix_rows], trees,
                                                               [inputs[r.uid] for r, _ in suffix_rows], logprobs=scored)
             # Not an executable's first run: it is slow (up to 2x on a CPU), and a bucket that

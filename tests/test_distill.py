@@ -5,7 +5,16 @@ Everything here runs on tiny random models: the 135M target appears only through
 """
 
 import dataclasses
-import sys
+import hashlib
+import json
+import os
+import pydoc_data.topics
+import site
+import subprocess
+import sysconfig
+import tokenize
+import venv
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +23,7 @@ import pytest
 
 from specjax.attention import AttentionMetadata, causal_mask
 from specjax.config import ModelConfig
+from specjax.datasets.splits import is_heldout
 from specjax.draft import (
     DraftVocab,
     build_draft_vocab,
@@ -38,7 +48,6 @@ from training.distill_draft import (
     read_log,
     train,
 )
-from training.splits import is_heldout
 from training.teacher import build_teacher_cache, full_forward, open_cache
 
 TARGET = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
@@ -245,13 +254,52 @@ def test_pack_windows_joins_documents_with_separators():
     np.testing.assert_array_equal(windows, [[5, 6, 7, 0], [8, 0, 9, 10]])
 
 
-def test_local_stdlib_text_excludes_held_out_modules():
-    texts = data.local_stdlib_texts()
-    modules = {key.split("/", 1)[0] for key, _ in texts}
-    assert len(modules) > 50
-    assert not any(is_heldout("stdlib", m) for m in modules)
-    heldout = [m for m in sys.stdlib_module_names if not m.startswith("_") and is_heldout("stdlib", m)]
-    assert heldout and not set(heldout) & modules
+def _venv_python(tmp_path: Path) -> Path:
+    """A fresh venv's interpreter that sees this environment's packages as a new user's venv sees its
+    own: through a site-packages outside the stdlib root, setuptools' ``distutils`` shim included."""
+    venv.create(tmp_path / "venv", with_pip=False)
+    (site_packages,) = (tmp_path / "venv").glob("lib/python*/site-packages")
+    adds = "; ".join(f"site.addsitedir({d!r})" for d in site.getsitepackages())
+    (site_packages / "this_environment.pth").write_text(f"import site; {adds}\n")
+    return tmp_path / "venv" / "bin" / "python"
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _stdlib_files_by_hash() -> dict[str, list[Path]]:
+    """Every readable .py file under the stdlib root, by the hash of its text; site-packages left out."""
+    root = Path(sysconfig.get_path("stdlib"))
+    found: dict[str, list[Path]] = {}
+    for directory, subdirs, files in os.walk(root):
+        subdirs[:] = [d for d in subdirs if d not in ("site-packages", "dist-packages")]
+        for path in (Path(directory, name) for name in files if name.endswith(".py")):
+            try:
+                with tokenize.open(path) as f:
+                    found.setdefault(_sha256(f.read()), []).append(path.relative_to(root))
+            except (SyntaxError, UnicodeDecodeError):  # test data with broken encodings
+                continue
+    return found
+
+
+def test_installed_training_reads_only_training_side_stdlib_files_in_a_venv(tmp_path):
+    """Run as an installed package (no checkout on the path) in a venv, where the import system resolves
+    ``distutils`` to setuptools' copy outside the stdlib root, training reads what a checkout reads:
+    the source of training-side stdlib files (and pydoc's topics), nothing from site-packages."""
+    report = ("import hashlib, json; from training import data; texts, source = data.stdlib_texts(); "
+              "print(json.dumps([source, [hashlib.sha256(t.encode()).hexdigest() for t in texts]]))")
+    run = subprocess.run([_venv_python(tmp_path), "-I", "-c", report], cwd=tmp_path, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    source, installed = json.loads(run.stdout)
+    texts, checkout_source = data.stdlib_texts()
+    assert (source, installed) == (checkout_source, [_sha256(t) for t in texts])
+    files = _stdlib_files_by_hash()
+    topics = {_sha256(t) for t in pydoc_data.topics.topics.values()}
+    assert len(installed) > 300
+    for digest in installed:
+        tops = [path.parts[0].removesuffix(".py") for path in files.get(digest, [])]
+        assert any(not is_heldout("stdlib", top) for top in tops) or digest in topics
 
 
 def test_generations_are_made_once(tmp_path):

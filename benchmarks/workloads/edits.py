@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from benchmarks.workloads.base import Request, rng_for, take, token_budget
-from benchmarks.workloads.stdlib import StdlibModule, stdlib_split
+from specjax.datasets.stdlib import StdlibModule, stdlib_split
 
 MIN_LINES, MAX_LINES = 40, 200
 SYSTEM_PROMPT = ("You are a careful coding assistant. When asked to change a file, apply exactly the requested "

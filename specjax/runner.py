@@ -28,7 +28,7 @@ from specjax.kv_cache import INVALID_SLOT, KVCache, PageTable, init_kv_cache, kv
 from specjax.model import forward
 from specjax.params import Params
 from specjax.speculation.tree import TokenTree, stack_trees
-from specjax.speculation.verify import emitted_logprobs, greedy_accept, mss_accept
+from specjax.speculation.verify import VerifyTree, verify_and_commit
 
 
 def next_power_of_two(n: int, minimum: int = 1) -> int:
@@ -274,6 +274,12 @@ class ModelRunner:
         """Whether the free pages let a sequence grow to ``num_tokens`` tokens (``pages.reserve``)."""
         return self.pages.missing(seq_id, num_tokens) <= self.pages.num_free
 
+    def commit(self, seq_ids: Sequence, counts: Sequence[int]) -> None:
+        """Record that each sequence's cache holds ``counts`` more tokens: the one place a step's
+        result (a prompt chunk, a decoded token, a verified path) becomes part of a sequence."""
+        for seq_id, count in zip(seq_ids, counts):
+            self.pages.commit(seq_id, int(count))
+
     # -- one step -------------------------------------------------------------------------------
     def _check_batch(self, seq_ids: Sequence) -> tuple[int, int, list[int]]:
         """(batch bucket, prefix-page bucket, committed lengths) of a step's sequences."""
@@ -370,8 +376,7 @@ class ModelRunner:
         self._prefix(args, seq_ids, lengths)
         args["logprobs"] = np.bool_(logprobs)
         (next_tokens, *scores), elapsed = self._run(self._step, ("step", b, t, p), args)
-        for x in inputs:
-            self.pages.commit(x.seq_id, len(x.tokens))
+        self.commit(seq_ids, [len(x.tokens) for x in inputs])
         if logprobs:
             return next_tokens[:n], elapsed, sampling.logprob_entries(next_tokens[:n], *(x[:n] for x in scores))
         return next_tokens[:n], elapsed
@@ -410,12 +415,9 @@ class ModelRunner:
         args["positions"] = args["context_lens"][:, None] + args["depths"]
         self._fill_sampling(args, sampling_inputs or ())
         args["logprobs"] = np.bool_(logprobs)
-        (last, path, bonus, *scores), elapsed = self._run(self._verify, ("verify", b, n, p), args)
-        new_tokens = []
-        for row, (seq_id, tree) in enumerate(zip(seq_ids, trees)):
-            nodes = np.nonzero(path[row])[0]  # ancestors come first: parents precede children
-            new_tokens.append([int(tree.tokens[i]) for i in nodes[1:]] + [int(bonus[row])])
-            self.pages.commit(seq_id, len(nodes))
+        (tokens, count, *scores), elapsed = self._run(self._verify, ("verify", b, n, p), args)
+        new_tokens = [tokens[row, : count[row]].tolist() for row in range(rows)]
+        self.commit(seq_ids, count[:rows])
         if logprobs:
             return new_tokens, elapsed, [sampling.logprob_entries(tokens, *(x[row] for x in scores))
                                          for row, tokens in enumerate(new_tokens)]
@@ -432,50 +434,16 @@ def _step(params, *, config, cache, tokens, positions, block_tables, context_len
     keys = sampling.row_keys(jax.random.wrap_key_data(base_keys), sample_index)
     next_tokens = sampling.sample(logits[:, 0], keys, temperature, top_k, top_p)
     scores = jax.lax.cond(logprobs, lambda: sampling.token_logprobs(logits[:, 0], next_tokens),
-                          lambda: _no_logprobs((b,)))
+                          lambda: sampling.no_logprobs((b,)))
     return next_tokens, *scores, cache
-
-
-def _no_logprobs(shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Zeros shaped as ``sampling.token_logprobs``' outputs for tokens of ``shape``: a step whose
-    rows asked for no logprobs skips the vocabulary-wide log-softmax and top-k."""
-    top = shape + (sampling.MAX_LOGPROBS,)
-    return jnp.zeros(shape, jnp.float32), jnp.zeros(top, jnp.int32), jnp.zeros(top, jnp.float32)
 
 
 def _verify_step(params, *, config, cache, tokens, positions, block_tables, context_lens, mask, parents, depths,
                  live, position_slots, temperature, top_k, top_p, base_keys, sample_index, logprobs):
     meta = AttentionMetadata(block_tables=block_tables, context_lens=context_lens, new_mask=mask)
     logits, new_k, new_v = forward(params, config, tokens, positions, cache, meta)
-    b, n = tokens.shape
-
-    def greedy():
-        return greedy_accept(logits, tokens, parents, depths, mask, live)
-
-    def stochastic():
-        probs = jax.nn.softmax(sampling.process_node_logits(logits, temperature, top_k, top_p), axis=-1)
-        keys = sampling.row_keys(jax.random.wrap_key_data(base_keys), sample_index)
-        index = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
-        proposed = live & (index > 0)
-        # Host trees hold distinct siblings, each its own node: canon is the node, siblings share a group.
-        return mss_accept(probs, tokens, mask, index, parents, parents, proposed, None, None,
-                          jax.vmap(jax.random.fold_in, (0, None))(keys, 1))
-
-    def scored(accept):
-        last, path, bonus = accept()
-        return last, path, bonus, *emitted_logprobs(logits, tokens, path, depths, last, bonus, n)
-
-    def unscored(accept):
-        return *accept(), *_no_logprobs((b, n))
-
-    # One switch (a GPU conditional waits on the host once): accept greedily unless a row samples,
-    # and score the emitted tokens only when a row asked for logprobs.
-    branch = 2 * logprobs.astype(jnp.int32) + jnp.any(temperature > 0).astype(jnp.int32)
-    last, path, bonus, *scores = jax.lax.switch(branch, [functools.partial(unscored, greedy),
-                                                         functools.partial(unscored, stochastic),
-                                                         functools.partial(scored, greedy),
-                                                         functools.partial(scored, stochastic)])
-    # Accepted node at depth d lands at position context_len + d; everything else is dropped.
-    slots = jnp.where(path, jnp.take_along_axis(position_slots, depths, axis=1), INVALID_SLOT)
-    cache = write_kv(cache, new_k, new_v, slots)
-    return last, path, bonus, *scores, cache
+    keys = sampling.row_keys(jax.random.wrap_key_data(base_keys), sample_index)
+    result, cache = verify_and_commit(logits, new_k, new_v, cache, VerifyTree.host(tokens, parents, depths, mask, live),
+                                      position_slots, jnp.ones(tokens.shape[:1], bool), temperature, top_k, top_p,
+                                      keys, all_greedy=False, logprobs=logprobs, width=tokens.shape[1])
+    return result.tokens, result.count, *result.logprobs, cache

@@ -287,3 +287,10 @@ def token_logprobs(logits: jax.Array, tokens: jax.Array, num_top: int = MAX_LOGP
     chosen = jnp.take_along_axis(log_probs, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
     top_values, top_ids = jax.lax.top_k(log_probs, num_top)
     return chosen, top_ids.astype(jnp.int32), top_values
+
+
+def no_logprobs(shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Zeros shaped as ``token_logprobs``' outputs for tokens of ``shape``: a step whose rows asked
+    for no logprobs skips the vocabulary-wide log-softmax and top-k."""
+    top = shape + (MAX_LOGPROBS,)
+    return jnp.zeros(shape, jnp.float32), jnp.zeros(top, jnp.int32), jnp.zeros(top, jnp.float32)

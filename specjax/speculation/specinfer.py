@@ -51,11 +51,11 @@ from specjax.config import ModelConfig
 from specjax.kv_cache import KVCache, copy_kv, init_kv_cache, slot_ids, write_kv
 from specjax.model import forward
 from specjax.params import Params, pytree_dataclass
-from specjax.sampling import process_node_logits, row_keys, sample
+from specjax.sampling import row_keys, sample
 from specjax.speculation.merge import merge_trees
 from specjax.speculation.tree import tree_bucket
 from specjax.speculation.tree_draft import DraftModel, TreeShape, draft_tree
-from specjax.speculation.verify import emitted_logprobs, greedy_accept, mss_accept
+from specjax.speculation.verify import VerifyTree, verify_and_commit
 
 
 @dataclass(frozen=True)
@@ -168,35 +168,21 @@ def speculative_step(spec: SpecInfer, target_params: Params, drafts: tuple[Draft
 
     logits, new_k, new_v = verify_tree(spec.target, target_params, target_cache, batch.target_blocks, batch.root_pos,
                                        tree.tokens, tree.depths, tree.mask)
-    sampled = batch.active & (batch.temperature > 0)
-
-    def stochastic():
-        target_probs = jax.nn.softmax(
-            process_node_logits(logits, batch.temperature, batch.top_k, batch.top_p), axis=-1)
-        draft_probs = jax.nn.softmax(jnp.where(tree.proposed[:, :, None], tree.q_logits, 0.0), axis=-1)
+    samples = None
+    if tree.q_logits is not None:
         samples = jnp.array([s.samples for s in spec.shapes])[jnp.maximum(tree.draft, 0)]
-        return mss_accept(target_probs, tree.tokens, tree.mask, tree.canon, tree.under, tree.group, tree.proposed,
-                          draft_probs, ~(sampled[:, None] & samples), jax.vmap(jax.random.fold_in, (0, None))(batch.keys, 1))
-
-    def greedy():
-        return greedy_accept(logits, tree.tokens, tree.parents, tree.depths, tree.mask, tree.live)
-
-    last, path, bonus = greedy() if all_greedy else jax.lax.cond(jnp.any(sampled), stochastic, greedy)
-    page = target_cache.page_size
-    positions = batch.root_pos[:, None] + tree.depths
-    target_cache = write_kv(target_cache, new_k, new_v,
-                            slot_ids(batch.target_blocks, positions, path & batch.active[:, None], page))
-
-    accepted = jnp.take_along_axis(tree.depths, last[:, None], 1)[:, 0]
+    to_verify = VerifyTree(tokens=tree.tokens, parents=tree.parents, depths=tree.depths, mask=tree.mask,
+                           live=tree.live, canon=tree.canon, under=tree.under, group=tree.group,
+                           proposed=tree.proposed, q_logits=tree.q_logits, samples=samples)
+    slots_by_depth = slot_ids(batch.target_blocks, batch.root_pos[:, None] + jnp.arange(d + 1),
+                              jnp.ones((b, d + 1), bool), target_cache.page_size)
+    verified, target_cache = verify_and_commit(logits, new_k, new_v, target_cache, to_verify, slots_by_depth,
+                                               batch.active, batch.temperature, batch.top_k, batch.top_p, batch.keys,
+                                               all_greedy=all_greedy, logprobs=logprobs, width=d + 1)
+    accepted = verified.accepted
     index = jnp.arange(n, dtype=jnp.int32)
-    # The accepted path's nodes by depth (-1 past its end).
-    on_path = jnp.full((b, d + 1), -1, jnp.int32).at[rows, jnp.where(path, tree.depths, d + 1)].set(
-        jnp.broadcast_to(index, (b, n)), mode="drop")[:, 1:]
+    on_path = verified.path_nodes[:, :d]  # the accepted path's nodes by depth 1..d (-1 past its end)
     level = jnp.arange(d)
-    path_tokens = jnp.where(level < accepted[:, None], jnp.take_along_axis(tree.tokens, jnp.maximum(on_path, 0), 1), 0)
-    tokens = jnp.concatenate([path_tokens, jnp.zeros((b, 1), jnp.int32)], axis=1)
-    tokens = tokens.at[jnp.arange(b), accepted].set(bonus)
-
     draft_lengths = []
     for s, (cache, draft_tree_s) in enumerate(zip(new_caches, trees)):
         # The K/V of the accepted nodes this draft ran move from its scratch to their final positions.
@@ -211,11 +197,10 @@ def speculative_step(spec: SpecInfer, target_params: Params, drafts: tuple[Draft
         dst = slot_ids(blocks, length[:, None] + level, kept, cache.page_size)
         new_caches[s] = copy_kv(cache, src, dst)
         draft_lengths.append(length + jnp.sum(kept, axis=1, dtype=jnp.int32))
-    result = StepResult(tokens=tokens, count=accepted + 1, accepted=accepted,
+    result = StepResult(tokens=verified.tokens, count=verified.count, accepted=accepted,
                         proposed=jnp.sum(tree.live, axis=1, dtype=jnp.int32) - 1,
                         depth=jnp.max(jnp.where(tree.live, tree.depths, 0), axis=1), draft_lengths=tuple(draft_lengths),
-                        logprobs=emitted_logprobs(logits, tree.tokens, path, tree.depths, last, bonus, d + 1)
-                        if logprobs else None)
+                        logprobs=verified.logprobs)
     return result, target_cache, tuple(new_caches)
 
 

@@ -26,7 +26,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from specjax.sampling import argmax, token_logprobs
+from specjax.kv_cache import INVALID_SLOT, KVCache, write_kv
+from specjax.params import pytree_dataclass
+from specjax.sampling import argmax, no_logprobs, process_node_logits, token_logprobs
 
 
 def greedy_accept(logits: jax.Array, tokens: jax.Array, parents: jax.Array, depths: jax.Array,
@@ -62,11 +64,8 @@ def emitted_logprobs(logits: jax.Array, tokens: jax.Array, path: jax.Array, dept
     (+ 1 for the bonus) are meaningless. Plain decoding scores each of these tokens from the same
     prefix, so greedy rows get the same values with or without speculation.
     """
-    b, n = tokens.shape
-    rows = jnp.arange(b)[:, None]
     # The path's node at each depth (the root at 0).
-    by_depth = jnp.zeros((b, width + 1), jnp.int32).at[rows, jnp.where(path, depths, width + 1)].set(
-        jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n)), mode="drop")
+    by_depth = jnp.maximum(path_by_depth(path, depths, width + 1), 0)
     accepted = jnp.take_along_axis(depths, last[:, None], axis=1)
     level = jnp.arange(width)
     # Emitted token j is the path's node at depth j + 1, chosen at depth j; the bonus is chosen at ``last``.
@@ -132,3 +131,117 @@ def _mss_row(target_probs, tokens, mask, canon, parents, group, proposed, draft_
     (last, p, _, _), _ = jax.lax.scan(trial, init, order)
     bonus = jax.random.categorical(jax.random.fold_in(key, 1), jnp.log(p)).astype(jnp.int32)
     return last, mask[last], bonus
+
+
+# ------------------------------------------------------------------ the one verify-and-commit
+@pytree_dataclass
+class VerifyTree:
+    """B token trees of N nodes to verify, and what multi-step speculative sampling needs of the
+    proposals behind them (see ``mss_accept``; ``merge.MergedTree`` for draft-model trees).
+
+    tokens, parents, depths [B, N] int32; mask [B, N, N] ancestor-or-self; live [B, N] bool.
+    canon, under, group [B, N] int32 and proposed [B, N] bool: the proposals. q_logits
+    [B, N, V] the processed draft logits each proposal was drawn from, and samples [B, N] bool
+    whether its draft sampled it; both None for host trees, whose proposals are point masses.
+    """
+
+    tokens: jax.Array
+    parents: jax.Array
+    depths: jax.Array
+    mask: jax.Array
+    live: jax.Array
+    canon: jax.Array
+    under: jax.Array
+    group: jax.Array
+    proposed: jax.Array
+    q_logits: jax.Array | None = None
+    samples: jax.Array | None = None
+
+    @classmethod
+    def host(cls, tokens, parents, depths, mask, live) -> "VerifyTree":
+        """Trees proposed on the host: each node its own proposal, siblings share their parent's group."""
+        b, n = tokens.shape
+        index = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+        return cls(tokens=tokens, parents=parents, depths=depths, mask=mask, live=live, canon=index,
+                   under=parents, group=parents, proposed=live & (index > 0))
+
+
+@pytree_dataclass
+class VerifyResult:
+    """tokens [B, W]: the accepted tokens then the bonus token, ``count`` [B] of them valid;
+    accepted [B]; last [B] the deepest accepted node; path [B, N] the root and accepted nodes;
+    path_nodes [B, W] the accepted node at depth 1, 2, ... (-1 past the path's end); logprobs
+    None or ``emitted_logprobs`` of ``tokens``."""
+
+    tokens: jax.Array
+    count: jax.Array
+    accepted: jax.Array
+    last: jax.Array
+    path: jax.Array
+    path_nodes: jax.Array
+    logprobs: tuple | None = None
+
+
+def verify_and_commit(logits: jax.Array, new_k: jax.Array, new_v: jax.Array, cache: KVCache, tree: VerifyTree,
+                      slots_by_depth: jax.Array, active: jax.Array, temperature: jax.Array, top_k: jax.Array,
+                      top_p: jax.Array, keys: jax.Array, *, all_greedy: bool, logprobs, width: int
+                      ) -> tuple[VerifyResult, KVCache]:
+    """Accept the longest path each row's target agrees with, and write its K/V to the cache.
+
+    Every token tree goes through here, host-proposed or drafted on the device, greedy or sampled.
+    logits [B, N, V] and new_k/new_v [L, B, N, Hkv, hd]: the target's pass over the trees;
+    slots_by_depth [B, W]: the cache slot of each depth's position (root first); active [B]: rows
+    to verify (others write nothing); sampling settings [B] and this step's keys [B] (typed).
+    all_greedy (static): every row is greedy, so no sampling work is compiled. logprobs: a static
+    bool, or a traced one (one executable with and without scoring). width (static): emitted
+    tokens to cover, at least the deepest path + 1.
+    """
+    b, n = tree.tokens.shape
+    sampled = active & (temperature > 0)
+
+    def greedy():
+        return greedy_accept(logits, tree.tokens, tree.parents, tree.depths, tree.mask, tree.live)
+
+    def stochastic():
+        target_probs = jax.nn.softmax(process_node_logits(logits, temperature, top_k, top_p), axis=-1)
+        draft_probs = deterministic = None
+        if tree.q_logits is not None:
+            draft_probs = jax.nn.softmax(jnp.where(tree.proposed[:, :, None], tree.q_logits, 0.0), axis=-1)
+            deterministic = ~(sampled[:, None] & tree.samples)
+        return mss_accept(target_probs, tree.tokens, tree.mask, tree.canon, tree.under, tree.group, tree.proposed,
+                          draft_probs, deterministic, jax.vmap(jax.random.fold_in, (0, None))(keys, 1))
+
+    def scored(accept):
+        last, path, bonus = accept()
+        return last, path, bonus, *emitted_logprobs(logits, tree.tokens, path, tree.depths, last, bonus, width)
+
+    if isinstance(logprobs, bool):
+        last, path, bonus = greedy() if all_greedy else jax.lax.cond(jnp.any(sampled), stochastic, greedy)
+        scores = emitted_logprobs(logits, tree.tokens, path, tree.depths, last, bonus, width) if logprobs else None
+    else:
+        # One switch (a GPU conditional waits on the host once): accept greedily unless a row
+        # samples, and score the emitted tokens only when a row asked for logprobs.
+        branches = [lambda: (*greedy(), *no_logprobs((b, width))), lambda: (*stochastic(), *no_logprobs((b, width))),
+                    lambda: scored(greedy), lambda: scored(stochastic)]
+        sampling_branch = jnp.int32(0) if all_greedy else jnp.any(sampled).astype(jnp.int32)
+        last, path, bonus, *scores = jax.lax.switch(2 * logprobs.astype(jnp.int32) + sampling_branch, branches)
+        scores = tuple(scores)
+
+    accepted = jnp.take_along_axis(tree.depths, last[:, None], 1)[:, 0]
+    path_nodes = path_by_depth(path, tree.depths, width + 1)[:, 1:]
+    tokens = jnp.where(jnp.arange(width) < accepted[:, None],
+                       jnp.take_along_axis(tree.tokens, jnp.maximum(path_nodes, 0), 1), 0)
+    tokens = tokens.at[jnp.arange(b), accepted].set(bonus)
+    # The accepted node at depth d lands at position root + d; everything else is dropped.
+    slots = jnp.where(path & active[:, None], jnp.take_along_axis(slots_by_depth, tree.depths, axis=1), INVALID_SLOT)
+    cache = write_kv(cache, new_k, new_v, slots)
+    return VerifyResult(tokens=tokens, count=accepted + 1, accepted=accepted, last=last, path=path,
+                        path_nodes=path_nodes, logprobs=scores), cache
+
+
+def path_by_depth(path: jax.Array, depths: jax.Array, width: int) -> jax.Array:
+    """[B, width] int32: the accepted path's node at each depth (the root at 0), -1 past its end
+    (or past ``width``)."""
+    b, n = path.shape
+    return jnp.full((b, width), -1, jnp.int32).at[jnp.arange(b)[:, None], jnp.where(path, depths, width)].set(
+        jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n)), mode="drop")

@@ -1,6 +1,6 @@
 """Tree attention over the paged KV cache as a Pallas kernel: token-tree verification, decode (T = 1)
-and chunked prefill (a causal ``new_mask``) are one kernel with ``specjax.attention.paged_attention``'s
-signature and results.
+and chunked prefill (a causal ``new_mask``) are one kernel with the signature and results of
+``specjax.attention_reference.paged_attention``.
 
 A program owns one sequence, one KV head and one block of query rows: row ``t * G + g`` is new token
 ``t`` seen through query head ``g`` of the KV head's group of G, so the whole tree and every query
@@ -35,7 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import backend
-from specjax.attention import MASKED_SCORE, AttentionMetadata, paged_attention
+from specjax.attention_reference import MASKED_SCORE, AttentionMetadata, paged_attention
 from specjax.config import matmul_precision
 
 MAX_NEW_TOKENS = 128

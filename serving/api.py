@@ -7,7 +7,8 @@ Every client mistake is an ``ApiError``: an HTTP 4xx with OpenAI's error body
 
 Extensions to OpenAI's schema: ``top_k``, ``ignore_eos``, and ``speculation``: "default" (the
 server's configured method), "none" (plain decoding), or a method the server's LLM offers
-(``LLM.methods``: "tree" with draft models, "suffix" with a suffix cache, all four when hybrid).
+(``LLM.methods``: "tree" with draft models, "suffix" with a suffix cache, both and "hybrid" when
+hybrid, and "ngram", prompt lookup, on every server).
 """
 
 from __future__ import annotations
@@ -59,8 +60,8 @@ class _Generation(_Body):
     ignore_eos: bool | None = Field(None, description="Extension: keep generating past end-of-sequence")
     user: str | None = None
     speculation: str | None = Field(None, description='Extension: "default" (the server\'s speculation), "none" '
-                                                      '(plain decoding), or "tree", "suffix" or "hybrid" where '
-                                                      'the server offers it')
+                                                      '(plain decoding), "ngram" (prompt lookup), or "tree", '
+                                                      '"suffix" or "hybrid" where the server offers it')
 
 
 class CompletionRequest(_Generation):

@@ -16,7 +16,7 @@ import threading
 import time
 
 from serving.metrics import Metrics
-from specjax.llm import LLM, Request, Scheduler
+from specjax.llm import LLM, Request
 
 log = logging.getLogger("specjax.serving")
 
@@ -78,9 +78,9 @@ class Engine:
             raise ValueError(f"max_queue must be a positive integer, got {max_queue!r}")
         self.llm = llm
         self.max_queue = max_queue
-        self.scheduler = Scheduler(llm, interleave=True)
+        self.scheduler = llm.scheduler(interleave=True)
         pages = llm.runner.pages
-        self.metrics = Metrics(llm.method != "none", waiting=lambda: self.num_waiting,
+        self.metrics = Metrics(len(llm.methods) > 1, waiting=lambda: self.num_waiting,
                                running=lambda: len(self.scheduler.running), pages_used=lambda: pages.num_used,
                                pages_total=pages.num_pages, compile_seconds=lambda: llm.compile_time_s)
         self._cond = threading.Condition()

@@ -2,7 +2,7 @@
 
 Gauges read the engine's state when scraped; counters and histograms are fed by the engine thread
 as requests produce tokens and finish. Speculation metrics are labelled by each request's method
-("tree", "suffix" or "hybrid": the server's default or the one the request asked for) and cover
+("tree", "suffix", "hybrid", "ngram", ...: the server's default or the one the request asked for) and cover
 the requests that speculated.
 """
 

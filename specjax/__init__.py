@@ -1,7 +1,7 @@
 """specjax: speculative LLM inference in JAX.
 
 The public surface: ``LLM`` and ``SamplingParams`` for generation, ``TreeSpeculation``, ``SuffixSpeculation`` and
-``HybridSpeculation`` for speculative decoding, ``EngineConfig`` for runtime knobs, ``load_model`` for checkpoints. Everything else lives in its own module.
+``HybridSpeculation`` and ``NgramSpeculation`` for speculative decoding, ``EngineConfig`` for runtime knobs, ``load_model`` for checkpoints. Everything else lives in its own module.
 """
 
 __version__ = "0.1.0"
@@ -13,6 +13,7 @@ _EXPORTS = {
     "TreeSpeculation": "specjax.speculation.speculator",
     "SuffixSpeculation": "specjax.speculation.suffix",
     "HybridSpeculation": "specjax.speculation.suffix",
+    "NgramSpeculation": "specjax.speculation.ngram",
     "EngineConfig": "specjax.runner",
     "ModelConfig": "specjax.config",
     "load_model": "specjax.checkpoints",

@@ -39,13 +39,15 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
                         help="speculate with this draft model (a built-in draft name or a draft directory); repeat "
                              "for several drafts, whose trees are merged. The target verifies losslessly, greedy "
                              "and sampled alike")
-    parser.add_argument("--speculate", choices=["chain", "tree", "suffix", "hybrid"], default=None,
+    parser.add_argument("--speculate", choices=["chain", "tree", "suffix", "hybrid", "ngram"], default=None,
                         help="chain: each draft proposes --speculative-tokens tokens in a row; tree: token trees "
                              "grown by --expansion; suffix: trees from a suffix cache of the prompt and earlier "
                              "outputs, no draft model; hybrid: suffix where its draft scores well, else a chain "
-                             "from the --draft models (default: chain with --draft, else none)")
+                             "from the --draft models; ngram: the tokens that followed the latest earlier "
+                             "occurrence of the last few tokens (prompt lookup), no draft model "
+                             "(default: chain with --draft, else none)")
     parser.add_argument("--speculative-tokens", "-k", type=int, default=4,
-                        help="chain length per verification step (default: %(default)s)")
+                        help="chain and ngram: tokens proposed per verification step (default: %(default)s)")
     parser.add_argument("--expansion", default="1,1,3,1,1,1,1,1",
                         help="tree: children per node at each depth, comma-separated (default: SpecInfer's %(default)s)")
     parser.add_argument("--max-nodes", type=int, default=64,
@@ -122,23 +124,27 @@ def _build_parser() -> argparse.ArgumentParser:
                             "compilations; '' turns it off (default: $SPECJAX_COMPILE_CACHE, else xla/ in the "
                             "model cache, ~/.cache/specjax)")
 
-    commands.add_parser("models", help="list the built-in model names",
-                        description="List the built-in model names and where each comes from.")
+    commands.add_parser("models", help="list the built-in models and draft models",
+                        description="List the built-in models, where each comes from, and the draft models "
+                                    "shipped for speculative decoding: their target, size and training.")
     return parser
 
 
 def _speculation(args):
     """The speculation the flags ask for: None without --draft or --speculate."""
+    from specjax.speculation.ngram import NgramSpeculation
     from specjax.speculation.speculator import TreeSpeculation
-    from specjax.speculation.suffix import HybridSpeculation, SuffixSpeculation
+    from specjax.speculation.suffix import HybridSpeculation
 
     method = args.speculate or ("chain" if args.draft else None)
     if args.suffix_cache and method not in ("suffix", "hybrid"):
         raise ValueError("--suffix-cache needs --speculate suffix or hybrid")
+    if method in ("suffix", "ngram") and args.draft:
+        raise ValueError(f"--speculate {method} uses no draft model: drop --draft (or use --speculate hybrid)")
     if method == "suffix":
-        if args.draft:
-            raise ValueError("--speculate suffix uses no draft model: drop --draft (or use --speculate hybrid)")
         return _suffix(args)
+    if method == "ngram":
+        return NgramSpeculation(num_speculative_tokens=args.speculative_tokens)
     if method is None:
         if args.dynamic:
             raise ValueError("--dynamic needs --speculate tree and at least one --draft")
@@ -175,6 +181,8 @@ def _describe(args) -> str:
     chain = f"{' + '.join(args.draft)}, chain of {args.speculative_tokens}"
     if method == "suffix":
         return suffix
+    if method == "ngram":
+        return f"n-gram lookup, at most {args.speculative_tokens} tokens"
     if method == "hybrid":
         return f"{suffix}, else {chain}"
     if method == "chain":
@@ -224,7 +232,7 @@ def _generate(args) -> int:
         log(f"speculation: {_describe(args)}: {sp.tau:.2f} tokens per target step, "
             f"acceptance {sp.acceptance_rate:.0%} (by depth: "
             f"{' '.join(f'{a:.2f}' for a in sp.acceptance_by_depth)}), {sp.steps} verification steps")
-        if llm.suffix is not None:
+        if llm.suffix_cache is not None:
             sources = ", ".join(f"{n} {source}" for source, n in sp.sources.items())
             log(f"suffix cache: {1e6 * sp.host_time_s / sp.steps:.0f} µs of host time per step"
                 + (f"; steps by source: {sources}" if sources else ""))
@@ -297,11 +305,32 @@ def _warm_up(llm, max_len: int | None) -> None:
 
 
 def _models(_args) -> int:
-    from specjax.checkpoints.registry import BUILTIN_MODELS
+    from specjax.checkpoints.orbax_io import read_checkpoint_config
+    from specjax.checkpoints.registry import BUILTIN_DRAFTS, BUILTIN_MODELS, resolve_draft
+    from specjax.draft import draft_meta
 
+    print("Models (--model NAME):")
     for name, spec in BUILTIN_MODELS.items():
-        print(f"{name:24s} {spec.description}")
+        print(f"  {name:22s} {spec.description}")
+    print("\nDraft models for speculative decoding (--draft NAME):")
+    for name, purpose in BUILTIN_DRAFTS.items():
+        directory = resolve_draft(name)
+        print(f"  {name:22s} {purpose}")
+        for line in _draft_summary(draft_meta(directory), read_checkpoint_config(directory)):
+            print(f"  {'':22s} {line}")
     return 0
+
+
+def _draft_summary(meta: dict, config) -> list[str]:
+    """A built-in draft's target, size and training (its config and the draft.json that
+    training/distill_draft.py writes), so users can pick a draft without opening its files."""
+    corpus = f"{meta['text_manifest']['token_budget']:,} text tokens"
+    if meta["generations"]:
+        corpus += f" and the target's answers to {meta['generations']['prompts']:,} prompts"
+    return [f"target {meta['target']}; {config.num_layers} layers, {config.vocab_size:,}-token vocabulary, "
+            f"{meta['compute_ratio_matmul']:.0%} of the target's compute per token",
+            f"trained {meta['steps_done']:,} steps on {corpus}",
+            f"top-1 agreement with the target on its last training batch: {meta['last_log']['agree']:.0%}"]
 
 
 def main(argv=None) -> int:

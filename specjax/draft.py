@@ -29,8 +29,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from specjax.checkpoints import LoadedModel
+from specjax.checkpoints.registry import resolve_draft
 from specjax.config import ModelConfig
-from specjax.params import CheckpointError, Params
+from specjax.params import CheckpointError, Params, inference_params
 
 DRAFT_VOCAB_FILE = "draft_vocab.npy"
 DRAFT_INPUT_MAP_FILE = "draft_input_map.npy"
@@ -287,3 +289,26 @@ def draft_meta(path: str | os.PathLike) -> dict[str, Any]:
 __all__ = ["DRAFT_INPUT_MAP_FILE", "DRAFT_META_FILE", "DRAFT_VOCAB_FILE", "Draft", "DraftVocab",
            "build_draft_vocab", "cast_params", "compute_ratio", "draft_config", "draft_forward", "draft_meta",
            "flops_per_token", "init_from_target", "load_draft", "save_draft", "spread_logits"]
+
+
+def load_draft_for(draft, target: LoadedModel) -> tuple[ModelConfig, Params, np.ndarray | None, np.ndarray | None]:
+    """(config, params, draft_to_target, target_to_draft) of a trained draft (name or directory) or
+    of any model sharing the target's tokenizer; the maps are None for the target's own vocabulary."""
+    if isinstance(draft, LoadedModel):
+        config, params, vocab = draft.config, draft.params, None
+        if (draft.tokenizer is not None and target.tokenizer is not None
+                and draft.tokenizer.backend.get_vocab() != target.tokenizer.backend.get_vocab()):
+            raise ValueError(f"the draft {draft.source} has another tokenizer than the target {target.source}")
+    elif isinstance(draft, (str, os.PathLike)):
+        config, params, vocab = load_draft(resolve_draft(draft))
+    else:
+        raise TypeError(f"a draft is a draft name, a draft directory or a LoadedModel, got {type(draft).__name__}")
+    target_vocab = target.config.vocab_size
+    if vocab is None and config.vocab_size != target_vocab:
+        raise ValueError(f"the draft's vocabulary ({config.vocab_size}) differs from the target's "
+                         f"({target_vocab}) and it carries no id map")
+    if vocab is not None and vocab.target_size != target_vocab:
+        raise ValueError(f"the draft's id map is for a vocabulary of {vocab.target_size} tokens; the target has "
+                         f"{target_vocab}")
+    return (config, inference_params(params), None if vocab is None else vocab.draft_to_target,
+            None if vocab is None else vocab.target_to_draft)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from specjax.config import ModelConfig
-from specjax.params import pytree_dataclass
+from specjax.pytree import pytree_dataclass
 
 # Scatter index for tokens that must not be written (batch padding, rejected tree nodes). Any index
 # past the pool is dropped by the scatter; negative ones would wrap around, so use a large positive.

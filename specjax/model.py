@@ -1,9 +1,11 @@
 """The functional Llama-family decoder.
 
 ``forward`` is a pure function of (params, tokens, positions, KV cache, attention metadata): it
-returns logits and the new tokens' K/V for every layer, and leaves writing them to the cache to the
-caller (``kv_cache.write_kv``), so a speculative verifier can commit only what it accepts.
-Layers run under ``lax.scan`` over stacked weights: one compiled layer body instead of L copies.
+returns a ``ForwardOutput``: logits, the new tokens' K/V for every layer (writing them to the
+cache is the caller's, ``kv_cache.write_kv``, so a speculative verifier commits only what it
+accepts), and the hidden states of the layers asked for (draft heads read them). Every
+projection goes through ``linear.linear``, which dispatches on the weight's type. Layers run
+under ``lax.scan`` over stacked weights: one compiled layer body instead of L copies.
 """
 
 from __future__ import annotations
@@ -17,7 +19,20 @@ import numpy as np
 from specjax.attention import AttentionMetadata, attention, masked_attention
 from specjax.config import ModelConfig, matmul_precision
 from specjax.kv_cache import KVCache
-from specjax.params import Params, widen_bf16_bits
+from specjax.linear import linear
+from specjax.params import Params, split_gate_up, split_qkv
+from specjax.pytree import pytree_dataclass
+
+
+@pytree_dataclass
+class ForwardOutput:
+    """logits [B, K, V] fp32; new_k, new_v [L, B, T, Hkv, hd]; hidden [H, B, T, D] the hidden
+    states of the layers ``forward`` was asked for (``hidden_layers``), or None."""
+
+    logits: jax.Array
+    new_k: jax.Array
+    new_v: jax.Array
+    hidden: jax.Array | None = None
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -60,13 +75,6 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def _dot(x: jax.Array, w: jax.Array) -> jax.Array:
-    if w.dtype == jnp.uint16:  # bf16 bits stored for CPU speed (params.store_bf16)
-        w = widen_bf16_bits(w)
-    return jnp.einsum("btd,df->btf", x, w, preferred_element_type=jnp.float32,
-                      precision=matmul_precision(x.dtype)).astype(x.dtype)
-
-
 def forward(
     params: Params,
     config: ModelConfig,
@@ -75,14 +83,19 @@ def forward(
     cache: KVCache | None,
     meta: AttentionMetadata,
     logit_indices: jax.Array | None = None,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+    *,
+    hidden_layers: tuple[int, ...] = (),
+    attention_backend: str | None = None,
+) -> ForwardOutput:
     """Run the decoder on T new tokens per sequence.
 
     tokens, positions: [B, T] int32. cache: the paged pool, or None for no committed prefix
     (training, full-sequence scoring; ``meta.block_tables``/``context_lens`` are then ignored).
     logit_indices: [B, K] int32 positions within T whose logits are wanted (None: all T); prefill
     needs only the last token's, which saves a [T, D] x [D, V] product.
-    Returns logits [B, K, V] fp32 and new_k, new_v [L, B, T, Hkv, hd].
+    hidden_layers (static): which hidden states to return, numbered as transformers'
+    ``output_hidden_states``: 0 the embeddings, i the output of layer i, and L (the last) after the
+    final norm. attention_backend (static): ``attention.attention``'s backend.
     """
     c = config
     b, t = tokens.shape
@@ -94,29 +107,34 @@ def forward(
     def layer(x, xs):
         w, index = xs
         h = rms_norm(x, w.attn_norm, c.rms_norm_eps)
-        qkv = _dot(h, w.wqkv)
+        qkv = linear(h, w.wqkv)
         if w.bqkv is not None:
             qkv = qkv + w.bqkv.astype(qkv.dtype)
-        q = qkv[..., : c.q_size].reshape(b, t, c.num_heads, c.head_dim)
-        k = qkv[..., c.q_size : c.q_size + c.kv_size].reshape(b, t, c.num_kv_heads, c.head_dim)
-        v = qkv[..., c.q_size + c.kv_size :].reshape(b, t, c.num_kv_heads, c.head_dim)
+        q, k, v = split_qkv(qkv, c)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
             attn = masked_attention(q, k, v, meta.new_mask)
         else:
             k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
-            attn = attention(q, k, v, cache.k, cache.v, index, meta)
-        attn = _dot(attn.reshape(b, t, c.q_size), w.wo)
+            attn = attention(q, k, v, cache.k, cache.v, index, meta, attention_backend)
+        attn = linear(attn.reshape(b, t, c.q_size), w.wo)
         if w.bo is not None:
             attn = attn + w.bo.astype(attn.dtype)
         x = x + attn
         h = rms_norm(x, w.mlp_norm, c.rms_norm_eps)
-        gate, up = jnp.split(_dot(h, w.w_gate_up), 2, axis=-1)
-        x = x + _dot(jax.nn.silu(gate) * up, w.w_down)
-        return x, (k, v)
+        gate, up = split_gate_up(linear(h, w.w_gate_up))
+        x = x + linear(jax.nn.silu(gate) * up, w.w_down)
+        return x, (k, v, x if hidden_layers else None)
 
-    x, (new_k, new_v) = jax.lax.scan(layer, x, (lw, jnp.arange(c.num_layers)))
-    if logit_indices is not None:
+    if any(not 0 <= i <= c.num_layers for i in hidden_layers):
+        raise ValueError(f"hidden_layers {hidden_layers} must be in [0, {c.num_layers}]")
+    embedded = x
+    x, (new_k, new_v, per_layer) = jax.lax.scan(layer, x, (lw, jnp.arange(c.num_layers)))
+    hidden = None
+    if hidden_layers:
+        states = [embedded, *per_layer[:-1], rms_norm(x, params.final_norm, c.rms_norm_eps)]
+        hidden = jnp.stack([states[i] for i in hidden_layers])
+    if logit_indices is not None:  # before the norm: only the rows whose logits are wanted
         x = jnp.take_along_axis(x, logit_indices[:, :, None], axis=1)
     x = rms_norm(x, params.final_norm, c.rms_norm_eps)
     if params.lm_head is None:  # tied: contract with the embedding table as stored, no transpose
@@ -125,4 +143,4 @@ def forward(
     else:
         logits = jnp.einsum("bkd,dv->bkv", x, params.lm_head, preferred_element_type=jnp.float32,
                             precision=matmul_precision(x.dtype))
-    return logits, new_k, new_v
+    return ForwardOutput(logits=logits, new_k=new_k, new_v=new_v, hidden=hidden)

@@ -3,13 +3,16 @@
 Per-layer weights are stacked on a leading layer axis so the forward pass runs the layers under
 ``lax.scan``. Matrices are stored ``[in, out]`` (x @ W). q/k/v share one fused matrix and gate/up
 another: one matmul each instead of three and two, which matters for launch- and read-bound decode.
+The fused matrices are laid out so that splitting their output columns into equal contiguous
+blocks splits whole units: q/k/v per KV-head group (the group's query heads, its key head, its
+value head), gate/up per column pair. Tensor parallelism then shards them as they are, with no
+gather of q, k and v apart (``sharding.LOGICAL_AXES``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -18,13 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from specjax.config import ModelConfig
-
-
-def pytree_dataclass(cls):
-    """A frozen dataclass registered as a pytree whose fields are all children (None = empty)."""
-    cls = dataclass(frozen=True)(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    return jax.tree_util.register_dataclass(cls, data_fields=names, meta_fields=[])
+from specjax.linear import Bf16Bits
+from specjax.pytree import pytree_dataclass
 
 
 @pytree_dataclass
@@ -33,16 +31,17 @@ class LayerWeights:
 
     Shapes: attn_norm [L, D]; wqkv [L, D, (Hq + 2 Hkv) * hd]; bqkv [L, (Hq + 2 Hkv) * hd] or None;
     wo [L, Hq * hd, D]; bo [L, D] or None; mlp_norm [L, D]; w_gate_up [L, D, 2 F]; w_down [L, F, D].
+    The matrices are arrays or any weight type of ``linear`` (e.g. ``Bf16Bits``).
     """
 
     attn_norm: jax.Array
-    wqkv: jax.Array
+    wqkv: jax.Array | Bf16Bits
     bqkv: jax.Array | None
-    wo: jax.Array
+    wo: jax.Array | Bf16Bits
     bo: jax.Array | None
     mlp_norm: jax.Array
-    w_gate_up: jax.Array
-    w_down: jax.Array
+    w_gate_up: jax.Array | Bf16Bits
+    w_down: jax.Array | Bf16Bits
 
 
 @pytree_dataclass
@@ -56,16 +55,12 @@ class Params:
 
 
 def store_bf16(params: Params) -> Params:
-    """Layer matrices as raw bfloat16 bits (uint16), widened to fp32 inside each layer.
-
-    For CPUs, where a batch-1 step is bound by reading weights but XLA's bf16 matmuls are slow:
-    half the weight bytes, fp32 arithmetic. Stored as integers because XLA hoists a plain bf16->f32
-    convert out of the layer loop and re-materialises every fp32 weight each step. The embedding,
-    LM head and biases become fp32 (the activations' dtype follows the embedding): a tied head
-    would otherwise widen the whole table every step.
+    """Layer matrices as ``linear.Bf16Bits``: bf16 bits, widened to fp32 inside each layer (half
+    the weight bytes of fp32 on CPUs, where XLA's bf16 matmuls are slow). The embedding, LM head
+    and biases become fp32 (the activations' dtype follows the embedding): a tied head would
+    otherwise widen the whole table every step.
     """
-    def pack(w):
-        return jax.lax.bitcast_convert_type(w.astype(jnp.bfloat16), jnp.uint16)
+    pack = Bf16Bits.pack
 
     def fp32(w):
         return None if w is None else w.astype(jnp.float32)
@@ -84,9 +79,54 @@ def inference_params(params: Params, backend: str | None = None) -> Params:
     return params
 
 
-def widen_bf16_bits(w: jax.Array) -> jax.Array:
-    """uint16 bfloat16 bits -> float32 (exact): the bits are the high half of the fp32 word."""
-    return jax.lax.bitcast_convert_type(w.astype(jnp.uint32) << 16, jnp.float32)
+def fuse_qkv(q: np.ndarray, k: np.ndarray, v: np.ndarray, config: ModelConfig) -> np.ndarray:
+    """q [..., Hq * hd], k and v [..., Hkv * hd] (weights' output columns, or biases) -> [...,
+    Hkv * (G + 2) * hd], grouped per KV head: its G = Hq / Hkv query heads, then its key, its value."""
+    c, lead = config, q.shape[:-1]
+    groups = c.num_heads // c.num_kv_heads
+    grouped = np.concatenate([q.reshape(*lead, c.num_kv_heads, groups, c.head_dim),
+                              k.reshape(*lead, c.num_kv_heads, 1, c.head_dim),
+                              v.reshape(*lead, c.num_kv_heads, 1, c.head_dim)], axis=-2)
+    return grouped.reshape(*lead, c.num_kv_heads * (groups + 2) * c.head_dim)
+
+
+def split_qkv(qkv, config: ModelConfig):
+    """The inverse of ``fuse_qkv`` on activations or weights: qkv [..., Hkv * (G + 2) * hd] ->
+    q [..., Hq, hd], k and v [..., Hkv, hd]."""
+    c, lead = config, qkv.shape[:-1]
+    groups = c.num_heads // c.num_kv_heads
+    grouped = qkv.reshape(*lead, c.num_kv_heads, groups + 2, c.head_dim)
+    return (grouped[..., :groups, :].reshape(*lead, c.num_heads, c.head_dim), grouped[..., groups, :],
+            grouped[..., groups + 1, :])
+
+
+def fuse_gate_up(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """gate, up [..., F] -> [..., 2F], each gate column beside its up column."""
+    return np.stack([gate, up], axis=-1).reshape(*gate.shape[:-1], 2 * gate.shape[-1])
+
+
+def split_gate_up(gate_up):
+    """The inverse of ``fuse_gate_up``: [..., 2F] -> gate, up [..., F]."""
+    pairs = gate_up.reshape(*gate_up.shape[:-1], gate_up.shape[-1] // 2, 2)
+    return pairs[..., 0], pairs[..., 1]
+
+
+def regroup_legacy_layers(layers: LayerWeights, config: ModelConfig) -> LayerWeights:
+    """Layers saved before the grouped layout (q/k/v and gate/up each in one contiguous block, orbax
+    checkpoint version 1) in today's layout."""
+    c = config
+
+    def qkv(w):
+        w = np.asarray(w)
+        return jnp.asarray(fuse_qkv(w[..., : c.q_size], w[..., c.q_size: c.q_size + c.kv_size],
+                                    w[..., c.q_size + c.kv_size:], c))
+
+    def gate_up(w):
+        w = np.asarray(w)
+        return jnp.asarray(fuse_gate_up(w[..., : c.intermediate_size], w[..., c.intermediate_size:]))
+
+    return dataclasses.replace(layers, wqkv=qkv(layers.wqkv), bqkv=None if layers.bqkv is None else qkv(layers.bqkv),
+                               w_gate_up=gate_up(layers.w_gate_up))
 
 
 def param_count(params: Params) -> int:
@@ -149,17 +189,17 @@ def params_from_hf_tensors(config: ModelConfig, get: Callable[[str], np.ndarray]
 
     def qkv(i):
         p = pre.format(i) + "self_attn."
-        return np.concatenate([linear(p + "q_proj.weight", c.q_size, D), linear(p + "k_proj.weight", c.kv_size, D),
-                               linear(p + "v_proj.weight", c.kv_size, D)], axis=1)
+        return fuse_qkv(linear(p + "q_proj.weight", c.q_size, D), linear(p + "k_proj.weight", c.kv_size, D),
+                        linear(p + "v_proj.weight", c.kv_size, D), c)
 
     def qkv_bias(i):
         p = pre.format(i) + "self_attn."
-        return np.concatenate([tensor(p + "q_proj.bias", (c.q_size,)), tensor(p + "k_proj.bias", (c.kv_size,)),
-                               tensor(p + "v_proj.bias", (c.kv_size,))])
+        return fuse_qkv(tensor(p + "q_proj.bias", (c.q_size,)), tensor(p + "k_proj.bias", (c.kv_size,)),
+                        tensor(p + "v_proj.bias", (c.kv_size,)), c)
 
     def gate_up(i):
         p = pre.format(i) + "mlp."
-        return np.concatenate([linear(p + "gate_proj.weight", F, D), linear(p + "up_proj.weight", F, D)], axis=1)
+        return fuse_gate_up(linear(p + "gate_proj.weight", F, D), linear(p + "up_proj.weight", F, D))
 
     layers = LayerWeights(
         attn_norm=norm_stack(lambda i: tensor(pre.format(i) + "input_layernorm.weight", (D,))),

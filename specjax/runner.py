@@ -63,10 +63,13 @@ class EngineConfig:
     prefill_chunk: int = 512
     min_batch_bucket: int | None = None  # None: the backend's default (see backend_defaults)
     # Steps read at least this many prefix pages (masked past each sequence's length): short
-    # contexts share one shape instead of four. 8 x 16 tokens cost no measurable time on a 2-core
-    # CPU (SmolLM2-135M, batch 4: 24.2 ms reading 1 page, 24.6 ms reading 8, 2026-11-26).
+    # contexts share one shape instead of four, at no measurable cost (benchmarks/RESULTS.md,
+    # "Measurements behind code defaults").
     min_page_bucket: int = 8
     compiler_options: tuple[tuple[str, str | bool | int], ...] | None = None  # XLA options; None: backend default
+    # Attention: "auto" (the Pallas kernel on NVIDIA GPUs within its limits, XLA elsewhere), "pallas"
+    # or "xla"; None: $SPECJAX_ATTENTION, else "auto".
+    attention_backend: str | None = None
 
     def __post_init__(self):
         for name in ("page_size", "max_num_seqs", "prefill_chunk", "min_page_bucket") + (
@@ -78,6 +81,8 @@ class EngineConfig:
             raise ConfigError(f"kv_cache_bytes must be positive, got {self.kv_cache_bytes}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError(f"max_model_len must be at least 2, got {self.max_model_len}")
+        if self.attention_backend not in (None, "auto", "pallas", "xla"):
+            raise ConfigError(f'attention_backend must be "auto", "pallas", "xla" or None, got {self.attention_backend!r}')
 
 
 def default_cache_bytes() -> int:
@@ -93,10 +98,10 @@ def default_cache_bytes() -> int:
 def backend_defaults(platform: str) -> tuple[int, dict]:
     """(minimum batch bucket, XLA compiler options) that measured fastest on each backend.
 
-    NVIDIA GPUs (H100, jax 0.11.2, Llama-3-8B-shaped bf16 decode, 2026-11-25): XLA's Triton GEMMs
-    ran a step in 18.4 ms at batch 1 and 8 (3x the bandwidth floor: the layer weights sliced out
-    of the scan's stacked arrays are copied first); with cuBLAS GEMMs batch 8 took 9.2 ms but
-    batch 1 (a GEMV) 29 ms, so batches are padded to at least 8 rows and Triton GEMMs are off.
+    NVIDIA GPUs: XLA's Triton GEMMs copy each layer's weights out of the scan's stacked arrays
+    first; cuBLAS GEMMs read them in place but pick a slow GEMV for one row, so batches are padded
+    to at least 8 rows and Triton GEMMs are off (benchmarks/RESULTS.md, "decode.py --shape
+    llama3-8b", H100).
     """
     if platform == "gpu":
         return 8, {"xla_gpu_enable_triton_gemm": False}
@@ -164,8 +169,9 @@ class ModelRunner:
         self._compiled = CompiledBuckets(self.compiler_options)  # by (kind, B, T, pages) bucket
         self._ran: set[tuple] = set()  # buckets whose executable has run at least once
         self.first_run = False  # whether the last step was its executable's first run
-        self._step = jax.jit(functools.partial(_step, config=config), donate_argnames=("cache",))
-        self._verify = jax.jit(functools.partial(_verify_step, config=config), donate_argnames=("cache",))
+        static = dict(config=config, attention_backend=engine.attention_backend)
+        self._step = jax.jit(functools.partial(_step, **static), donate_argnames=("cache",))
+        self._verify = jax.jit(functools.partial(_verify_step, **static), donate_argnames=("cache",))
 
     @property
     def compile_time_s(self) -> float:
@@ -263,6 +269,10 @@ class ModelRunner:
         except Exception:
             self.pages.release(seq_id)
             raise
+
+    def reserve(self, seq_id, num_tokens: int) -> None:
+        """Pages for ``num_tokens`` tokens of a sequence in all (check ``can_grow`` first)."""
+        self.pages.reserve(seq_id, num_tokens)
 
     def release(self, seq_id) -> None:
         self.pages.release(seq_id)
@@ -424,12 +434,13 @@ class ModelRunner:
         return new_tokens, elapsed
 
 
-def _step(params, *, config, cache, tokens, positions, block_tables, context_lens, slots, last, temperature,
+def _step(params, *, config, attention_backend, cache, tokens, positions, block_tables, context_lens, slots, last, temperature,
           top_k, top_p, base_keys, sample_index, logprobs):
     b, t = tokens.shape
     causal = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
     meta = AttentionMetadata(block_tables=block_tables, context_lens=context_lens, new_mask=causal)
-    logits, new_k, new_v = forward(params, config, tokens, positions, cache, meta, logit_indices=last)
+    out = forward(params, config, tokens, positions, cache, meta, logit_indices=last, attention_backend=attention_backend)
+    logits, new_k, new_v = out.logits, out.new_k, out.new_v
     cache = write_kv(cache, new_k, new_v, slots)
     keys = sampling.row_keys(jax.random.wrap_key_data(base_keys), sample_index)
     next_tokens = sampling.sample(logits[:, 0], keys, temperature, top_k, top_p)
@@ -438,10 +449,11 @@ def _step(params, *, config, cache, tokens, positions, block_tables, context_len
     return next_tokens, *scores, cache
 
 
-def _verify_step(params, *, config, cache, tokens, positions, block_tables, context_lens, mask, parents, depths,
+def _verify_step(params, *, config, attention_backend, cache, tokens, positions, block_tables, context_lens, mask, parents, depths,
                  live, position_slots, temperature, top_k, top_p, base_keys, sample_index, logprobs):
     meta = AttentionMetadata(block_tables=block_tables, context_lens=context_lens, new_mask=mask)
-    logits, new_k, new_v = forward(params, config, tokens, positions, cache, meta)
+    out = forward(params, config, tokens, positions, cache, meta, attention_backend=attention_backend)
+    logits, new_k, new_v = out.logits, out.new_k, out.new_v
     keys = sampling.row_keys(jax.random.wrap_key_data(base_keys), sample_index)
     result, cache = verify_and_commit(logits, new_k, new_v, cache, VerifyTree.host(tokens, parents, depths, mask, live),
                                       position_slots, jnp.ones(tokens.shape[:1], bool), temperature, top_k, top_p,

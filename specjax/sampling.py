@@ -175,8 +175,8 @@ def row_keys(base_keys: jax.Array, steps: jax.Array) -> jax.Array:
 
 def argmax(x: jax.Array) -> jax.Array:
     """``jnp.argmax`` over the last axis (the first maximum, int32) of NaN-free ``x``, as two plain
-    reductions: XLA's CPU argmax, one reduce over (value, index) pairs, is not vectorised and took
-    0.22 ms per 49k-token row against 0.03 ms (2-core CPU, 2026-11)."""
+    reductions: XLA's CPU argmax, one reduce over (value, index) pairs, is not vectorised and was
+    7x slower (benchmarks/RESULTS.md, "Measurements behind code defaults")."""
     top = jnp.max(x, axis=-1, keepdims=True)
     return jnp.min(jnp.where(x == top, jnp.arange(x.shape[-1], dtype=jnp.int32), x.shape[-1]), axis=-1)
 

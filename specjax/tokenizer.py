@@ -272,6 +272,8 @@ class IncrementalDecoder:
     text is held back until a later token completes it. Each step re-decodes only a short window
     (the ids of the last emitted chunk plus the new ones), so text that depends on the preceding
     token (sentencepiece's leading space) comes out as in a full decode, at O(window) cost per token.
+    ``tokenizers.decoders.DecodeStream`` emits the same chunks but cannot flush: text ending inside a
+    character would lose it, where ``flush`` returns what ``decode`` would (U+FFFD).
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):

@@ -30,3 +30,12 @@ def smollm2(smollm2_gguf_path):
     from specjax.checkpoints import load_model
 
     return load_model(smollm2_gguf_path, dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def smollm2_transformers(smollm2_gguf_path):
+    """transformers' own SmolLM2-135M from the same GGUF, fp32 (the reference the engine is held to)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        smollm2_gguf_path.parent, gguf_file=smollm2_gguf_path.name, dtype=torch.float32).eval()

@@ -36,16 +36,25 @@ def hf_view(params, config) -> dict[str, np.ndarray]:
     c, lw = config, params.layers
     out = {"model.embed_tokens.weight": params.embed, "model.norm.weight": params.final_norm,
            "lm_head.weight": params.embed if params.lm_head is None else np.asarray(params.lm_head).T}
+    groups = c.num_heads // c.num_kv_heads
+
+    def unfuse_qkv(x):  # [..., Hkv * (G + 2) * hd], grouped per KV head -> q, k, v [..., heads * hd]
+        g = np.asarray(x).reshape(*x.shape[:-1], c.num_kv_heads, groups + 2, c.head_dim)
+        lead = x.shape[:-1]
+        return (g[..., :groups, :].reshape(*lead, c.q_size), g[..., groups, :].reshape(*lead, c.kv_size),
+                g[..., groups + 1, :].reshape(*lead, c.kv_size))
+
     for i in range(c.num_layers):
         p = f"model.layers.{i}."
-        q, k, v = np.split(np.asarray(lw.wqkv[i]).T, [c.q_size, c.q_size + c.kv_size])
-        gate, up = np.split(np.asarray(lw.w_gate_up[i]).T, 2)
+        q, k, v = (w.T for w in unfuse_qkv(lw.wqkv[i]))
+        pairs = np.asarray(lw.w_gate_up[i]).reshape(c.hidden_size, c.intermediate_size, 2)
+        gate, up = pairs[..., 0].T, pairs[..., 1].T
         out |= {p + "input_layernorm.weight": lw.attn_norm[i], p + "post_attention_layernorm.weight": lw.mlp_norm[i],
                 p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k, p + "self_attn.v_proj.weight": v,
                 p + "self_attn.o_proj.weight": np.asarray(lw.wo[i]).T, p + "mlp.gate_proj.weight": gate,
                 p + "mlp.up_proj.weight": up, p + "mlp.down_proj.weight": np.asarray(lw.w_down[i]).T}
         if lw.bqkv is not None:
-            qb, kb, vb = np.split(np.asarray(lw.bqkv[i]), [c.q_size, c.q_size + c.kv_size])
+            qb, kb, vb = unfuse_qkv(lw.bqkv[i])
             out |= {p + "self_attn.q_proj.bias": qb, p + "self_attn.k_proj.bias": kb, p + "self_attn.v_proj.bias": vb}
     return {k: np.asarray(v, np.float32) for k, v in out.items()}
 
@@ -463,3 +472,38 @@ def test_corrupt_orbax_checkpoint(tmp_path):
     shutil.rmtree(tmp_path / "ck" / "params")
     with pytest.raises(CheckpointError, match="has no params/ directory"):
         restore_checkpoint(tmp_path / "ck")
+
+
+def test_a_version_1_checkpoint_is_regrouped_as_it_is_read(tmp_path):
+    """Checkpoints written before the per-head-group layout (the shipped drafts) hold q|k|v and
+    gate|up as contiguous blocks; read back, they equal the same weights loaded from HF tensors."""
+    from specjax.params import params_from_hf_tensors
+
+    config = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                         num_kv_heads=2, head_dim=8, attention_bias=True)
+    rng = np.random.default_rng(0)
+    hf = {"model.embed_tokens.weight": rng.standard_normal((64, 32)), "model.norm.weight": rng.standard_normal(32),
+          "lm_head.weight": rng.standard_normal((64, 32))}
+    for i in range(2):
+        p = f"model.layers.{i}."
+        for name, shape in (("self_attn.q_proj.weight", (32, 32)), ("self_attn.k_proj.weight", (16, 32)),
+                            ("self_attn.v_proj.weight", (16, 32)), ("self_attn.o_proj.weight", (32, 32)),
+                            ("self_attn.q_proj.bias", (32,)), ("self_attn.k_proj.bias", (16,)),
+                            ("self_attn.v_proj.bias", (16,)), ("mlp.gate_proj.weight", (48, 32)),
+                            ("mlp.up_proj.weight", (48, 32)), ("mlp.down_proj.weight", (32, 48)),
+                            ("input_layernorm.weight", (32,)), ("post_attention_layernorm.weight", (32,))):
+            hf[p + name] = rng.standard_normal(shape).astype(np.float32)
+    want = params_from_hf_tensors(config, hf.__getitem__)
+    # The old layout, built straight from the HF tensors: [q | k | v] and [gate | up] column blocks.
+    block = lambda i, *names: np.concatenate([hf[f"model.layers.{i}.{n}"].T for n in names], axis=-1)  # noqa: E731
+    legacy = dataclasses.replace(want.layers, **{
+        "wqkv": jnp.asarray(np.stack([block(i, *(f"self_attn.{x}_proj.weight" for x in "qkv")) for i in range(2)])),
+        "bqkv": jnp.asarray(np.stack([block(i, *(f"self_attn.{x}_proj.bias" for x in "qkv")) for i in range(2)])),
+        "w_gate_up": jnp.asarray(np.stack([block(i, "mlp.gate_proj.weight", "mlp.up_proj.weight") for i in range(2)]))})
+    save_checkpoint(tmp_path / "old", config, dataclasses.replace(want, layers=legacy))
+    meta_path = tmp_path / "old" / "specjax_config.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "version": 1}))
+    _, got = restore_checkpoint(tmp_path / "old")
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -160,7 +160,7 @@ def test_saved_draft_restores_bit_exactly(tmp_path, target, vocab):
     # The loaded draft runs on target ids, its inputs mapped through the saved input map.
     tokens = jnp.asarray([[1, 200, 7, 255]], jnp.int32)
     meta = AttentionMetadata(jnp.zeros((1, 1), jnp.int32), jnp.zeros((1,), jnp.int32), causal_mask(1, 4))
-    logits, _, _ = draft_forward(loaded, tokens, jnp.arange(4)[None], None, meta)
+    logits = draft_forward(loaded, tokens, jnp.arange(4)[None], None, meta).logits
     np.testing.assert_array_equal(logits, full_forward(params, config, jnp.asarray(vocab.draft_inputs(tokens))))
 
 

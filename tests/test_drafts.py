@@ -1,10 +1,14 @@
 """The committed draft models of the built-in target: resolvable by name, within the compute budget
 of a draft, and useful: speculation with them is lossless and accepts real work."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+import specjax
 from specjax.checkpoints.registry import BUILTIN_DRAFTS, resolve_draft
+from specjax.cli import main
 from specjax.draft import compute_ratio, draft_meta, load_draft
 from specjax.llm import LLM
 from specjax.runner import EngineConfig
@@ -23,6 +27,17 @@ def test_builtin_drafts_fit_the_target(builtin_draft, smollm2):
     assert compute_ratio(draft.config, smollm2.config, context=0) <= 1 / 8
     assert all(draft.vocab.in_vocab(np.int32(t)) for t in smollm2.config.eos_token_ids)
     assert draft_meta(resolve_draft(name))["target"] == "smollm2-135m"
+
+
+def test_specjax_models_lists_every_shipped_draft(capsys):
+    """Users find the drafts through `specjax models`: a draft shipped but not listed is undiscoverable."""
+    shipped = sorted(d.name for d in (Path(specjax.__file__).parent / "drafts").iterdir() if d.is_dir())
+    assert shipped
+    assert main(["models"]) == 0
+    listing = capsys.readouterr().out
+    for name in shipped:
+        assert f"\n  {name} " in listing, f"{name} is missing from `specjax models`:\n{listing}"
+    assert listing.count("target smollm2-135m; 3 layers") == len(shipped)
 
 
 def test_unknown_draft_name_is_a_clear_error():

@@ -22,12 +22,11 @@ def llm(smollm2):
 
 
 @pytest.fixture(scope="session")
-def transformers_greedy(smollm2_gguf_path, smollm2):
+def transformers_greedy(smollm2_transformers, smollm2):
     """transformers' greedy continuations of PROMPTS from the same GGUF, fp32, one prompt at a time."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        smollm2_gguf_path.parent, gguf_file=smollm2_gguf_path.name, dtype=torch.float32).eval()
+    import torch
+
+    model = smollm2_transformers
     outputs = []
     for prompt in PROMPTS:
         ids = torch.tensor([smollm2.tokenizer.encode(prompt)])
@@ -124,7 +123,7 @@ def test_stats_are_filled_in(llm):
 def test_bfloat16_on_cpu_stores_bf16_and_computes_in_fp32(smollm2_gguf_path):
     fast = LLM(str(smollm2_gguf_path), dtype="bfloat16", engine=EngineConfig(kv_cache_bytes=64 << 20))
     assert fast.weights == "bfloat16 weights, fp32 arithmetic"
-    assert fast.runner.params.layers.w_gate_up.dtype == np.uint16
+    assert fast.runner.params.layers.w_gate_up.bits.dtype == np.uint16  # linear.Bf16Bits
     params = SamplingParams(temperature=0, max_tokens=16)
     out = fast.chat([{"role": "user", "content": "What is the capital of France?"}], params)[0]
     assert "Paris" in out.text
@@ -146,4 +145,4 @@ def test_speculative_greedy_equals_plain_greedy(smollm2, llm):
     sampled = spec.generate(PROMPTS, SamplingParams(temperature=0.8, max_tokens=8, seed=1, ignore_eos=True))
     for out in sampled:
         assert len(out.token_ids) == 8 and out.stats.speculation.acceptance_rate > 0.9
-    assert spec.runner.pages.num_used == 0 and spec.speculator.runners[0].pages.num_used == 0
+    assert spec.runner.pages.num_used == 0 and spec.engine.proposers["tree"].runners[0].pages.num_used == 0

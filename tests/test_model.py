@@ -61,7 +61,7 @@ def test_full_forward_matches_transformers(tiny_pair):
     meta = AttentionMetadata(block_tables=jnp.zeros((b, 0), jnp.int32), context_lens=jnp.zeros((b,), jnp.int32),
                              new_mask=causal_mask(b, t))
     positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-    logits, _, _ = forward(params, config, jnp.asarray(tokens), positions, None, meta)
+    logits = forward(params, config, jnp.asarray(tokens), positions, None, meta).logits
     np.testing.assert_allclose(np.asarray(logits), _torch_logits(torch_model, tokens), atol=TOL, rtol=0)
 
 
@@ -80,7 +80,8 @@ def _paged_step(params, config, cache, pages, seq_ids, chunks):
     meta = AttentionMetadata(block_tables=jnp.asarray(pages.block_table(seq_ids, width)),
                              context_lens=jnp.asarray([pages.length(s) for s in seq_ids], jnp.int32),
                              new_mask=causal_mask(b, t))
-    logits, new_k, new_v = forward(params, config, jnp.asarray(tokens), jnp.asarray(positions), cache, meta)
+    out = forward(params, config, jnp.asarray(tokens), jnp.asarray(positions), cache, meta)
+    logits, new_k, new_v = out.logits, out.new_k, out.new_v
     cache = write_kv(cache, new_k, new_v, jnp.asarray(slots))
     for s, chunk in zip(seq_ids, chunks):
         pages.commit(s, len(chunk))
@@ -123,6 +124,7 @@ def test_bf16_stored_weights_compute_like_rounded_fp32_weights(tiny_pair):
 
     import jax
 
+    from specjax.linear import Bf16Bits
     from specjax.params import store_bf16
 
     _, config, params = tiny_pair
@@ -131,15 +133,34 @@ def test_bf16_stored_weights_compute_like_rounded_fp32_weights(tiny_pair):
         lw, **{name: getattr(lw, name).astype(jnp.bfloat16).astype(jnp.float32)
                for name in ("wqkv", "wo", "w_gate_up", "w_down")}))
     packed = store_bf16(params)
-    assert packed.layers.wqkv.dtype == jnp.uint16
+    assert isinstance(packed.layers.wqkv, Bf16Bits) and packed.layers.wqkv.bits.dtype == jnp.uint16
     tokens = np.random.default_rng(2).integers(0, config.vocab_size, (2, 19))
     b, t = tokens.shape
     meta = AttentionMetadata(block_tables=jnp.zeros((b, 0), jnp.int32), context_lens=jnp.zeros((b,), jnp.int32),
                              new_mask=causal_mask(b, t))
     positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-    run = jax.jit(forward, static_argnums=1)
-    want, _, _ = run(rounded, config, jnp.asarray(tokens), positions, None, meta)
-    got, _, _ = run(packed, config, jnp.asarray(tokens), positions, None, meta)
+    run = jax.jit(lambda p: forward(p, config, jnp.asarray(tokens), positions, None, meta).logits)
+    want, got, full = run(rounded), run(packed), run(params)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
-    full, _, _ = run(params, config, jnp.asarray(tokens), positions, None, meta)
     assert np.abs(np.asarray(full) - np.asarray(got)).max() > 1e-5  # the rounding is real, not skipped
+
+
+def test_forward_hidden_states_equal_transformers_on_smollm2(smollm2, smollm2_transformers):
+    """``ForwardOutput.hidden`` of the requested layers equals transformers' ``output_hidden_states``
+    (0: the embeddings, i: layer i's output, the last after the final norm), and so do the logits."""
+    import torch
+
+    ids = smollm2.tokenizer.encode("Draft heads read the target's own hidden states, layer by layer.")
+    layers = (0, 1, smollm2.config.num_layers // 2, smollm2.config.num_layers - 1, smollm2.config.num_layers)
+    b, t = 1, len(ids)
+    meta = AttentionMetadata(block_tables=jnp.zeros((b, 0), jnp.int32), context_lens=jnp.zeros((b,), jnp.int32),
+                             new_mask=causal_mask(b, t))
+    out = forward(smollm2.params, smollm2.config, jnp.asarray([ids]), jnp.arange(t)[None], None, meta,
+                  hidden_layers=layers)
+    with torch.no_grad():
+        want = smollm2_transformers(torch.tensor([ids]), output_hidden_states=True)
+    assert out.hidden.shape == (len(layers), b, t, smollm2.config.hidden_size)
+    for got, layer in zip(np.asarray(out.hidden), layers):
+        reference = want.hidden_states[layer].numpy()
+        np.testing.assert_allclose(got, reference, atol=2e-4 * max(1.0, float(np.abs(reference).max())), rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(out.logits), want.logits.numpy(), atol=2e-3, rtol=1e-4)

@@ -191,8 +191,9 @@ def test_model_forward_with_pallas_equals_xla(monkeypatch):
     positions = meta.context_lens[:, None] + jnp.arange(5)
     logits = {}
     for choice in ("pallas", "xla"):
-        monkeypatch.setenv(backend.ENV_VAR, choice)
-        traced = jax.jit(lambda: forward(params, config, tokens, positions, cache, meta)[0]).trace()
+        monkeypatch.setenv(backend.ENV_VAR, "xla" if choice == "pallas" else "pallas")  # the argument wins
+        traced = jax.jit(lambda: forward(params, config, tokens, positions, cache, meta,
+                                         attention_backend=choice).logits).trace()
         assert ("pallas_call" in str(traced.jaxpr)) == (choice == "pallas")
         logits[choice] = np.asarray(traced.lower().compile()())
     np.testing.assert_allclose(logits["pallas"], logits["xla"], rtol=1e-5, atol=1e-5)

@@ -15,7 +15,8 @@ import pytest
 from serving.engine import Engine
 from specjax.attention import AttentionMetadata, causal_mask
 from specjax.kv_cache import init_kv_cache
-from specjax.llm import LLM, RequestError, Scheduler
+from specjax.engine import warmup
+from specjax.llm import LLM, RequestError
 from specjax.model import forward
 from specjax.runner import EngineConfig
 from specjax.sampling import SamplingParams
@@ -46,7 +47,7 @@ def llm(target):
 
 def run(llm, requests) -> list[list[str]]:
     """Each request's text pieces, from a Scheduler that runs them all."""
-    scheduler = Scheduler(llm)
+    scheduler = llm.scheduler()
     for req in requests:
         scheduler.add(req)
     pieces = {req.uid: [] for req in requests}
@@ -68,7 +69,7 @@ async def serve(engine: Engine, requests) -> list[list[str]]:
 
 
 def assert_pages_free(llm):
-    assert llm.runner.pages.num_used == 0 and all(r.pages.num_used == 0 for r in llm.speculator.runners)
+    assert llm.runner.pages.num_used == 0 and all(r.pages.num_used == 0 for r in llm.engine.proposers["tree"].runners)
 
 
 def test_preempted_requests_and_streams_read_as_if_they_ran_alone(llm):
@@ -127,8 +128,8 @@ def test_logprobs_are_the_same_from_plain_steps_and_verification(llm, target):
     ids = plain[0].output.prompt_token_ids
     meta = AttentionMetadata(block_tables=jnp.zeros((1, 1), jnp.int32), context_lens=jnp.zeros(1, jnp.int32),
                              new_mask=causal_mask(1, len(ids)))
-    logits, _, _ = forward(target.params, target.config, jnp.array([ids]), jnp.arange(len(ids))[None],
-                           init_kv_cache(target.config, 1, 16), meta, logit_indices=jnp.array([[len(ids) - 1]]))
+    logits = forward(target.params, target.config, jnp.array([ids]), jnp.arange(len(ids))[None],
+                           init_kv_cache(target.config, 1, 16), meta, logit_indices=jnp.array([[len(ids) - 1]])).logits
     first = plain[0].output.logprobs[0]
     assert first.logprob == pytest.approx(float(jax.nn.log_softmax(logits[0, 0])[first.token_id]), abs=1e-4)
     assert_pages_free(llm)
@@ -142,15 +143,22 @@ def test_a_request_that_cannot_fit_alone_is_refused_at_once(llm):
 
 
 
-def test_requests_of_every_method_share_steps_and_decode_as_plain_greedy(llm, monkeypatch):
-    """One batch of "none", "tree", "suffix" and "hybrid" requests: each gives plain decoding's
-    tokens, the suffix drafts are verified in one pass and the draft-model trees in another,
-    whichever method sent them there, and each request's stats are its method's."""
+def test_requests_of_every_method_share_steps_and_decode_as_each_alone(llm, monkeypatch):
+    """One batch of "none", "tree", "suffix", "hybrid" and "ngram" requests: each gives the tokens
+    it gives run alone (plain decoding's), the host trees (suffix, n-gram) are verified in one pass
+    and the draft-model trees in another, whichever method sent them there, and each request's
+    stats are its method's."""
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    prompt = "t1 t2 t3 t1 t2 t3 t1 t2"  # repeats itself: the suffix cache drafts it
-    plain = llm.new_request(prompt, params, speculation="none")
-    run(llm, [plain])
-    requests = [llm.new_request(prompt, params, speculation=m) for m in ("none", "tree", "suffix", "hybrid")]
+    prompts = ["t1 t2 t3 t1 t2 t3 t1 t2", "t4 t5 t4 t5 t4"]  # they repeat themselves: suffix and n-gram draft them
+    methods = ("none", "tree", "suffix", "hybrid", "ngram")
+    alone = {}
+    for prompt in prompts:
+        for method in methods:
+            req = llm.new_request(prompt, params, speculation=method)
+            run(llm, [req])
+            alone[prompt, method] = req.output.token_ids
+        assert len({tuple(tokens) for (p, _), tokens in alone.items() if p == prompt}) == 1
+    requests = [llm.new_request(prompt, params, speculation=m) for prompt in prompts for m in methods]
     passes = []  # (pass, the methods of the requests it verified)
 
     def spy(owner, name, ids_of):
@@ -163,24 +171,27 @@ def test_requests_of_every_method_share_steps_and_decode_as_plain_greedy(llm, mo
         monkeypatch.setattr(owner, name, verify)
 
     spy(llm.runner, "verify", lambda ids, *_: ids)
-    spy(llm.speculator, "step", lambda inputs: [x.seq_id for x in inputs])
+    spy(llm.engine.proposers["tree"], "step", lambda inputs: [x.seq_id for x in inputs])
     run(llm, requests)
-    for req in requests:
-        assert req.output.token_ids == plain.output.token_ids and req.output.stats.speculation_method == req.speculation
-    assert requests[0].output.stats.speculation is None
-    assert all(requests[i].output.stats.speculation.steps for i in (1, 2, 3))
-    assert requests[3].output.stats.speculation.sources and not requests[1].output.stats.speculation.sources
-    assert {"tree", "hybrid"} in [m for name, m in passes if name == "step"] or \
-        {"suffix", "hybrid"} in [m for name, m in passes if name == "verify"]
-    assert all("tree" not in m for name, m in passes if name == "verify")
-    assert all("suffix" not in m for name, m in passes if name == "step")
+    for req, (prompt, method) in zip(requests, [(p, m) for p in prompts for m in methods]):
+        assert req.output.token_ids == alone[prompt, method] and req.output.stats.speculation_method == method
+    assert all(req.output.stats.speculation is None for req in requests if req.speculation == "none")
+    assert all(req.output.stats.speculation.steps for req in requests if req.speculation != "none")
+    hybrid = [req for req in requests if req.speculation == "hybrid"]
+    assert all(req.output.stats.speculation.sources for req in hybrid)
+    assert not any(req.output.stats.speculation.sources for req in requests if req.speculation in ("tree", "ngram"))
+    verified = [m for name, m in passes if name == "verify"]
+    assert {"tree", "hybrid"} in [m for name, m in passes if name == "step"] or {"suffix", "hybrid"} <= set().union(*verified)
+    assert any({"suffix", "ngram"} <= m for m in verified)  # host trees of two methods in one pass
+    assert all("tree" not in m for m in verified)
+    assert all(not {"suffix", "ngram"} & m for name, m in passes if name == "step")
     assert_pages_free(llm)
 
 
 def test_a_request_asking_for_a_method_the_llm_lacks_is_refused(target):
     llm = LLM(target, engine=TINY_POOL, speculation=SuffixSpeculation(max_spec_tokens=4))
-    assert (llm.method, llm.methods) == ("suffix", ("none", "suffix"))
-    with pytest.raises(RequestError, match='"default", "none", "suffix"') as e:
+    assert (llm.method, llm.methods) == ("suffix", ("none", "suffix", "ngram"))
+    with pytest.raises(RequestError, match='"default", "none", "suffix", "ngram"') as e:
         llm.new_request(PROMPTS[0], SamplingParams(max_tokens=4), speculation="tree")
     assert e.value.param == "speculation"
 
@@ -188,15 +199,13 @@ def test_a_request_asking_for_a_method_the_llm_lacks_is_refused(target):
 def test_a_warm_up_that_would_pass_the_memory_map_limit_stops_early_and_says_so(target, monkeypatch):
     """On a CPU every executable takes memory mappings, and past vm.max_map_count compiling
     aborts the process: the warm-up measures one shape of each kind, then refuses the rest."""
-    import specjax.llm as llm_module
-
     if jax.default_backend() != "cpu":
         pytest.skip("the memory-map limit is a CPU matter")  # GPU executables live in device memory
     llm = LLM(target, engine=TINY_POOL, seed=0, speculation=SuffixSpeculation(max_spec_tokens=4))
     planned = llm.warm_up_jobs()
     # A process with room for 10 more mappings (the OS's limit, as read from /proc).
-    room = llm_module._maps_in_use() + 10
-    monkeypatch.setattr(llm_module, "_max_map_count", lambda: room)
+    room = warmup.maps_in_use() + 10
+    monkeypatch.setattr(warmup, "max_map_count", lambda: room)
     progress = []
     with pytest.raises(ValueError, match="vm.max_map_count"):
         llm.warm_up(progress=lambda done, total: progress.append(done))

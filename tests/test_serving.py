@@ -424,9 +424,10 @@ def test_a_drain_past_its_deadline_cancels_what_still_runs():
     llm = LLM(tiny_target(), engine=ENGINE)
     with serving(llm, MODEL, drain_timeout=0) as (url, uvicorn_server):
         client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120)
-        with pytest.raises(openai.BadRequestError) as e:  # a server without speculation offers none
+        with pytest.raises(openai.BadRequestError) as e:  # a server without speculation offers n-gram lookup only
             greedy(client, PROMPTS[0], 2, speculation="tree")
-        assert e.value.body["param"] == "speculation" and '"default", "none" (no speculation' in e.value.body["message"]
+        assert e.value.body["param"] == "speculation"
+        assert '"default", "none", "ngram" (no speculation' in e.value.body["message"]
         stream = iter(client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=120, temperature=0,
                                                 stream=True))
         next(stream)

@@ -144,13 +144,13 @@ def test_each_row_speculates_what_its_draft_offers_and_one_that_expects_nothing_
 def test_batch_aware_suffix_speculation_is_lossless(target, prompts, plain):  # noqa: F811
     llm = LLM(target, engine=ENGINE, speculation=SuffixSpeculation(max_spec_tokens=15, batch_aware=True))
     assert llm.runner.pages.num_free == llm.runner.pages.num_pages  # calibration gave its pages back
-    calibrated = dict(llm.budget.cost.seconds)
+    calibrated = dict(llm.engine.budget.cost.seconds)
     assert {(b, t) for b, t, _ in calibrated} >= {(1, 1), (1, 16), (32, 1), (32, 16)}
     assert {p for _, _, p in calibrated} == {llm.runner.page_bucket(1)}  # short scratch sequences
     for _ in range(2):  # cold, then warm from the cache
         outs = llm.generate(prompts, GREEDY)
         assert [o.token_ids for o in outs] == plain
-    assert llm.budget.cost.seconds != calibrated  # the steps' own timings went in
+    assert llm.engine.budget.cost.seconds != calibrated  # the steps' own timings went in
     with pytest.raises(ValueError, match="batch_aware"):
         LLM(target, engine=ENGINE, speculation=HybridSpeculation(
             suffix=SuffixSpeculation(batch_aware=True),
@@ -163,7 +163,7 @@ def test_batch_aware_cuts_suffix_drafts_to_what_the_cost_model_says_pays(target,
     # Costs fixed for every bucket the steps can meet (alpha ~0: their own timings change nothing).
     pages = llm.runner.buckets()["pages"]
     for per_token, speculates in ((1e-6, True), (10.0, False)):
-        llm.budget.cost = synthetic(1.0, per_token, pages, alpha=1e-9)
+        llm.engine.budget.cost = synthetic(1.0, per_token, pages, alpha=1e-9)
         out = llm.generate(prompts[:1], GREEDY)[0]
         assert out.token_ids == plain[0]
         spec = out.stats.speculation

@@ -75,7 +75,7 @@ def test_merged_tree_greedy_equals_plain_and_reports_its_statistics(merged, prom
         assert s.acceptance_by_depth[0] == 1.0 and len(s.acceptance_by_depth) == 3
         assert s.tau > 3.5 and s.proposed > s.accepted  # the random draft's nodes are mostly wasted
     assert merged.runner.pages.num_used == 0
-    assert all(r.pages.num_used == 0 for r in merged.speculator.runners)
+    assert all(r.pages.num_used == 0 for r in merged.engine.proposers["tree"].runners)
 
 
 def test_sampled_requests_speculate_and_are_reproducible(merged, prompts):
@@ -95,7 +95,8 @@ def test_draft_shorthand_is_a_chain(target, draft):
     # (Its generation is tested in test_llm.py with the built-in model as its own draft.)
     llm = LLM(target, engine=ENGINE, draft=draft, num_speculative_tokens=3)
     assert llm.speculation == TreeSpeculation(drafts=(draft,), expansion=(1, 1, 1), max_nodes=4)
-    assert llm.speculator.spec.num_nodes == 4 and llm.speculator.depth == 3  # verified unpadded
+    tree = llm.engine.proposers["tree"]
+    assert tree.spec.num_nodes == 4 and tree.depth == 3  # verified unpadded
 
 
 def test_bad_speculation_settings_fail_before_any_compilation(target, draft, tmp_path):

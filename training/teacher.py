@@ -45,7 +45,7 @@ def full_forward(params: Params, config: ModelConfig, tokens: jax.Array) -> jax.
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     meta = AttentionMetadata(block_tables=jnp.zeros((b, 1), jnp.int32), context_lens=jnp.zeros((b,), jnp.int32),
                              new_mask=causal_mask(b, t))
-    logits, _, _ = forward(params, config, tokens, positions, None, meta)
+    logits = forward(params, config, tokens, positions, None, meta).logits
     return logits
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import gguf
 import numpy as np
 
-from specjax.checkpoints import LoadedModel, merge_eos
+from specjax.checkpoints.loaded_model import LoadedModel, merge_eos
 from specjax.config import ModelConfig, resolve_dtype
 from specjax.params import CheckpointError, params_from_hf_tensors
 from specjax.tokenizer import Tokenizer

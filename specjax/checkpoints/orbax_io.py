@@ -2,12 +2,14 @@
 
 Layout of a checkpoint directory::
 
-    specjax_config.json   {"format": "specjax-orbax", "version": 1, "config": {ModelConfig fields}}
+    specjax_config.json   {"format": "specjax-orbax", "version": 2, "config": {ModelConfig fields}}
     params/               orbax StandardCheckpointHandler tree of Params (None leaves stay None)
     tokenizer.json ...    optional, written by Tokenizer.save (makes the directory loadable by load_model)
 
 Restoring reads the saved array metadata to build the restore target, so weights come back with the
-dtypes they were saved with, placed on the default device.
+dtypes they were saved with, placed on the default device or with the shardings asked for. Version
+1 checkpoints hold the fused q/k/v and gate/up matrices in contiguous blocks; they are regrouped
+(``params.regroup_legacy_layers``) as they are read.
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ import jax
 import orbax.checkpoint as ocp
 
 from specjax.config import ModelConfig, RopeScaling
-from specjax.params import CheckpointError, LayerWeights, Params, random_params, read_json_object
+from specjax.params import CheckpointError, LayerWeights, Params, random_params, read_json_object, regroup_legacy_layers
 from specjax.tokenizer import Tokenizer
 
 CONFIG_FILE = "specjax_config.json"
 PARAMS_DIR = "params"
-_FORMAT, _VERSION = "specjax-orbax", 1
+_FORMAT, _VERSION = "specjax-orbax", 2
+_READABLE = (1, 2)  # 1: fused matrices in contiguous blocks, regrouped when read
 
 
 def is_checkpoint_dir(path: str | os.PathLike) -> bool:
@@ -68,14 +71,18 @@ def save_checkpoint(directory: str | os.PathLike, config: ModelConfig, params: P
         tokenizer.save(directory)
 
 
-def restore_checkpoint(directory: str | os.PathLike) -> tuple[ModelConfig, Params]:
-    """Load ``(config, params)`` written by :func:`save_checkpoint`; CheckpointError if missing or corrupt."""
+def restore_checkpoint(directory: str | os.PathLike, shardings: Params | None = None) -> tuple[ModelConfig, Params]:
+    """Load ``(config, params)`` written by :func:`save_checkpoint`; CheckpointError if missing or
+    corrupt. ``shardings``: a Params of ``jax.sharding.Sharding`` (``sharding.param_shardings``) to
+    read the arrays into; default: the first device."""
     directory = Path(directory).absolute()
-    config = _read_config(directory)
+    config, version = _read_meta(directory)
     params_dir = directory / PARAMS_DIR
     if not params_dir.is_dir():
         raise CheckpointError(f"{directory} has no {PARAMS_DIR}/ directory")
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    # Old layouts are regrouped on the host first, then placed.
+    read_into = shardings if shardings is not None and version == _VERSION else None
     try:
         with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
             tree = getattr(checkpointer.metadata(params_dir).item_metadata, "tree", None)
@@ -83,6 +90,9 @@ def restore_checkpoint(directory: str | os.PathLike) -> tuple[ModelConfig, Param
                 raise CheckpointError(f"orbax checkpoint {params_dir} is corrupt or unreadable: "
                                       "its array metadata is missing or damaged")
             target = _params_from_tree(tree, lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device))
+            if read_into is not None:
+                target = jax.tree_util.tree_map(lambda t, s: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=s),
+                                                target, read_into)
             _check_shapes(config, jax.tree_util.tree_map(lambda x: x.shape, target), str(params_dir))
             params = checkpointer.restore(params_dir, args=ocp.args.StandardRestore(target))
     except CheckpointError:
@@ -90,19 +100,31 @@ def restore_checkpoint(directory: str | os.PathLike) -> tuple[ModelConfig, Param
     except Exception as e:  # orbax/tensorstore raise many types for damaged files
         raise CheckpointError(f"orbax checkpoint {params_dir} is corrupt or unreadable "
                               f"({type(e).__name__}: {str(e)[:300]})") from None
+    if version == 1:
+        params = dataclasses.replace(params, layers=regroup_legacy_layers(params.layers, config))
+        if shardings is not None:
+            params = jax.device_put(params, shardings)
     return config, params
 
 
-def _read_config(directory: Path) -> ModelConfig:
+def read_checkpoint_config(directory: str | os.PathLike) -> ModelConfig:
+    """The ModelConfig of a checkpoint directory, without reading its arrays."""
+    return _read_meta(directory)[0]
+
+
+def _read_meta(directory: str | os.PathLike) -> tuple[ModelConfig, int]:
+    """(ModelConfig, format version) of a checkpoint directory."""
+    directory = Path(directory)
     path = directory / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{directory} is not a specjax checkpoint (no {CONFIG_FILE})")
     meta = read_json_object(path)
     if meta.get("format") != _FORMAT or not isinstance(meta.get("config"), dict):
         raise CheckpointError(f"{path} is not a {_FORMAT} config file")
-    if meta.get("version") != _VERSION:
-        raise CheckpointError(f"{path} has format version {meta.get('version')!r}; this specjax reads {_VERSION}")
-    return config_from_dict(meta["config"])
+    if meta.get("version") not in _READABLE:
+        raise CheckpointError(f"{path} has format version {meta.get('version')!r}; this specjax reads "
+                              f"{', '.join(map(str, _READABLE))}")
+    return config_from_dict(meta["config"]), meta["version"]
 
 
 def _params_from_tree(tree: Any, leaf) -> Params:

@@ -8,6 +8,7 @@ with ``importlib.metadata``; the package itself is never imported), in the cache
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.metadata
 import os
@@ -21,12 +22,13 @@ from typing import Literal
 
 import jax
 
-from specjax.checkpoints import LoadedModel, merge_eos
+from specjax.checkpoints.loaded_model import LoadedModel, merge_eos
 from specjax.checkpoints.gguf import load_gguf
 from specjax.checkpoints.hf import load_hf
-from specjax.checkpoints.orbax_io import is_checkpoint_dir, restore_checkpoint
+from specjax import sharding
+from specjax.checkpoints.orbax_io import is_checkpoint_dir, read_checkpoint_config, restore_checkpoint
 from specjax.config import resolve_dtype
-from specjax.params import CheckpointError, Params
+from specjax.params import CheckpointError, Params, random_params
 from specjax.tokenizer import Tokenizer
 
 
@@ -130,14 +132,22 @@ def resolve_model(name_or_path: str | os.PathLike) -> ResolvedModel:
                              "and not an existing file or directory")
 
 
-def load_model(name_or_path: str | os.PathLike, dtype=None) -> LoadedModel:
-    """Resolve and load a model. ``dtype``: weight dtype (None/"auto": bf16 on accelerators, fp32 on CPU)."""
+def load_model(name_or_path: str | os.PathLike, dtype=None, *, mesh=None, rules=None) -> LoadedModel:
+    """Resolve and load a model. ``dtype``: weight dtype (None/"auto": bf16 on accelerators, fp32 on CPU).
+    ``mesh`` and ``rules`` (``sharding.ShardingRules``, default ``sharding.TENSOR_PARALLEL``): place
+    the weights on a device mesh (orbax checkpoints are read straight into their shards)."""
+    rules = rules or sharding.TENSOR_PARALLEL
     resolved = resolve_model(name_or_path)
-    if resolved.kind == "gguf":
-        return load_gguf(resolved.path, dtype)
-    if resolved.kind == "hf":
-        return load_hf(resolved.path, dtype)
-    config, params = restore_checkpoint(resolved.path)
+    if resolved.kind in ("gguf", "hf"):
+        loaded = (load_gguf if resolved.kind == "gguf" else load_hf)(resolved.path, dtype)
+        if mesh is None:
+            return loaded
+        return dataclasses.replace(loaded, params=sharding.place(loaded.params, mesh, rules))
+    shardings = None
+    if mesh is not None:
+        config = read_checkpoint_config(resolved.path)
+        shardings = sharding.shardings(jax.eval_shape(lambda: random_params(config, jax.random.key(0))), mesh, rules)
+    config, params = restore_checkpoint(resolved.path, shardings)
     tokenizer = Tokenizer.from_hf_dir(resolved.path) if (resolved.path / "tokenizer.json").is_file() else None
     if tokenizer is not None:
         config = merge_eos(config, tokenizer)

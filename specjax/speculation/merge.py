@@ -16,7 +16,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from specjax.params import pytree_dataclass
+from specjax.pytree import pytree_dataclass
 from specjax.speculation.tree import device_ancestor_mask
 from specjax.speculation.tree_draft import DraftModel, DraftTree
 

@@ -49,8 +49,9 @@ import jax.numpy as jnp
 from specjax.attention import AttentionMetadata, causal_mask
 from specjax.config import ModelConfig
 from specjax.kv_cache import KVCache, copy_kv, init_kv_cache, slot_ids, write_kv
-from specjax.model import forward
-from specjax.params import Params, pytree_dataclass
+from specjax.model import ForwardOutput, forward
+from specjax.params import Params
+from specjax.pytree import pytree_dataclass
 from specjax.sampling import row_keys, sample
 from specjax.speculation.merge import merge_trees
 from specjax.speculation.tree import tree_bucket
@@ -66,6 +67,7 @@ class SpecInfer:
     target: ModelConfig
     drafts: tuple[ModelConfig, ...]
     shapes: tuple[TreeShape, ...]
+    attention_backend: str | None = None  # ``attention.attention``'s, for the target and the drafts
 
     def __post_init__(self):
         object.__setattr__(self, "drafts", tuple(self.drafts))
@@ -132,17 +134,18 @@ class StepResult:
 
 
 def verify_tree(config: ModelConfig, params: Params, cache: KVCache, block_tables: jax.Array, root_pos: jax.Array,
-                tokens: jax.Array, depths: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+                tokens: jax.Array, depths: jax.Array, mask: jax.Array, attention_backend: str | None = None
+                ) -> ForwardOutput:
     """The target's logits at every node of token trees, in one forward pass.
 
     block_tables [B, P] and root_pos [B] (committed tokens; the root sits at that position);
     tokens, depths [B, N]; mask [B, N, N] ancestor-or-self. Each node attends to the committed
     prefix, its ancestors and itself at position root_pos + depth, exactly as if its path had been
-    decoded token by token. Returns logits [B, N, V] and the nodes' new_k, new_v [L, B, N, Hkv, hd]
-    (nothing is written: the caller commits what it accepts).
+    decoded token by token. Returns the ``ForwardOutput``: logits [B, N, V] and the nodes' new_k,
+    new_v [L, B, N, Hkv, hd] (nothing is written: the caller commits what it accepts).
     """
     meta = AttentionMetadata(block_tables=block_tables, context_lens=root_pos, new_mask=mask)
-    return forward(params, config, tokens, root_pos[:, None] + depths, cache, meta)
+    return forward(params, config, tokens, root_pos[:, None] + depths, cache, meta, attention_backend=attention_backend)
 
 
 def speculative_step(spec: SpecInfer, target_params: Params, drafts: tuple[DraftModel, ...], target_cache: KVCache,
@@ -161,13 +164,15 @@ def speculative_step(spec: SpecInfer, target_params: Params, drafts: tuple[Draft
                                  lengths=batch.draft_lengths[s], pending=batch.pending[s],
                                  pending_len=batch.pending_len[s], active=batch.active,
                                  temperature=batch.temperature, top_k=batch.top_k, top_p=batch.top_p,
-                                 key=jax.vmap(jax.random.fold_in, (0, None))(batch.keys, 2 + s), all_greedy=all_greedy)
+                                 key=jax.vmap(jax.random.fold_in, (0, None))(batch.keys, 2 + s), all_greedy=all_greedy,
+                                 attention_backend=spec.attention_backend)
         trees.append(tree)
         new_caches.append(cache)
     tree = merge_trees(trees, n, d, drafts)
 
-    logits, new_k, new_v = verify_tree(spec.target, target_params, target_cache, batch.target_blocks, batch.root_pos,
-                                       tree.tokens, tree.depths, tree.mask)
+    out = verify_tree(spec.target, target_params, target_cache, batch.target_blocks, batch.root_pos,
+                      tree.tokens, tree.depths, tree.mask, spec.attention_backend)
+    logits, new_k, new_v = out.logits, out.new_k, out.new_v
     samples = None
     if tree.q_logits is not None:
         samples = jnp.array([s.samples for s in spec.shapes])[jnp.maximum(tree.draft, 0)]
@@ -236,7 +241,8 @@ def _prefill(config: ModelConfig, params: Params, cache: KVCache, blocks: jax.Ar
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t), (b, t))
     meta = AttentionMetadata(block_tables=blocks, context_lens=jnp.zeros(b, jnp.int32), new_mask=causal_mask(b, t))
-    logits, new_k, new_v = forward(params, config, tokens, positions, cache, meta, logit_indices=(lengths - 1)[:, None])
+    out = forward(params, config, tokens, positions, cache, meta, logit_indices=(lengths - 1)[:, None])
+    logits, new_k, new_v = out.logits, out.new_k, out.new_v
     cache = write_kv(cache, new_k, new_v, slot_ids(blocks, positions, positions < lengths[:, None], cache.page_size))
     return logits[:, 0], cache
 

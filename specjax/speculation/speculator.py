@@ -1,10 +1,11 @@
-"""Tree speculation in the LLM engine: host-side bookkeeping around ``specinfer.speculative_step``.
+"""Draft-model trees in the LLM engine: the "tree" proposer, around ``specinfer.speculative_step``.
 
 ``TreeSpeculation`` is what a user asks for (drafts, expansion vector, node budget).
-``TreeSpeculator`` owns the drafts' runners (their page pools), keeps each draft's cache in step
-with the sequence, turns a batch of requests into a ``StepBatch`` from the page tables (rows,
-pending tokens and pages bucketed to powers of two) and runs it compiled per bucket, timing
-compilation apart like the runner does.
+``TreeSpeculator`` is its proposer, and a device drafter: its trees are drafted inside the
+compiled step that verifies them. It owns the drafts' runners (their page pools), keeps each
+draft's cache in step with the sequence, turns a batch of requests into a ``StepBatch`` from the
+page tables (rows, pending tokens and pages bucketed to powers of two) and runs it compiled per
+bucket, timing compilation apart like the runner does.
 """
 
 from __future__ import annotations
@@ -14,16 +15,18 @@ import functools
 import logging
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import jax
 import numpy as np
 
 from specjax.config import ModelConfig
+from specjax.draft import load_draft_for
 from specjax.kv_cache import kv_bytes_per_token
 from specjax.params import Params
 from specjax.runner import CompiledBuckets, ModelRunner, StepInput, next_power_of_two
 from specjax.sampling import logprob_entries, row_keys
+from specjax.speculation.proposer import BuildContext, DraftBatch, ProposalRow, Proposer, Verified, register
 from specjax.speculation.specinfer import SpecInfer, StepBatch, speculative_step
 from specjax.speculation.tree import TREE_SIZES
 from specjax.speculation.tree_draft import DraftModel, TreeShape
@@ -47,6 +50,8 @@ class TreeSpeculation:
         depth by ``expansion`` children, then keep the ``(max_nodes - 1) / len(drafts)`` most
         probable nodes by cumulative draft probability.
     """
+
+    method: ClassVar[str] = "tree"
 
     drafts: tuple
     expansion: tuple[int, ...] = SPECINFER_EXPANSION
@@ -81,7 +86,7 @@ class TreeSpeculation:
         return (shape,) * count
 
 
-class TreeSpeculator:
+class TreeSpeculator(Proposer):
     """Drafts, verifies and commits token trees for batches of sequences of ``target``.
 
     drafts: (config, params, draft_to_target or None, target_to_draft or None) per draft; None
@@ -89,11 +94,14 @@ class TreeSpeculator:
     target's page size and holds as many tokens as the target's, plus every sequence's scratch.
     """
 
+    name = "tree"
+
     def __init__(self, target: ModelRunner, drafts: Sequence[tuple[ModelConfig, Params, np.ndarray | None,
                                                                     np.ndarray | None]],
                  shapes: Sequence[TreeShape]):
         self.target = target
-        self.spec = SpecInfer(target.config, tuple(d[0] for d in drafts), tuple(shapes))
+        self.spec = SpecInfer(target.config, tuple(d[0] for d in drafts), tuple(shapes),
+                              attention_backend=target.engine.attention_backend)
         engine = target.engine
         self.runners = []
         for (config, params, _, _), shape in zip(drafts, shapes):
@@ -116,13 +124,17 @@ class TreeSpeculator:
         return self.spec.depth
 
     @property
-    def compile_time_s(self) -> float:
-        """Seconds spent compiling the speculative step (the drafts' own prefill steps not included)."""
-        return self._compiled.compile_time_s
+    def lookahead(self) -> int:
+        return self.spec.depth
 
     @property
-    def all_compile_time_s(self) -> float:
-        return self.compile_time_s + sum(r.compile_time_s for r in self.runners)
+    def overrun(self) -> int:  # a tree drafted on the device cannot be cut to the tokens still allowed
+        return self.spec.depth
+
+    @property
+    def compile_time_s(self) -> float:
+        """Seconds spent compiling the speculative step and the drafts' prompt steps."""
+        return self._compiled.compile_time_s + sum(r.compile_time_s for r in self.runners)
 
     # -- sequence lifecycle: the target's pages are the caller's; it must reserve ``depth`` extra tokens
     def _draft_tokens(self, max_tokens: int, shape: TreeShape) -> int:
@@ -131,9 +143,9 @@ class TreeSpeculator:
     def can_admit(self, max_tokens: int) -> bool:
         return all(r.can_admit(self._draft_tokens(max_tokens, s)) for r, s in zip(self.runners, self.spec.shapes))
 
-    def fits(self, max_tokens: int) -> bool:
-        """Whether the draft pools could ever hold a sequence of ``max_tokens`` tokens."""
-        return all(r.pages.pages_for(self._draft_tokens(max_tokens, s)) <= r.pages.num_pages
+    def fits(self, max_total: int) -> bool:
+        """Whether the draft pools could ever hold a sequence of ``max_total`` tokens."""
+        return all(r.pages.pages_for(self._draft_tokens(max_total, s)) <= r.pages.num_pages
                    for r, s in zip(self.runners, self.spec.shapes))
 
     def can_grow(self, seq_id, num_tokens: int) -> bool:
@@ -147,7 +159,7 @@ class TreeSpeculator:
         for runner, shape in zip(self.runners, self.spec.shapes):
             runner.pages.reserve(seq_id, self._draft_tokens(num_tokens, shape))
 
-    def start(self, seq_id, num_tokens: int) -> None:
+    def attach(self, seq_id, num_tokens: int) -> None:
         """Register a sequence in every draft with pages for ``num_tokens`` of its tokens (``grow`` adds more)."""
         started = []
         try:
@@ -159,9 +171,10 @@ class TreeSpeculator:
                 runner.release(seq_id)
             raise
 
-    def stop(self, seq_id) -> None:
+    def detach(self, seq_id) -> None:
         for runner in self.runners:
-            runner.release(seq_id)
+            if seq_id in runner.pages:
+                runner.release(seq_id)
 
     def prefill(self, inputs: Sequence[StepInput]) -> None:
         """Run prompt chunks (target ids, as the target's prefill runs them) through every draft."""
@@ -216,12 +229,15 @@ class TreeSpeculator:
         return {"draft prompt": prompts, "tree step": trees}
 
     # -- one speculative step ------------------------------------------------------------------
-    def step(self, inputs: Sequence[StepInput], *, logprobs: bool = False):
+    def propose(self, rows: list[ProposalRow]) -> list[DraftBatch]:
+        """Every row's tree is drafted on the device, in the step that verifies it (``step``)."""
+        return [DraftBatch(rows, [None] * len(rows), drafter=self, source="draft")]
+
+    def step(self, inputs: Sequence[StepInput], *, logprobs: bool = False) -> tuple[list[Verified], float]:
         """One tree step for each sequence; ``inputs[i].tokens`` is its whole sequence (prompt and
-        output so far; the last token is the root). Returns per sequence its new tokens (accepted,
-        then the bonus token) and (proposed, depth, accepted) for ``SpeculationStats.record``, and
-        the step's seconds (compilation not counted); with ``logprobs`` also, per sequence, the
-        ``TokenLogprob`` of each new token from the target's verification logits."""
+        output so far; the last token is the root). Returns per sequence what verification gave
+        (new tokens: accepted, then the bonus token; with ``logprobs``, each one's ``TokenLogprob``
+        from the target's verification logits), and the step's seconds (compilation not counted)."""
         target, spec = self.target, self.spec
         ids = [x.seq_id for x in inputs]
         b, _, _ = target._check_batch(ids)
@@ -271,18 +287,18 @@ class TreeSpeculator:
         new_lengths = [np.asarray(x) for x in result.draft_lengths]
         elapsed = time.perf_counter() - start
 
-        new_tokens, records = [], []
-        for row, seq_id in enumerate(ids):
-            target.pages.commit(seq_id, int(accepted[row]) + 1)  # the root and the accepted nodes
-            for runner, lengths, new in zip(self.runners, draft_lengths, new_lengths):
+        target.commit(ids, count[:rows])  # the root and the accepted nodes
+        for runner, lengths, new in zip(self.runners, draft_lengths, new_lengths):
+            for row, seq_id in enumerate(ids):  # the drafts' own caches: their bookkeeping, not the target's
                 runner.pages.commit(seq_id, int(new[row]) - lengths[row])
-            new_tokens.append(tokens[row, : count[row]].tolist())
-            records.append((int(proposed[row]), int(depth[row]), int(accepted[row])))
-        if logprobs:
-            scores = [np.asarray(x) for x in result.logprobs]
-            return new_tokens, records, elapsed, [logprob_entries(tokens, *(x[row] for x in scores))
-                                                  for row, tokens in enumerate(new_tokens)]
-        return new_tokens, records, elapsed
+        scores = [np.asarray(x) for x in result.logprobs] if logprobs else None
+        verified = []
+        for row in range(rows):
+            new_tokens = tokens[row, : count[row]].tolist()
+            verified.append(Verified(tokens=new_tokens, proposed=int(proposed[row]), depth=int(depth[row]),
+                                     accepted=int(accepted[row]),
+                                     logprobs=logprob_entries(new_tokens, *(x[row] for x in scores)) if logprobs else None))
+        return verified, elapsed
 
 
 def _host_step(spec, *, target_params, drafts, target_cache, draft_caches, batch, base_keys, sample_index,
@@ -291,3 +307,16 @@ def _host_step(spec, *, target_params, drafts, target_cache, draft_caches, batch
     keys = row_keys(jax.random.wrap_key_data(base_keys), sample_index)
     return speculative_step(spec, target_params, drafts, target_cache, draft_caches,
                             dataclasses.replace(batch, keys=keys), all_greedy, logprobs)
+
+
+def _build(settings: TreeSpeculation, context: BuildContext) -> TreeSpeculator:
+    speculator = TreeSpeculator(context.runner, [load_draft_for(d, context.target) for d in settings.drafts],
+                                settings.tree_shapes())
+    runner = context.runner
+    if not (runner.pages.pages_for(speculator.depth + 2) <= runner.pages.num_pages and speculator.fits(2)):
+        raise ValueError(f"a tree of depth {speculator.depth} with {settings.max_nodes} nodes does "
+                         "not fit the KV cache: lower max_nodes or the expansion, or raise kv_cache_bytes")
+    return speculator
+
+
+register("tree", TreeSpeculation, _build)

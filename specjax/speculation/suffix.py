@@ -2,12 +2,13 @@
 
 ``SuffixSpeculation`` is what a user asks for (SuffixDecoding, no draft model): each step a
 request's tree comes from ``suffix_cache.SuffixCache`` (its prompt and output so far, and every
-earlier response of the same ``LLM``) and is verified in one target pass by
-``ModelRunner.verify``. ``HybridSpeculation`` adds draft models: a request whose suffix draft
-scores low this step speculates with the draft-model tree instead.
+earlier response of the same ``LLM``) and is verified in one target pass with every other host
+tree of the step. ``HybridSpeculation`` adds draft models: a request whose suffix draft scores
+low this step speculates with the draft-model tree instead.
 
-``SuffixSpeculator`` is the host side: it keeps the cache in step with each request's tokens,
-asks it for a draft, and turns the draft into a ``TokenTree``. Its seconds are counted apart
+``SuffixSpeculator`` is the "suffix" proposer: it keeps the cache in step with each request's
+tokens and asks it for drafts. It follows every speculating request, whatever its method, so
+every speculated output joins the cache for later requests. Its seconds are counted apart
 (``host_time_s``) so the host's cost per step can be set against the device's.
 """
 
@@ -17,11 +18,15 @@ import os
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import ClassVar, Sequence
 
+from specjax.speculation.proposer import (BuildContext, DraftBatch, DraftTree, ProposalRow, Proposer, Verified,
+                                          register)
 from specjax.speculation.speculator import TreeSpeculation
-from specjax.speculation.suffix_cache import SuffixCache, SuffixDraft
-from specjax.speculation.tree import TREE_SIZES, TokenTree, tree_bucket
+from specjax.speculation.suffix_cache import SuffixCache
+from specjax.speculation.tree import TREE_SIZES, tree_bucket
+
+HYBRID_PRIOR_STEPS = 4  # pseudo draft-model steps of one accepted token each, in hybrid's bar
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,8 @@ class SuffixSpeculation:
         the whole batch (``budget.SpeculationBudget``: the drafts' own scores against timings of
         this device's steps), so a large batch or a doubtful draft speculates less, down to none.
     """
+
+    method: ClassVar[str] = "suffix"
 
     max_spec_tokens: int = 31
     max_spec_factor: float = 1.0
@@ -85,6 +92,8 @@ class HybridSpeculation:
     promises more than the draft models have been delivering.
     """
 
+    method: ClassVar[str] = "hybrid"
+
     suffix: SuffixSpeculation
     tree: TreeSpeculation
     min_score: float | None = None
@@ -96,9 +105,11 @@ class HybridSpeculation:
             raise TypeError(f"tree must be a TreeSpeculation, got {type(self.tree).__name__}")
         if self.min_score is not None and not self.min_score >= 0:
             raise ValueError(f"min_score must be >= 0 or None, got {self.min_score!r}")
+        if self.suffix.batch_aware:
+            raise ValueError("batch_aware suffix speculation does not combine with draft models yet")
 
 
-class SuffixSpeculator:
+class SuffixSpeculator(Proposer):
     """The suffix cache of one LLM, kept in step with its requests.
 
     Callers name requests by ids unique within their LLM; the cache knows them by that id under
@@ -107,8 +118,13 @@ class SuffixSpeculator:
     generated since the last call.
     """
 
+    name = "suffix"
+    follows_every_request = True
+
     def __init__(self, settings: SuffixSpeculation):
         self.settings = settings
+        self.lookahead = settings.max_spec_tokens
+        self.batch_aware = settings.batch_aware
         path = settings.cache_file
         if path is not None and os.path.exists(path):
             self.cache = SuffixCache.load(path)
@@ -148,7 +164,7 @@ class SuffixSpeculator:
             del self._known[request_id]
             self.host_time_s += time.perf_counter() - start
 
-    def propose(self, request_id, sequence: Sequence[int], max_tokens: int) -> tuple[SuffixDraft | None, float]:
+    def draft(self, request_id, sequence: Sequence[int], max_tokens: int) -> tuple[DraftTree | None, float]:
         """The cache's draft after ``sequence`` (prompt and output; its last token is the root) with
         at most ``max_tokens`` tokens (None when it may not speculate), and the host seconds spent."""
         start = time.perf_counter()
@@ -158,16 +174,69 @@ class SuffixSpeculator:
         budget = min(self.settings.max_spec_tokens, max_tokens)
         if budget >= 1:
             s = self.settings
-            draft = self.cache.speculate(request_id, sequence, max_spec_tokens=budget,
+            found = self.cache.speculate(request_id, sequence, max_spec_tokens=budget,
                                          max_spec_factor=s.max_spec_factor, max_spec_offset=s.max_spec_offset,
                                          min_token_prob=s.min_token_prob, tree=s.tree)
+            draft = DraftTree(found.tokens, found.parents, found.probs, "suffix")
         seconds = time.perf_counter() - start
         self.host_time_s += seconds
         return draft, seconds
 
+    def propose(self, rows: list[ProposalRow]) -> list[DraftBatch]:
+        drafts, seconds = zip(*(self.draft(row.uid, row.sequence, row.room) for row in rows))
+        return [DraftBatch(rows, list(drafts), source="suffix", host_time_s=list(seconds))]
 
-def draft_trees(roots: Sequence[int], drafts: Sequence[SuffixDraft | None]) -> list[TokenTree]:
-    """One TokenTree per row (root only where there is no draft), all of the batch's largest bucket."""
-    size = tree_bucket(1 + max(len(d.tokens) if d else 0 for d in drafts))
-    return [TokenTree.build(root, d.tokens if d else [], d.parents if d else [], size)
-            for root, d in zip(roots, drafts)]
+    def tree_sizes(self) -> tuple[int, ...]:
+        largest = tree_bucket(1 + self.settings.max_spec_tokens)
+        return tuple(s for s in TREE_SIZES if s <= largest)
+
+
+class HybridSpeculator(Proposer):
+    """Suffix drafts where they promise at least the bar, draft-model trees for the other rows."""
+
+    reports_sources = True
+
+    def __init__(self, suffix: SuffixSpeculator, tree: Proposer, min_score: float | None):
+        self.suffix, self.tree = suffix, tree
+        self.min_score = min_score
+        self.lookahead = max(suffix.lookahead, tree.lookahead)
+        self.overrun = tree.overrun
+        self.record = [0, 0]  # tokens accepted in draft-model steps, and those steps
+
+    def parts(self) -> tuple[Proposer, ...]:
+        return (self.suffix, self.tree)
+
+    def bar(self) -> float:
+        """The score a suffix draft needs to be taken over the draft models."""
+        if self.min_score is not None:
+            return self.min_score
+        # Smoothed towards one token a step, so one unlucky draft step cannot drop the bar to zero
+        # (the suffix cache would then win every later step and the record never recover).
+        accepted, steps = self.record
+        return (accepted + HYBRID_PRIOR_STEPS) / (steps + HYBRID_PRIOR_STEPS)
+
+    def propose(self, rows: list[ProposalRow]) -> list[DraftBatch]:
+        (suffix,) = self.suffix.propose(rows)
+        bar = self.bar()
+        seconds = {id(row): t for row, t in zip(rows, suffix.host_time_s)}
+        keep = [i for i, draft in enumerate(suffix.trees) if draft is None or draft.score >= bar]
+        batches = [DraftBatch([rows[i] for i in keep], [suffix.trees[i] for i in keep], source="suffix",
+                              host_time_s=[suffix.host_time_s[i] for i in keep])] if keep else []
+        if rest := [row for i, row in enumerate(rows) if i not in set(keep)]:
+            for batch in self.tree.propose(rest):
+                batch.host_time_s = [seconds[id(row)] for row in batch.rows]  # the cache was asked all the same
+                batches.append(batch)
+        return batches
+
+    def learn(self, row: ProposalRow, draft: DraftTree | None, source: str, verified: Verified) -> None:
+        if source == "draft":
+            self.record[0] += verified.accepted
+            self.record[1] += 1
+
+
+def _build_hybrid(settings: HybridSpeculation, context: BuildContext) -> HybridSpeculator:
+    return HybridSpeculator(context.build(settings.suffix), context.build(settings.tree), settings.min_score)
+
+
+register("suffix", SuffixSpeculation, lambda settings, context: SuffixSpeculator(settings))
+register("hybrid", HybridSpeculation, _build_hybrid)

@@ -39,7 +39,8 @@ from specjax.config import ModelConfig
 from specjax.draft import spread_logits
 from specjax.kv_cache import KVCache, slot_ids, write_kv
 from specjax.model import forward
-from specjax.params import Params, pytree_dataclass
+from specjax.params import Params
+from specjax.pytree import pytree_dataclass
 from specjax.sampling import process_node_logits
 
 
@@ -179,8 +180,8 @@ class _Layout:
 
 def draft_tree(config: ModelConfig, shape: TreeShape, draft: DraftModel, cache: KVCache, *, block_tables: jax.Array,
                lengths: jax.Array, pending: jax.Array, pending_len: jax.Array, active: jax.Array,
-               temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, key: jax.Array, all_greedy: bool = False
-               ) -> tuple[DraftTree, KVCache]:
+               temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, key: jax.Array, all_greedy: bool = False,
+               attention_backend: str | None = None) -> tuple[DraftTree, KVCache]:
     """Draft a tree per row.
 
     block_tables [B, P] (covering positions up to ``lengths + pending_len + shape.num_fed``);
@@ -205,8 +206,9 @@ def draft_tree(config: ModelConfig, shape: TreeShape, draft: DraftModel, cache: 
     positions = lengths[:, None] + jnp.arange(tp)
     valid = active[:, None] & (jnp.arange(tp) < pending_len[:, None])
     meta = AttentionMetadata(block_tables=block_tables, context_lens=lengths, new_mask=causal_mask(b, tp))
-    logits, new_k, new_v = forward(draft.params, config, draft.target_to_draft[pending], positions, cache, meta,
-                                   logit_indices=(pending_len - 1)[:, None])
+    out = forward(draft.params, config, draft.target_to_draft[pending], positions, cache, meta,
+                  logit_indices=(pending_len - 1)[:, None], attention_backend=attention_backend)
+    logits, new_k, new_v = out.logits, out.new_k, out.new_v
     cache = write_kv(cache, new_k, new_v, slot_ids(block_tables, positions, valid, page))
     length = lengths + pending_len
 
@@ -285,8 +287,9 @@ def draft_tree(config: ModelConfig, shape: TreeShape, draft: DraftModel, cache: 
                                      new_mask=jnp.broadcast_to(jnp.eye(w, dtype=bool), (b, w, w)),
                                      tree_mask=jnp.take_along_axis(ancestors, frontier[:, :, None], 1))
             positions = jnp.broadcast_to((length + depth - 2)[:, None], (b, w))
-            logits, new_k, new_v = forward(draft.params, config, draft.target_to_draft[
-                jnp.take_along_axis(tree.tokens, frontier, 1)], positions, cache, meta)
+            out = forward(draft.params, config, draft.target_to_draft[jnp.take_along_axis(tree.tokens, frontier, 1)],
+                          positions, cache, meta, attention_backend=attention_backend)
+            logits, new_k, new_v = out.logits, out.new_k, out.new_v
             run = jnp.take_along_axis(tree.live, frontier, 1) & frontier_ok
             cache = write_kv(cache, new_k, new_v, slot_ids(block_tables, length[:, None] + offsets,
                                                            active[:, None] & run, page))

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from specjax.kv_cache import INVALID_SLOT, KVCache, write_kv
-from specjax.params import pytree_dataclass
+from specjax.pytree import pytree_dataclass
 from specjax.sampling import argmax, no_logprobs, process_node_logits, token_logprobs
 
 

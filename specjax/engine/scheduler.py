@@ -1,0 +1,199 @@
+"""Continuous batching: the request lifecycle (admit, grow, preempt, finish) over a KV-page pool.
+
+Each ``step`` first gives every decoding request the KV pages its next step writes (its new
+token, or a verified tree's depth ahead), preempting the most recently admitted requests when the
+pool runs dry: their pages are freed and they go back to the front of the waiting queue, their
+output kept, to be recomputed (prefilled again, prompt and output so far) when re-admitted
+(vLLM's recompute policy); greedy output and streams are the same as without preemption. Then,
+unless it preempted, it admits waiting requests in order while slots and pages allow (a request
+joins with pages for its prefill and one step), runs the prompt chunks still to prefill and, when
+nothing is prefilling or with ``interleave``, one decode step: speculative for the requests that
+speculate, whatever their methods, plain for the others.
+
+The scheduler knows requests, their kinds and their proposers only through the proposer
+interface: it never looks inside a speculation method.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Protocol
+
+from specjax.engine.core import EngineCore, StepOutcome
+from specjax.engine.output import OutputProcessor
+from specjax.engine.request import Request
+
+Event = tuple[Request, str, bool]  # (request, new text, finished)
+
+
+class PageManager(Protocol):
+    """The KV-page pool as the scheduler uses it (``runner.ModelRunner`` is one)."""
+
+    def can_admit(self, num_tokens: int) -> bool: ...
+    def add_sequence(self, seq_id, num_tokens: int) -> None: ...
+    def can_grow(self, seq_id, num_tokens: int) -> bool: ...
+    def reserve(self, seq_id, num_tokens: int) -> None: ...
+    def release(self, seq_id) -> None: ...
+
+
+class Scheduler:
+    """Continuous batching of one engine's requests, one step at a time. ``LLM.generate`` runs a
+    Scheduler per call; the server runs one for its whole life. Not thread-safe: one thread adds,
+    aborts and steps, so device steps never overlap."""
+
+    def __init__(self, core: EngineCore, *, interleave: bool = False):
+        self.core = core
+        self.kv: PageManager = core.runner
+        self.output = OutputProcessor(core.runner.engine.prefill_chunk)
+        self.interleave = interleave  # decode while others prefill, so long prompts do not stall streams
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # in admission order: the last is preempted first
+        self.preemptions = 0
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, request: Request) -> None:
+        if request.kind != "generate":
+            raise ValueError(f"this scheduler runs generation requests, not {request.kind!r}")
+        self.waiting.append(request)
+
+    def abort(self, request: Request) -> bool:
+        """Drop a waiting or running request, freeing its pages now; False if it is not here."""
+        if request in self.waiting:
+            self.waiting.remove(request)
+            if request.output.stats.preemptions:  # preempted: its proposers still follow it
+                self._stop(request)
+        elif request in self.running:
+            self._finish(request)
+        else:
+            return False
+        request.output.finish_reason = "abort"
+        return True
+
+    # -- pages -------------------------------------------------------------------------------
+    def _kv_tokens(self, req: Request, length: int) -> int:
+        """KV tokens ``req`` needs for a decode step on a sequence of ``length`` tokens: a
+        verification may write its tree's depth ahead."""
+        lookahead = req.proposer.lookahead if req.proposer is not None else 0
+        return min(length + lookahead, req.kv_limit)
+
+    def _can_admit(self, req: Request) -> bool:
+        length = req.num_prefill + 1  # the prefill and the token it samples: the first decode step
+        return self.kv.can_admit(self._kv_tokens(req, length)) and all(
+            part.can_admit(length) for part in self.core.parts(req))
+
+    def _admit(self, req: Request) -> None:
+        length = req.num_prefill + 1
+        self.kv.add_sequence(req.uid, self._kv_tokens(req, length))
+        attached = []
+        # A preempted request's proposers still follow it (host state only, and its sequence is unchanged).
+        starting = self.core.followers_of(req) if not req.output.stats.preemptions else []
+        try:
+            for part in self.core.parts(req):
+                part.attach(req.uid, length)
+                attached.append(part)
+            for follower in starting:
+                follower.start(req.uid, req.output.prompt_token_ids)
+        except Exception:
+            self.kv.release(req.uid)
+            for part in attached:
+                part.detach(req.uid)
+            raise
+        self.running.append(req)
+
+    def _grow(self, req: Request) -> bool:
+        """Give ``req`` the pages of its next decode step, in the target and its proposers alike
+        (all or nothing); False if the pool is short."""
+        parts = self.core.parts(req)
+        length = len(req.output.prompt_token_ids) + len(req.output.token_ids)
+        tokens = self._kv_tokens(req, length)
+        if not (self.kv.can_grow(req.uid, tokens) and all(part.can_grow(req.uid, length) for part in parts)):
+            return False
+        self.kv.reserve(req.uid, tokens)
+        for part in parts:
+            part.grow(req.uid, length)
+        return True
+
+    def _release(self, req: Request) -> None:
+        self.kv.release(req.uid)
+        for part in self.core.parts(req):
+            part.detach(req.uid)
+        self.running.remove(req)
+
+    def _stop(self, req: Request) -> None:
+        for follower in self.core.followers_of(req):  # the output joins the suffix cache for later requests
+            follower.stop(req.uid, req.sequence)
+
+    def _finish(self, req: Request) -> None:
+        self._release(req)
+        self._stop(req)
+
+    def _preempt(self, req: Request) -> None:
+        """Free ``req``'s pages and queue it first, to be recomputed from its prompt and output so far."""
+        self._release(req)
+        req.prefilled = 0
+        req.num_prefill = len(req.output.prompt_token_ids) + len(req.output.token_ids)
+        req.output.stats.preemptions += 1
+        self.preemptions += 1
+        self.waiting.appendleft(req)  # preempted later means admitted earlier: it goes first
+
+    def _grow_running(self) -> bool:
+        """Pages for every decoding request's next step, oldest first, preempting from the newest
+        while the pool is short; returns whether anything was preempted. A request alone always
+        fits (``EngineCore.make_request`` refuses any that would not), so the oldest always makes
+        progress."""
+        preempted = False
+        for req in list(self.running):
+            if req not in self.running or req.prefilled < req.num_prefill:
+                continue  # preempted already, or still prefilling into pages it was admitted with
+            while not self._grow(req):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted = True
+                if victim is req:
+                    break
+        return preempted
+
+    # -- one step --------------------------------------------------------------------------
+    def step(self) -> list[Event]:
+        """Grow or preempt, admit what fits and run one step; returns (request, new text, finished)
+        for each token that gave a request text or finished it. Finished requests have left, their
+        pages freed."""
+        max_seqs = self.core.runner.engine.max_num_seqs
+        # After a preemption the pool is known to be short: admitting now would only preempt again.
+        if not self._grow_running():
+            while self.waiting and len(self.running) < max_seqs and self._can_admit(self.waiting[0]):
+                self._admit(self.waiting.popleft())
+        prefilling = [r for r in self.running if r.prefilled < r.num_prefill]
+        decoding = ([r for r in self.running if r not in prefilling]
+                    if self.interleave or not prefilling else [])
+        outcomes = []
+        if prefilling:
+            outcomes += self.core.plain_step(prefilling)
+        if speculating := [r for r in decoding if r.proposer is not None]:
+            outcomes += self.core.speculative_step(speculating)
+        if plain := [r for r in decoding if r.proposer is None]:
+            outcomes += self.core.plain_step(plain)
+        events = [event for outcome in outcomes for event in self._emit(outcome)]
+        for req, _, finished in events:
+            if finished:
+                self._finish(req)
+        return events
+
+    def _emit(self, outcome: StepOutcome) -> list[Event]:
+        """The events of a step's tokens for one request, and its speculation statistics."""
+        req, events, used = outcome.request, [], 0
+        for token, logprob in zip(outcome.tokens, outcome.logprobs):
+            delta = self.output.advance(req, token, outcome.elapsed if used == 0 else 0.0, logprob)
+            used += 1
+            if delta or req.output.finished:
+                events.append((req, delta or "", req.output.finished))
+            if req.output.finished:
+                break
+        if (v := outcome.verified) is not None:
+            # A finishing request may not need every accepted token: tau counts what it received.
+            req.output.stats.speculation.record(v.proposed, v.depth, v.accepted, tokens=used,
+                                                source=outcome.source if req.proposer.reports_sources else None)
+        return events

@@ -80,19 +80,29 @@ def main(argv=None) -> int:
                                  "commit": result.get("environment", {}).get("specjax"), "figures": extract(result)})
                     for key, value in extract(result).items():
                         figures[side].setdefault(key, []).append(value)
+                    _write(args, figures, runs)  # after every run: an interrupted comparison keeps what it measured
+    _write(args, figures, runs, show=True)
+    return 0
 
+
+def _write(args, figures: dict, runs: list, show: bool = False) -> None:
+    """The medians so far of each figure measured on both sides, as a table (``show``) and JSON."""
     rows = []
     for key in figures["after"]:
+        if key not in figures["before"]:
+            continue
         before, after = statistics.median(figures["before"][key]), statistics.median(figures["after"][key])
-        rows.append({"figure": key, "before": before, "after": after, "ratio": after / before if before else None})
-    common.print_table(f"after / before, median of {args.rounds} rounds", ["figure", "before", "after", "ratio"],
-                       [(r["figure"], f"{r['before']:.2f}", f"{r['after']:.2f}", f"{r['ratio']:.3f}") for r in rows])
+        rows.append({"figure": key, "before": before, "after": after, "ratio": after / before if before else None,
+                     "rounds": min(len(figures["before"][key]), len(figures["after"][key]))})
     env = common.environment()
     path = common.write_json(args.out or common.default_results_path("versus", "smollm2-135m", env),
                              {"benchmark": "versus", "settings": vars(args), "environment": env, "rows": rows,
                               "runs": runs})
-    print(f"JSON: {path}", file=sys.stderr)
-    return 0
+    if show:
+        common.print_table("after / before, medians over rounds", ["figure", "before", "after", "ratio", "rounds"],
+                           [(r["figure"], f"{r['before']:.2f}", f"{r['after']:.2f}", f"{r['ratio']:.3f}", r["rounds"])
+                            for r in rows])
+        print(f"JSON: {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

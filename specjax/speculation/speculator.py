@@ -118,6 +118,7 @@ class TreeSpeculator(Proposer):
         self._step = jax.jit(functools.partial(_host_step, self.spec), static_argnames=("all_greedy", "logprobs"),
                              donate_argnames=("target_cache", "draft_caches"))
         self._compiled = CompiledBuckets(target.compiler_options)
+        self.record = [0, 0]  # tokens accepted over all its steps' rows, and those rows (hybrid's bar)
 
     @property
     def depth(self) -> int:
@@ -291,6 +292,8 @@ class TreeSpeculator(Proposer):
         for runner, lengths, new in zip(self.runners, draft_lengths, new_lengths):
             for row, seq_id in enumerate(ids):  # the drafts' own caches: their bookkeeping, not the target's
                 runner.pages.commit(seq_id, int(new[row]) - lengths[row])
+        self.record[0] += int(np.sum(accepted[:rows]))
+        self.record[1] += rows
         scores = [np.asarray(x) for x in result.logprobs] if logprobs else None
         verified = []
         for row in range(rows):

@@ -20,9 +20,8 @@ import time
 from dataclasses import dataclass
 from typing import ClassVar, Sequence
 
-from specjax.speculation.proposer import (BuildContext, DraftBatch, DraftTree, ProposalRow, Proposer, Verified,
-                                          register)
-from specjax.speculation.speculator import TreeSpeculation
+from specjax.speculation.proposer import BuildContext, DraftBatch, DraftTree, ProposalRow, Proposer, register
+from specjax.speculation.speculator import TreeSpeculation, TreeSpeculator
 from specjax.speculation.suffix_cache import SuffixCache
 from specjax.speculation.tree import TREE_SIZES, tree_bucket
 
@@ -196,12 +195,11 @@ class HybridSpeculator(Proposer):
 
     reports_sources = True
 
-    def __init__(self, suffix: SuffixSpeculator, tree: Proposer, min_score: float | None):
+    def __init__(self, suffix: SuffixSpeculator, tree: TreeSpeculator, min_score: float | None):
         self.suffix, self.tree = suffix, tree
         self.min_score = min_score
         self.lookahead = max(suffix.lookahead, tree.lookahead)
         self.overrun = tree.overrun
-        self.record = [0, 0]  # tokens accepted in draft-model steps, and those steps
 
     def parts(self) -> tuple[Proposer, ...]:
         return (self.suffix, self.tree)
@@ -210,9 +208,10 @@ class HybridSpeculator(Proposer):
         """The score a suffix draft needs to be taken over the draft models."""
         if self.min_score is not None:
             return self.min_score
-        # Smoothed towards one token a step, so one unlucky draft step cannot drop the bar to zero
-        # (the suffix cache would then win every later step and the record never recover).
-        accepted, steps = self.record
+        # The draft models' record over every request they served, smoothed towards one token a
+        # step, so one unlucky draft step cannot drop the bar to zero (the suffix cache would then
+        # win every later step and the record never recover).
+        accepted, steps = self.tree.record
         return (accepted + HYBRID_PRIOR_STEPS) / (steps + HYBRID_PRIOR_STEPS)
 
     def propose(self, rows: list[ProposalRow]) -> list[DraftBatch]:
@@ -227,11 +226,6 @@ class HybridSpeculator(Proposer):
                 batch.host_time_s = [seconds[id(row)] for row in batch.rows]  # the cache was asked all the same
                 batches.append(batch)
         return batches
-
-    def learn(self, row: ProposalRow, draft: DraftTree | None, source: str, verified: Verified) -> None:
-        if source == "draft":
-            self.record[0] += verified.accepted
-            self.record[1] += 1
 
 
 def _build_hybrid(settings: HybridSpeculation, context: BuildContext) -> HybridSpeculator:

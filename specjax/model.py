@@ -132,8 +132,9 @@ def forward(
     x, (new_k, new_v, per_layer) = jax.lax.scan(layer, x, (lw, jnp.arange(c.num_layers)))
     hidden = None
     if hidden_layers:
-        states = [embedded, *per_layer[:-1], rms_norm(x, params.final_norm, c.rms_norm_eps)]
-        hidden = jnp.stack([states[i] for i in hidden_layers])
+        final = rms_norm(x, params.final_norm, c.rms_norm_eps)
+        hidden = jnp.stack([embedded if i == 0 else final if i == c.num_layers else per_layer[i - 1]
+                            for i in hidden_layers])
     if logit_indices is not None:  # before the norm: only the rows whose logits are wanted
         x = jnp.take_along_axis(x, logit_indices[:, :, None], axis=1)
     x = rms_norm(x, params.final_norm, c.rms_norm_eps)

@@ -174,8 +174,7 @@ class TreeSpeculator(Proposer):
 
     def detach(self, seq_id) -> None:
         for runner in self.runners:
-            if seq_id in runner.pages:
-                runner.release(seq_id)
+            runner.release(seq_id)
 
     def prefill(self, inputs: Sequence[StepInput]) -> None:
         """Run prompt chunks (target ids, as the target's prefill runs them) through every draft."""

@@ -221,7 +221,8 @@ class HybridSpeculator(Proposer):
         keep = [i for i, draft in enumerate(suffix.trees) if draft is None or draft.score >= bar]
         batches = [DraftBatch([rows[i] for i in keep], [suffix.trees[i] for i in keep], source="suffix",
                               host_time_s=[suffix.host_time_s[i] for i in keep])] if keep else []
-        if rest := [row for i, row in enumerate(rows) if i not in set(keep)]:
+        kept = set(keep)
+        if rest := [row for i, row in enumerate(rows) if i not in kept]:
             for batch in self.tree.propose(rest):
                 batch.host_time_s = [seconds[id(row)] for row in batch.rows]  # the cache was asked all the same
                 batches.append(batch)

@@ -203,6 +203,10 @@ def test_search_cli_on_int8_matmul_and_report_exports_the_best_kernel(tmp_path, 
     db = tmp_path / "agent.sqlite"
     assert agent_cli.main(["run", "--task", "int8_weight_only_matmul", "--provider", "search", "--configs", "2",
                            "--budget", "2", "-k", "2", "--workers", "2", "--job", "q", "--db", str(db)]) == 0
+    judged = Store(db)
+    failed = [f"attempt {a.id}: {a.feedback}" for a in judged.attempts("q") if not a.correct]
+    judged.close()
+    assert not failed, failed  # the harness's own words say why, which a count alone would hide
     assert "job q: budget: 2 attempts; 2 attempts, 2 correct" in capsys.readouterr().out
     assert agent_cli.main(["report", "--job", "q", "--db", str(db), "--export", str(tmp_path / "best")]) == 0
     report = capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""ModelRunner: owns the device state (params, paged KV cache) and runs bucketed, jit-compiled steps.
+"""ModelRunner: runs one model's bucketed, jit-compiled steps over its part of an engine's device state.
 
 A step appends T new tokens to each of B sequences (a prefill chunk, or one decode token), writes
 their K/V into the cache, and samples each sequence's next token. Shapes are bucketed to powers of
@@ -6,7 +6,9 @@ two in B, T and the number of prefix pages read, so a long generation compiles a
 ``ModelRunner.warm_up`` compiles every bucket a server can meet before it takes traffic. Whether a
 step samples and whether it scores logprobs are run-time switches, not shapes: one executable per
 bucket serves greedy and sampled rows, with and without logprobs. Host-side bookkeeping (which
-pages each sequence owns) lives in ``kv_cache.PageTable``.
+pages each sequence owns) lives in ``kv_cache.PageTable``; the steps themselves are the pure
+functions of ``engine.step``, and the weights and KV cache they run over live in the engine's
+``engine.state.DeviceStateCell`` (a draft model's runner is a view onto its slot there).
 """
 
 from __future__ import annotations
@@ -18,17 +20,17 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from specjax import sampling
-from specjax.attention import AttentionMetadata
 from specjax.config import ConfigError, ModelConfig
-from specjax.kv_cache import INVALID_SLOT, KVCache, PageTable, init_kv_cache, kv_bytes_per_token, write_kv
-from specjax.model import forward
+from specjax.engine.state import TARGET, DeviceState, DeviceStateCell, ModelState
+from specjax.engine.step import StepInput, TokenBatch, TreeBatch, donating_jit, row_meta, token_step, verify_step
+from specjax.kv_cache import KVCache, PageTable, init_kv_cache, kv_bytes_per_token
 from specjax.params import Params
 from specjax.speculation.tree import TokenTree, stack_trees
-from specjax.speculation.verify import VerifyTree, verify_and_commit
+
+__all__ = ["CompiledBuckets", "EngineConfig", "ModelRunner", "StepInput", "backend_defaults", "next_power_of_two"]
 
 
 def next_power_of_two(n: int, minimum: int = 1) -> int:
@@ -108,19 +110,6 @@ def backend_defaults(platform: str) -> tuple[int, dict]:
     return 1, {}
 
 
-@dataclass
-class StepInput:
-    """One sequence's share of a step: ``tokens`` appended after its committed prefix."""
-
-    seq_id: object
-    tokens: Sequence[int]
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    base_key: np.ndarray | None = None  # [2] uint32 raw key data of the request; None for greedy rows
-    sample_index: int = 0  # which of the request's tokens this samples: the key is fold_in(base_key, index)
-
-
 class CompiledBuckets:
     """Executables of jitted functions, one per shape bucket, compiled on first use with the
     backend's compiler options; compilation is timed in ``compile_time_s``, apart from any run."""
@@ -148,9 +137,15 @@ class CompiledBuckets:
 
 
 class ModelRunner:
-    def __init__(self, config: ModelConfig, params: Params, engine: EngineConfig = EngineConfig()):
+    """One model's steps and page table.
+
+    state: the engine's state cell this model joins as a draft (with ``vocab_maps``, its id maps
+    to the target's vocabulary); None: a new engine's cell, this model its target.
+    """
+
+    def __init__(self, config: ModelConfig, params: Params, engine: EngineConfig = EngineConfig(), *,
+                 state: DeviceStateCell | None = None, vocab_maps: tuple | None = None):
         self.config = config
-        self.params = params
         self.engine = engine
         self.dtype = params.embed.dtype
         per_page = engine.page_size * kv_bytes_per_token(config, self.dtype)
@@ -158,7 +153,12 @@ class ModelRunner:
         capacity = num_pages * engine.page_size
         self.max_model_len = min(engine.max_model_len or config.max_position_embeddings,
                                  config.max_position_embeddings, capacity)
-        self.cache: KVCache = init_kv_cache(config, num_pages, engine.page_size, self.dtype)
+        model = ModelState(params=params, cache=init_kv_cache(config, num_pages, engine.page_size, self.dtype),
+                           vocab_maps=vocab_maps)
+        if state is None:
+            self.cell, self.slot = DeviceStateCell(DeviceState(target=model)), TARGET
+        else:
+            self.cell, self.slot = state, state.add_draft(model)
         self.pages = PageTable(num_pages, engine.page_size)
         min_bucket, options = backend_defaults(jax.devices()[0].platform)
         self.min_batch_bucket = next_power_of_two(engine.min_batch_bucket or min_bucket)
@@ -170,8 +170,16 @@ class ModelRunner:
         self._ran: set[tuple] = set()  # buckets whose executable has run at least once
         self.first_run = False  # whether the last step was its executable's first run
         static = dict(config=config, attention_backend=engine.attention_backend)
-        self._step = jax.jit(functools.partial(_step, **static), donate_argnames=("cache",))
-        self._verify = jax.jit(functools.partial(_verify_step, **static), donate_argnames=("cache",))
+        self._step = donating_jit(token_step, **static)
+        self._verify = donating_jit(verify_step, **static)
+
+    @property
+    def params(self) -> Params:
+        return self.cell.model(self.slot).params
+
+    @property
+    def cache(self) -> KVCache:
+        return self.cell.model(self.slot).cache
 
     @property
     def compile_time_s(self) -> float:
@@ -241,9 +249,9 @@ class ModelRunner:
         if kind not in ("step", "verify"):
             raise ValueError(f"unknown step kind {kind!r} in bucket {key!r}")
         if key not in self._ran:
-            fn, arrays = ((self._step, self._step_arrays(b, t, p)) if kind == "step"
-                          else (self._verify, self._verify_arrays(b, t, p)))
-            self._run(fn, key, arrays)
+            fn, batch = ((self._step, TokenBatch.empty(row_meta(b, p), t)) if kind == "step"
+                         else (self._verify, TreeBatch.empty(row_meta(b, p), t)))
+            self._run(fn, key, batch)
 
     def warm_up_jobs(self, tree_sizes: Sequence[int] = (), max_len: int | None = None) -> dict[str, list]:
         """One thunk per bucket not yet run, by kind: "step", the plain-step buckets
@@ -302,53 +310,20 @@ class ModelRunner:
         p = self.page_bucket(max(self.pages.pages_for(length) for length in lengths))
         return b, p, lengths
 
-    def _prefix(self, args: dict, seq_ids: Sequence, lengths: Sequence[int]) -> None:
-        """Fill ``args``' block tables and committed lengths for a step's sequences (rows past them stay empty)."""
-        p = args["block_tables"].shape[1]
-        args["block_tables"][: len(seq_ids)] = self.pages.block_table(list(seq_ids), p)
-        args["context_lens"][: len(seq_ids)] = lengths
-
-    @staticmethod
-    def _common_arrays(b: int, p: int) -> dict:
-        """The arrays every step takes, for a [b]-row batch reading [p] prefix pages: empty rows,
-        greedy, no logprobs."""
-        return dict(block_tables=np.zeros((b, p), np.int32), context_lens=np.zeros((b,), np.int32),
-                    temperature=np.zeros((b,), np.float32), top_k=np.zeros((b,), np.int32),
-                    top_p=np.ones((b,), np.float32), base_keys=np.zeros((b, 2), np.uint32),
-                    sample_index=np.zeros((b,), np.int32), logprobs=np.zeros((), bool))
-
-    def _step_arrays(self, b: int, t: int, p: int) -> dict:
-        """``_step``'s arguments for bucket (b, t, p), every row empty: what a step fills in, and
-        what compiling the bucket ahead of time lowers for."""
-        return dict(self._common_arrays(b, p), tokens=np.zeros((b, t), np.int32), positions=np.zeros((b, t), np.int32),
-                    slots=np.full((b, t), INVALID_SLOT, np.int32), last=np.zeros((b, 1), np.int32))
-
-    def _verify_arrays(self, b: int, n: int, p: int) -> dict:
-        """``_verify_step``'s arguments for bucket (b, n, p), every row an empty root-only tree."""
-        return dict(self._common_arrays(b, p), tokens=np.zeros((b, n), np.int32), positions=np.zeros((b, n), np.int32),
-                    mask=np.broadcast_to(np.eye(n, dtype=bool), (b, n, n)).copy(),
-                    parents=np.full((b, n), -1, np.int32), depths=np.zeros((b, n), np.int32),
-                    live=np.zeros((b, n), bool), position_slots=np.full((b, n), INVALID_SLOT, np.int32))
-
-    @staticmethod
-    def _fill_sampling(args: dict, inputs: Sequence[StepInput]) -> None:
-        """Each input's sampling settings and key into its row of ``args`` (``_common_arrays``)."""
-        for row, x in enumerate(inputs):
-            args["temperature"][row], args["top_k"][row], args["top_p"][row] = x.temperature, x.top_k, x.top_p
-            if x.base_key is not None:
-                args["base_keys"][row] = x.base_key
-            args["sample_index"][row] = x.sample_index
-
-    def _run(self, fn, key: tuple, args: dict):
-        """Run jitted ``fn`` with the cache donated, compiling per shape bucket ``key`` (timed apart).
-        Sets ``first_run``: whether this was the executable's first run (slower than the rest)."""
+    def _run(self, fn, key: tuple, batch):
+        """Run step ``fn`` (``donating_jit``) on this model's state, compiling per shape bucket
+        ``key`` (timed apart), and keep the state it returns. Sets ``first_run``: whether this was
+        the executable's first run (slower than the rest)."""
         if not self.has_executable(key):
             log.info("compiling step shape %s on first use (LLM.warm_up compiles ahead)", key)
-        compiled = self._compiled.get(key, fn, self.params, cache=self.cache, **args)
+        model = self.cell.model(self.slot)
+        kept, caches = model.without_caches(), model.caches()
+        compiled = self._compiled.get(key, fn, kept, caches, batch)
         self.first_run = key not in self._ran
         self._ran.add(key)
         start = time.perf_counter()
-        *outputs, self.cache = compiled(self.params, cache=self.cache, **args)
+        caches, outputs = compiled(kept, caches, batch)
+        self.cell.set_model(self.slot, model.with_caches(caches))
         outputs = [np.asarray(x) for x in outputs]
         return outputs, time.perf_counter() - start
 
@@ -373,19 +348,17 @@ class ModelRunner:
             # default). Only a prompt's last chunk is ever short, so that is the only padding;
             # reading the widest prefix instead cost every chunk attention over it.
             t = self._chunk_bucket
-        args = self._step_arrays(b, t, p)
+        batch = TokenBatch.empty(row_meta(b, p, self.pages.block_table(seq_ids, p), lengths, inputs), t)
         for row, (x, length) in enumerate(zip(inputs, lengths)):
             k = len(x.tokens)
             if length + k > self.max_model_len:
                 raise ValueError(f"sequence {x.seq_id!r} would exceed max_model_len {self.max_model_len}")
-            args["tokens"][row, :k] = x.tokens
-            args["positions"][row, :] = length + np.arange(t)
-            args["slots"][row, :k] = self.pages.slots(x.seq_id, length, k)
-            args["last"][row, 0] = k - 1
-        self._fill_sampling(args, inputs)
-        self._prefix(args, seq_ids, lengths)
-        args["logprobs"] = np.bool_(logprobs)
-        (next_tokens, *scores), elapsed = self._run(self._step, ("step", b, t, p), args)
+            batch.tokens[row, :k] = x.tokens
+            batch.positions[row, :] = length + np.arange(t)
+            batch.slots[row, :k] = self.pages.slots(x.seq_id, length, k)
+            batch.last[row, 0] = k - 1
+        batch.logprobs[...] = logprobs
+        (next_tokens, *scores), elapsed = self._run(self._step, ("step", b, t, p), batch)
         self.commit(seq_ids, [len(x.tokens) for x in inputs])
         if logprobs:
             return next_tokens[:n], elapsed, sampling.logprob_entries(next_tokens[:n], *(x[:n] for x in scores))
@@ -413,49 +386,21 @@ class ModelRunner:
         stacked = stack_trees(trees)
         n = stacked["tokens"].shape[1]
         rows = len(seq_ids)
-        args = self._verify_arrays(b, n, p)
+        batch = TreeBatch.empty(row_meta(b, p, self.pages.block_table(list(seq_ids), p), lengths,
+                                         sampling_inputs or ()), n)
         for name in ("tokens", "parents", "depths", "mask", "live"):
-            args[name][:rows] = stacked[name]
+            getattr(batch, name)[:rows] = stacked[name]
         for row, (seq_id, length, tree) in enumerate(zip(seq_ids, lengths, trees)):
             span = int(tree.depths.max()) + 1  # the root's position and one per level
             if length + span > self.max_model_len:
                 raise ValueError(f"sequence {seq_id!r} would exceed max_model_len {self.max_model_len}")
-            args["position_slots"][row, :span] = self.pages.slots(seq_id, length, span)
-        self._prefix(args, seq_ids, lengths)
-        args["positions"] = args["context_lens"][:, None] + args["depths"]
-        self._fill_sampling(args, sampling_inputs or ())
-        args["logprobs"] = np.bool_(logprobs)
-        (tokens, count, *scores), elapsed = self._run(self._verify, ("verify", b, n, p), args)
+            batch.position_slots[row, :span] = self.pages.slots(seq_id, length, span)
+        batch.positions[:] = batch.rows.context_lens[:, None] + batch.depths
+        batch.logprobs[...] = logprobs
+        (tokens, count, *scores), elapsed = self._run(self._verify, ("verify", b, n, p), batch)
         new_tokens = [tokens[row, : count[row]].tolist() for row in range(rows)]
         self.commit(seq_ids, count[:rows])
         if logprobs:
             return new_tokens, elapsed, [sampling.logprob_entries(tokens, *(x[row] for x in scores))
                                          for row, tokens in enumerate(new_tokens)]
         return new_tokens, elapsed
-
-
-def _step(params, *, config, attention_backend, cache, tokens, positions, block_tables, context_lens, slots, last, temperature,
-          top_k, top_p, base_keys, sample_index, logprobs):
-    b, t = tokens.shape
-    causal = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
-    meta = AttentionMetadata(block_tables=block_tables, context_lens=context_lens, new_mask=causal)
-    out = forward(params, config, tokens, positions, cache, meta, logit_indices=last, attention_backend=attention_backend)
-    logits, new_k, new_v = out.logits, out.new_k, out.new_v
-    cache = write_kv(cache, new_k, new_v, slots)
-    keys = sampling.row_keys(jax.random.wrap_key_data(base_keys), sample_index)
-    next_tokens = sampling.sample(logits[:, 0], keys, temperature, top_k, top_p)
-    scores = jax.lax.cond(logprobs, lambda: sampling.token_logprobs(logits[:, 0], next_tokens),
-                          lambda: sampling.no_logprobs((b,)))
-    return next_tokens, *scores, cache
-
-
-def _verify_step(params, *, config, attention_backend, cache, tokens, positions, block_tables, context_lens, mask, parents, depths,
-                 live, position_slots, temperature, top_k, top_p, base_keys, sample_index, logprobs):
-    meta = AttentionMetadata(block_tables=block_tables, context_lens=context_lens, new_mask=mask)
-    out = forward(params, config, tokens, positions, cache, meta, attention_backend=attention_backend)
-    logits, new_k, new_v = out.logits, out.new_k, out.new_v
-    keys = sampling.row_keys(jax.random.wrap_key_data(base_keys), sample_index)
-    result, cache = verify_and_commit(logits, new_k, new_v, cache, VerifyTree.host(tokens, parents, depths, mask, live),
-                                      position_slots, jnp.ones(tokens.shape[:1], bool), temperature, top_k, top_p,
-                                      keys, all_greedy=False, logprobs=logprobs, width=tokens.shape[1])
-    return result.tokens, result.count, *result.logprobs, cache

@@ -78,6 +78,21 @@ def test_merged_tree_greedy_equals_plain_and_reports_its_statistics(merged, prom
     assert all(r.pages.num_used == 0 for r in merged.engine.proposers["tree"].runners)
 
 
+def test_one_device_state_holds_every_model_and_steps_donate_only_its_caches(merged, target, prompts, plain):
+    tree = merged.engine.proposers["tree"]
+    before = merged.runner.cell.state
+    assert len(before.drafts) == 2 and before.drafts[1].vocab_maps is not None and before.target.vocab_maps is None
+    out = merged.generate(prompts[:1], GREEDY)[0]
+    assert out.token_ids == plain[0]
+    after = merged.runner.cell.state
+    # Prompt steps, draft prompt steps and fused tree steps each wrote their caches in place...
+    assert all(x.is_deleted() for x in jax.tree.leaves(before.caches()))
+    # ...and left every weight alone: the target's are shared with `plain` and with the second draft.
+    assert not any(x.is_deleted() for x in jax.tree.leaves(after.without_caches()) + jax.tree.leaves(target.params))
+    assert merged.runner.cache is after.target.cache
+    assert all(r.cache is d.cache and r.params is d.params for r, d in zip(tree.runners, after.drafts))
+
+
 def test_sampled_requests_speculate_and_are_reproducible(merged, prompts):
     params = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=16, seed=7, ignore_eos=True)
     first = merged.generate(prompts, params)

@@ -20,9 +20,10 @@ import numpy as np
 
 from specjax.checkpoints import LoadedModel
 from specjax.engine.request import Request, RequestError, RequestOutput
+from specjax.engine.step import StepInput
 from specjax.linear import Bf16Bits
 from specjax.params import inference_params
-from specjax.runner import EngineConfig, ModelRunner, StepInput
+from specjax.runner import EngineConfig, ModelRunner
 from specjax.sampling import SamplingParams, TokenLogprob, request_key
 from specjax.speculation import methods  # noqa: F401  (registers the built-in methods)
 from specjax.speculation import proposer as proposers

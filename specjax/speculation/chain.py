@@ -12,8 +12,9 @@ from __future__ import annotations
 import numpy as np
 
 from specjax.config import ModelConfig
+from specjax.engine.step import StepInput
 from specjax.params import Params
-from specjax.runner import EngineConfig, ModelRunner, StepInput
+from specjax.runner import EngineConfig, ModelRunner
 
 
 class ChainDrafter:

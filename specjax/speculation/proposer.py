@@ -25,7 +25,8 @@ import dataclasses
 from dataclasses import dataclass, replace
 from typing import Callable, Protocol, Sequence
 
-from specjax.runner import ModelRunner, StepInput
+from specjax.engine.step import StepInput
+from specjax.runner import ModelRunner
 from specjax.speculation.tree import TokenTree, tree_bucket
 
 

@@ -2,10 +2,11 @@
 
 ``TreeSpeculation`` is what a user asks for (drafts, expansion vector, node budget).
 ``TreeSpeculator`` is its proposer, and a device drafter: its trees are drafted inside the
-compiled step that verifies them. It owns the drafts' runners (their page pools), keeps each
-draft's cache in step with the sequence, turns a batch of requests into a ``StepBatch`` from the
-page tables (rows, pending tokens and pages bucketed to powers of two) and runs it compiled per
-bucket, timing compilation apart like the runner does.
+compiled step that verifies them. It owns the drafts' runners (their page pools; their weights
+and caches are draft slots of the engine's ``DeviceState``), keeps each draft's cache in step with
+the sequence, turns a batch of requests into a ``DraftTreeBatch`` from the page tables (rows,
+pending tokens and pages bucketed to powers of two) and runs ``tree_step`` over the whole device
+state, compiled per bucket, timing compilation apart like the runner does.
 """
 
 from __future__ import annotations
@@ -18,22 +19,60 @@ from dataclasses import dataclass
 from typing import ClassVar, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from specjax.config import ModelConfig
 from specjax.draft import load_draft_for
+from specjax.engine.state import DeviceState
+from specjax.engine.step import RowMeta, StepInput, donating_jit, row_meta
 from specjax.kv_cache import kv_bytes_per_token
 from specjax.params import Params
-from specjax.runner import CompiledBuckets, ModelRunner, StepInput, next_power_of_two
-from specjax.sampling import logprob_entries, row_keys
+from specjax.pytree import pytree_dataclass
+from specjax.runner import CompiledBuckets, ModelRunner, next_power_of_two
+from specjax.sampling import logprob_entries
 from specjax.speculation.proposer import BuildContext, DraftBatch, ProposalRow, Proposer, Verified, register
-from specjax.speculation.specinfer import SpecInfer, StepBatch, speculative_step
+from specjax.speculation.specinfer import SpecInfer, StepBatch, StepResult, speculative_step
 from specjax.speculation.tree import TREE_SIZES
 from specjax.speculation.tree_draft import DraftModel, TreeShape
 
 log = logging.getLogger("specjax.speculation")
 
 SPECINFER_EXPANSION = (1, 1, 3, 1, 1, 1, 1, 1)  # the expansion vector SpecInfer evaluates
+
+
+@pytree_dataclass
+class DraftTreeBatch:
+    """A tree step's B rows (padding rows have ``active`` false).
+
+    rows: the target's rows (``context_lens`` each root's position: the tokens in the target's
+    cache; ``block_tables`` covering positions up to ``root + depth``). Per draft (tuples): blocks
+    [B, Pd] covering its pending tokens and scratch, lengths [B] its committed tokens, pending
+    [B, Tp] the tokens it has not run (root last), pending_len [B].
+    """
+
+    rows: RowMeta
+    active: jax.Array
+    draft_blocks: tuple
+    draft_lengths: tuple
+    pending: tuple
+    pending_len: tuple
+
+
+def tree_step(state: DeviceState, batch: DraftTreeBatch, *, spec: SpecInfer, all_greedy: bool, logprobs: bool
+              ) -> tuple[DeviceState, StepResult]:
+    """Draft with every draft of ``state``, verify in one target pass, commit: ``speculative_step``
+    over the engine's device state (pure; ``spec``, ``all_greedy`` and ``logprobs`` static)."""
+    rows = batch.rows
+    drafts = tuple(DraftModel(d.params, *d.vocab_maps) for d in state.drafts)
+    step_batch = StepBatch(active=batch.active, root_pos=rows.context_lens, target_blocks=rows.block_tables,
+                           draft_blocks=batch.draft_blocks, draft_lengths=batch.draft_lengths, pending=batch.pending,
+                           pending_len=batch.pending_len, temperature=rows.temperature, top_k=rows.top_k,
+                           top_p=rows.top_p, keys=rows.keys())
+    target_cache, draft_caches = state.caches()
+    result, target_cache, draft_caches = speculative_step(spec, state.target.params, drafts, target_cache, draft_caches,
+                                                          step_batch, all_greedy, logprobs)
+    return state.with_caches((target_cache, draft_caches)), result
 
 
 @dataclass(frozen=True)
@@ -92,6 +131,7 @@ class TreeSpeculator(Proposer):
     drafts: (config, params, draft_to_target or None, target_to_draft or None) per draft; None
     maps are the identity (a draft with the target's vocabulary). Each draft's page pool has the
     target's page size and holds as many tokens as the target's, plus every sequence's scratch.
+    The drafts join the target's device state; an engine holds one tree proposer's drafts.
     """
 
     name = "tree"
@@ -99,24 +139,22 @@ class TreeSpeculator(Proposer):
     def __init__(self, target: ModelRunner, drafts: Sequence[tuple[ModelConfig, Params, np.ndarray | None,
                                                                     np.ndarray | None]],
                  shapes: Sequence[TreeShape]):
+        if target.cell.state.drafts:
+            raise ValueError("this engine's device state already holds draft models: one tree proposer per engine")
         self.target = target
         self.spec = SpecInfer(target.config, tuple(d[0] for d in drafts), tuple(shapes),
                               attention_backend=target.engine.attention_backend)
         engine = target.engine
+        identity = np.arange(target.config.vocab_size, dtype=np.int32)
+        self._input_maps = [identity if t2d is None else np.asarray(t2d, np.int32) for *_, t2d in drafts]
         self.runners = []
-        for (config, params, _, _), shape in zip(drafts, shapes):
+        for (config, params, d2t, _), input_map, shape in zip(drafts, self._input_maps, shapes):
             pages = target.pages.num_pages + engine.max_num_seqs * target.pages.pages_for(shape.num_fed)
             pool = pages * engine.page_size * kv_bytes_per_token(config, params.embed.dtype)
-            self.runners.append(ModelRunner(config, params, dataclasses.replace(engine, kv_cache_bytes=pool)))
-        vocab = target.config.vocab_size
-        identity = np.arange(vocab, dtype=np.int32)
-        self._input_maps = [identity if t2d is None else np.asarray(t2d, np.int32) for *_, t2d in drafts]
-        self.models = tuple(
-            DraftModel(params=params, draft_to_target=np.asarray(identity if d2t is None else d2t, np.int32),
-                       target_to_draft=input_map)
-            for (_, params, d2t, _), input_map in zip(drafts, self._input_maps))
-        self._step = jax.jit(functools.partial(_host_step, self.spec), static_argnames=("all_greedy", "logprobs"),
-                             donate_argnames=("target_cache", "draft_caches"))
+            maps = (jnp.asarray(identity if d2t is None else d2t, np.int32), jnp.asarray(input_map))
+            self.runners.append(ModelRunner(config, params, dataclasses.replace(engine, kv_cache_bytes=pool),
+                                            state=target.cell, vocab_maps=maps))
+        self._step = donating_jit(tree_step, spec=self.spec, static_argnames=("all_greedy", "logprobs"))
         self._compiled = CompiledBuckets(target.compiler_options)
         self.record = [0, 0]  # tokens accepted over all its steps' rows, and those rows (hybrid's bar)
 
@@ -182,26 +220,24 @@ class TreeSpeculator(Proposer):
             runner.step([StepInput(x.seq_id, input_map[np.asarray(x.tokens)].tolist()) for x in inputs])
 
     # -- shape buckets ---------------------------------------------------------------------------
-    def _arrays(self, b: int, tp: int, pt: int, pds: tuple[int, ...]) -> dict:
-        """The step's arguments for bucket (b rows, tp pending tokens, pt target pages, pds draft
-        pages), every row inactive: what a step fills in, and what compiling ahead lowers for."""
+    def _batch(self, b: int, tp: int, pt: int, pds: tuple[int, ...], rows: RowMeta | None = None) -> DraftTreeBatch:
+        """The step's batch for bucket (b rows, tp pending tokens, pt target pages, pds draft
+        pages), every row inactive (``rows``: the target's rows, default empty): what a step fills
+        in, and what compiling ahead lowers for."""
         drafts = range(len(self.runners))
-        batch = StepBatch(
-            active=np.zeros((b,), bool), root_pos=np.zeros((b,), np.int32), target_blocks=np.zeros((b, pt), np.int32),
+        return DraftTreeBatch(
+            rows=row_meta(b, pt) if rows is None else rows, active=np.zeros((b,), bool),
             draft_blocks=tuple(np.zeros((b, p), np.int32) for p in pds),
             draft_lengths=tuple(np.zeros((b,), np.int32) for _ in drafts),
             pending=tuple(np.zeros((b, tp), np.int32) for _ in drafts),
-            pending_len=tuple(np.ones((b,), np.int32) for _ in drafts),
-            temperature=np.zeros((b,), np.float32), top_k=np.zeros((b,), np.int32), top_p=np.ones((b,), np.float32),
-            keys=None)
-        return dict(batch=batch, base_keys=np.zeros((b, 2), np.uint32), sample_index=np.zeros((b,), np.int32))
+            pending_len=tuple(np.ones((b,), np.int32) for _ in drafts))
 
-    def _compile(self, key: tuple, args: dict):
-        """The executable of bucket ``key`` = (b, tp, pt, pds, all_greedy, logprobs) for ``args``."""
+    def _compile(self, key: tuple, batch: DraftTreeBatch):
+        """The executable of bucket ``key`` = (b, tp, pt, pds, all_greedy, logprobs) for ``batch``."""
         *_, all_greedy, logprobs = key
-        return self._compiled.get(key, self._step, target_params=self.target.params, drafts=self.models,
-                                  target_cache=self.target.cache, draft_caches=tuple(r.cache for r in self.runners),
-                                  **args, all_greedy=all_greedy, logprobs=logprobs)
+        state = self.target.cell.state
+        return self._compiled.get(key, self._step, state.without_caches(), state.caches(), batch,
+                                  all_greedy=all_greedy, logprobs=logprobs)
 
     def step_keys(self, max_len: int | None = None) -> list[tuple]:
         """The buckets of tree steps over sequences of up to ``max_len`` tokens (default the
@@ -224,7 +260,7 @@ class TreeSpeculator(Proposer):
         without running)."""
         prompts = [functools.partial(runner.compile, key) for runner in self.runners for key in runner.step_keys(max_len)
                    if key[2] > 1 and not runner.has_executable(key)]  # drafts only run prompt chunks
-        trees = [functools.partial(self._compile, key, self._arrays(*key[:4])) for key in self.step_keys(max_len)
+        trees = [functools.partial(self._compile, key, self._batch(*key[:4])) for key in self.step_keys(max_len)
                  if key not in self._compiled]
         return {"draft prompt": prompts, "tree step": trees}
 
@@ -254,34 +290,25 @@ class TreeSpeculator(Proposer):
                                                       for n, length in zip(sizes, lengths)]))
         pds = tuple(r.page_bucket(max(r.pages.pages_for(n + s.num_fed) for n in sizes))
                     for r, s in zip(self.runners, spec.shapes))
-        args = self._arrays(b, tp, pt, pds)
-        batch = args["batch"]
+        batch = self._batch(b, tp, pt, pds, row_meta(b, pt, target.pages.block_table(ids, pt),
+                                                     np.array(sizes) - 1, inputs))
         batch.active[:rows] = True
-        batch.root_pos[:rows] = np.array(sizes) - 1
-        batch.target_blocks[:rows] = target.pages.block_table(ids, pt)
         for d, (runner, p, lengths) in enumerate(zip(self.runners, pds, draft_lengths)):
             batch.draft_blocks[d][:rows] = runner.pages.block_table(ids, p)
             batch.draft_lengths[d][:rows] = lengths
             for row, (x, length) in enumerate(zip(inputs, lengths)):
                 batch.pending[d][row, : len(x.tokens) - length] = x.tokens[length:]
             batch.pending_len[d][:rows] = np.array(sizes) - np.array(lengths)
-        for row, x in enumerate(inputs):
-            batch.temperature[row], batch.top_k[row], batch.top_p[row] = x.temperature, x.top_k, x.top_p
-            if x.base_key is not None:
-                args["base_keys"][row] = x.base_key
-            args["sample_index"][row] = x.sample_index
         # An all-greedy batch (the common case) compiles its own step without any sampling work.
         all_greedy = all(x.temperature == 0 for x in inputs)
         key = (b, tp, pt, pds, all_greedy, logprobs)
         if key not in self._compiled:
             log.info("compiling tree step shape %s on first use (LLM.warm_up compiles ahead)", key)
-        compiled = self._compile(key, args)
+        compiled = self._compile(key, batch)
+        state = target.cell.state
         start = time.perf_counter()
-        result, target.cache, draft_caches = compiled(target_params=target.params, drafts=self.models,
-                                                      target_cache=target.cache,
-                                                      draft_caches=tuple(r.cache for r in self.runners), **args)
-        for runner, cache in zip(self.runners, draft_caches):
-            runner.cache = cache
+        caches, result = compiled(state.without_caches(), state.caches(), batch)
+        target.cell.state = state.with_caches(caches)
         tokens, count, accepted = np.asarray(result.tokens), np.asarray(result.count), np.asarray(result.accepted)
         proposed, depth = np.asarray(result.proposed), np.asarray(result.depth)
         new_lengths = [np.asarray(x) for x in result.draft_lengths]
@@ -301,14 +328,6 @@ class TreeSpeculator(Proposer):
                                      accepted=int(accepted[row]),
                                      logprobs=logprob_entries(new_tokens, *(x[row] for x in scores)) if logprobs else None))
         return verified, elapsed
-
-
-def _host_step(spec, *, target_params, drafts, target_cache, draft_caches, batch, base_keys, sample_index,
-               all_greedy, logprobs):
-    # Keys are derived here so the host only ships raw key data: fold_in(request key, token index).
-    keys = row_keys(jax.random.wrap_key_data(base_keys), sample_index)
-    return speculative_step(spec, target_params, drafts, target_cache, draft_caches,
-                            dataclasses.replace(batch, keys=keys), all_greedy, logprobs)
 
 
 def _build(settings: TreeSpeculation, context: BuildContext) -> TreeSpeculator:

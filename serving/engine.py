@@ -69,8 +69,9 @@ class Stream:
 class Engine:
     """Runs ``llm``'s requests with continuous batching in one background thread.
 
-    ``max_queue``: most requests waiting for a slot or for KV pages (those submitted since the last
-    step included); ``submit`` raises QueueFull beyond it.
+    ``max_queue``: most requests waiting for a slot or for KV pages; ``submit`` raises QueueFull
+    beyond it. Requests submitted during a step count as waiting only past the batch slots that
+    were free after it: the next step admits them.
     """
 
     def __init__(self, llm: LLM, *, max_queue: int = 256):
@@ -86,6 +87,7 @@ class Engine:
         self._cond = threading.Condition()
         self._inbox: list[tuple[str, Stream]] = []  # ("add" | "abort", stream), applied between steps
         self._waiting = 0  # the scheduler's waiting queue after the engine thread last looked
+        self._free_slots = self.scheduler.max_running  # batch slots the next step can fill, as last seen
         self._streams: dict[int, Stream] = {}  # engine thread: unfinished requests by uid
         self._unfinished = 0  # submitted and not yet finished (guarded by _cond)
         self._stopping = False
@@ -95,7 +97,11 @@ class Engine:
     @property
     def num_waiting(self) -> int:
         with self._cond:
-            return self._waiting + sum(1 for op, _ in self._inbox if op == "add")
+            return self._num_waiting()
+
+    def _num_waiting(self) -> int:  # with _cond held
+        submitted = sum(1 for op, _ in self._inbox if op == "add")
+        return max(0, self._waiting + submitted - self._free_slots)
 
     @property
     def num_unfinished(self) -> int:
@@ -119,9 +125,10 @@ class Engine:
         with self._cond:
             if self._stopping:
                 raise EngineError("the engine is stopped")
-            if self._waiting + sum(1 for op, _ in self._inbox if op == "add") >= self.max_queue:
+            if self._num_waiting() >= self.max_queue:
                 self.metrics.rejected.inc()
-                raise QueueFull(f"{self.max_queue} requests are already waiting")
+                raise QueueFull(f"{self._num_waiting()} requests are already waiting for a batch slot or KV pages "
+                                f"(max_queue {self.max_queue})")
             self._inbox.append(("add", stream))
             self._unfinished += 1
             self._cond.notify()
@@ -164,9 +171,9 @@ class Engine:
             preemptions = scheduler.preemptions
             try:
                 events = scheduler.step()
-            except Exception as e:  # a failed step leaves its requests' device state unknown: drop them all
+            except Exception:  # the scheduler fails a step's culprit alone; this is anything else of ours
                 log.exception("engine step failed")
-                self._abort_all(EngineError(f"generation failed: {type(e).__name__}: {e}"))
+                self._abort_all(EngineError("generation failed (an internal error, logged by the server)"))
                 continue
             self.metrics.preemptions.inc(scheduler.preemptions - preemptions)
             # Before any client hears of a finished request (and sends its next): the step admitted some.
@@ -174,8 +181,11 @@ class Engine:
             self._deliver(events)
 
     def _sync_waiting(self) -> None:
+        scheduler = self.scheduler
         with self._cond:
-            self._waiting = len(self.scheduler.waiting)
+            self._waiting = len(scheduler.waiting)
+            # When pages, not slots, held requests back at the last step, free slots admit nobody.
+            self._free_slots = 0 if scheduler.short_of_pages else scheduler.max_running - len(scheduler.running)
 
     def _deliver(self, events) -> None:
         now = time.perf_counter()
@@ -188,7 +198,10 @@ class Engine:
             self._count_tokens(stream, now)
         for uid, (text, finished) in pieces.items():
             stream = self._streams[uid]
-            stream._put((text, finished, len(stream.output.token_ids)))
+            if stream.output.finish_reason == "error":  # the scheduler logged why; the client hears no internals
+                stream._put(EngineError("generation failed for this request (an internal error, logged by the server)"))
+            else:
+                stream._put((text, finished, len(stream.output.token_ids)))
             if finished:
                 self._done(stream, now)
 

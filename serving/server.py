@@ -34,6 +34,13 @@ from specjax.llm import RequestError
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 
 
+def check_api_key(api_key: str | None, name: str = "api_key") -> None:
+    """Refuse a key that is set but blank: ``Authorization: Bearer`` with nothing after it would pass."""
+    if api_key is not None and not api_key.strip():
+        raise ValueError(f"{name} is set but empty, which would let any client in: give a non-empty key, "
+                         "or leave it unset to serve without one")
+
+
 def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
                default_max_tokens: int | None = None) -> FastAPI:
     """The FastAPI app serving ``engine``'s LLM as ``model_name``; it starts and stops the engine.
@@ -43,6 +50,8 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
     than being reserved for its limit up front; when they run out, the newest requests are
     preempted and recomputed later (``specjax_preemptions_total`` counts them).
     """
+
+    check_api_key(api_key)
 
     @asynccontextmanager
     async def lifespan(_app):

@@ -246,7 +246,7 @@ def _serve(args) -> int:
     import logging
 
     from serving.engine import Engine
-    from serving.server import Server, create_app
+    from serving.server import Server, check_api_key, create_app
     from specjax.llm import LLM
     from specjax.runner import EngineConfig
 
@@ -256,6 +256,7 @@ def _serve(args) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    check_api_key(args.api_key, "--api-key (or $SPECJAX_API_KEY)")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
     if args.compile_cache != "":
         from specjax.checkpoints.registry import cache_dir

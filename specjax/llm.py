@@ -16,14 +16,15 @@ import numpy as np
 from specjax.checkpoints import LoadedModel, load_model
 from specjax.config import resolve_dtype
 from specjax.engine.core import EngineCore
-from specjax.engine.request import Request, RequestError, RequestOutput, RequestStats
+from specjax.engine.request import GenerationError, Request, RequestError, RequestOutput, RequestStats
 from specjax.engine.scheduler import Scheduler
 from specjax.engine.warmup import run_warm_up
 from specjax.runner import EngineConfig
 from specjax.sampling import SamplingParams
 from specjax.speculation.speculator import TreeSpeculation
 
-__all__ = ["LLM", "Prompt", "Request", "RequestError", "RequestOutput", "RequestStats", "SamplingParams"]
+__all__ = ["GenerationError", "LLM", "Prompt", "Request", "RequestError", "RequestOutput", "RequestStats",
+           "SamplingParams"]
 
 Message = dict
 Prompt = Union[str, Sequence[int], Sequence[Message]]
@@ -157,11 +158,17 @@ class LLM:
     # -- public API ----------------------------------------------------------------------------
     def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None
                  ) -> list[RequestOutput]:
-        """Generate for one prompt or a list: strings, token-id lists, or chat message lists."""
+        """Generate for one prompt or a list: strings, token-id lists, or chat message lists.
+
+        A request whose generation fails does not stop the others: once they finish, this raises
+        ``GenerationError``, whose ``outputs`` hold every request's output."""
         requests = self._requests(prompts, sampling_params)
         for _ in self._run(requests):
             pass
-        return [r.output for r in requests]
+        outputs = [r.output for r in requests]
+        if any(o.finish_reason == "error" for o in outputs):
+            raise GenerationError(outputs)
+        return outputs
 
     def chat(self, messages, sampling_params: SamplingParams | None = None) -> list[RequestOutput]:
         """Generate replies to one conversation (a list of messages) or a list of conversations."""
@@ -176,6 +183,8 @@ class LLM:
         for req, delta in self._run([request]):
             if delta:
                 yield delta
+        if request.output.finish_reason == "error":
+            raise GenerationError([request.output])
 
     def scheduler(self, *, interleave: bool = False) -> Scheduler:
         """A Scheduler of this LLM's engine (the server steps one for its whole life)."""

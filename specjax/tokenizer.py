@@ -76,6 +76,15 @@ _GGUF_PRE_TOKENIZERS = {
 }
 
 
+def check_unicode(text: str) -> None:
+    """Refuse text no UTF-8 can hold: a lone surrogate (JSON's ``"\\ud800"`` decodes to one)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"the text is not valid Unicode: a lone surrogate (U+{ord(text[e.start]):04X}) at "
+                         f"character {e.start}") from None
+
+
 class Tokenizer:
     """Encodes and decodes text, renders chat templates, and knows the special token ids.
 
@@ -109,6 +118,7 @@ class Tokenizer:
         ``add_special_tokens`` only controls the BOS/EOS the tokenizer adds around the text."""
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
+        check_unicode(text)
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:

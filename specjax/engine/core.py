@@ -193,6 +193,18 @@ class EngineCore:
             return []
         return list({id(p): p for p in (*req.proposer.parts(), *self.followers)}.values())
 
+    # -- recovery ---------------------------------------------------------------------------
+    def device_state_lost(self) -> bool:
+        """Whether a failed step took KV caches with it: donated to a call that never returned them."""
+        return any(x.is_deleted() for x in jax.tree.leaves(self.runner.cell.state.caches()))
+
+    def reset_device_state(self) -> None:
+        """Empty KV caches of the same shapes and placement in place of lost ones (every running
+        sequence must then be recomputed); the compiled steps still fit them."""
+        cell = self.runner.cell
+        fresh = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype, device=x.sharding), cell.state.caches())
+        cell.state = cell.state.with_caches(fresh)
+
     # -- steps ------------------------------------------------------------------------------
     def _sampling(self, req: Request, tokens: Sequence[int]) -> StepInput:
         p = req.params

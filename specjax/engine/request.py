@@ -39,9 +39,10 @@ class RequestOutput:
     prompt_token_ids: list[int]
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" (EOS, stop token or stop string), "length" or "abort"
+    finish_reason: str | None = None  # "stop" (EOS, stop token or stop string), "length", "abort" or "error"
     stats: RequestStats = field(default_factory=RequestStats)
     logprobs: list[TokenLogprob] | None = None  # one per token id, when SamplingParams.logprobs asks
+    error: str | None = None  # with finish_reason "error": what failed (the exception; the server logs it)
 
     @property
     def finished(self) -> bool:
@@ -54,6 +55,17 @@ class RequestError(ValueError):
     def __init__(self, message: str, param: str):
         super().__init__(message)
         self.param = param
+
+
+class GenerationError(RuntimeError):
+    """Generation failed for some requests (``finish_reason`` "error", ``error`` saying why); the
+    others finished normally. ``outputs`` holds every request's output, in order."""
+
+    def __init__(self, outputs: list[RequestOutput]):
+        failed = [(i, o) for i, o in enumerate(outputs) if o.finish_reason == "error"]
+        super().__init__(f"{len(failed)} of {len(outputs)} requests failed: "
+                         + "; ".join(f"request {i}: {o.error}" for i, o in failed))
+        self.outputs = outputs
 
 
 @dataclass(eq=False)  # the scheduler's lists hold requests by identity
@@ -77,6 +89,9 @@ class Request:
     # Its verified host drafts' summed scores and the tokens they had accepted (the batch-aware budget's calibration).
     draft_scores: float = 0.0
     draft_accepted: int = 0
+    # The kind of step ("prefill" or "decode") it was in when a step of several requests failed: it
+    # runs such steps alone until one succeeds, so a failure alone names the request that caused it.
+    suspect: str | None = None
 
     @property
     def speculation(self) -> str:

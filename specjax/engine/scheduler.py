@@ -12,18 +12,28 @@ speculate, whatever their methods, plain for the others.
 
 The scheduler knows requests, their kinds and their proposers only through the proposer
 interface: it never looks inside a speculation method.
+
+A failing step fails only the request that caused it. A step of one request that raises fails
+that request (``finish_reason`` "error"). A step of several that raises names no culprit: its
+requests are recomputed (their pages may hold part of the failed step) and run that kind of step
+alone until one succeeds, so the culprit's next failure is its own. A failure that took the KV
+caches with it (donated to a call that never returned them) leaves fresh caches, and every running
+request is recomputed.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import deque
-from typing import Protocol
+from typing import Callable, Protocol
 
 from specjax.engine.core import EngineCore, StepOutcome
 from specjax.engine.output import OutputProcessor
 from specjax.engine.request import Request
 
 Event = tuple[Request, str, bool]  # (request, new text, finished)
+
+log = logging.getLogger("specjax.engine")
 
 
 class PageManager(Protocol):
@@ -49,6 +59,12 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order: the last is preempted first
         self.preemptions = 0
+        self.short_of_pages = False  # whether the last step left requests waiting with batch slots free
+
+    @property
+    def max_running(self) -> int:
+        """The most requests a step runs (the batch's slots)."""
+        return self.core.runner.engine.max_num_seqs
 
     @property
     def has_work(self) -> bool:
@@ -161,26 +177,67 @@ class Scheduler:
         """Grow or preempt, admit what fits and run one step; returns (request, new text, finished)
         for each token that gave a request text or finished it. Finished requests have left, their
         pages freed."""
-        max_seqs = self.core.runner.engine.max_num_seqs
+        max_seqs = self.max_running
         # After a preemption the pool is known to be short: admitting now would only preempt again.
         if not self._grow_running():
             while self.waiting and len(self.running) < max_seqs and self._can_admit(self.waiting[0]):
                 self._admit(self.waiting.popleft())
+        self.short_of_pages = bool(self.waiting) and len(self.running) < max_seqs
         prefilling = [r for r in self.running if r.prefilled < r.num_prefill]
         decoding = ([r for r in self.running if r not in prefilling]
                     if self.interleave or not prefilling else [])
-        outcomes = []
-        if prefilling:
-            outcomes += self.core.plain_step(prefilling)
-        if speculating := [r for r in decoding if r.proposer is not None]:
-            outcomes += self.core.speculative_step(speculating)
-        if plain := [r for r in decoding if r.proposer is None]:
-            outcomes += self.core.plain_step(plain)
-        events = [event for outcome in outcomes for event in self._emit(outcome)]
+        events = []
+        for kind, run, group in (("prefill", self.core.plain_step, prefilling),
+                                 ("decode", self.core.speculative_step, [r for r in decoding if r.proposer is not None]),
+                                 ("decode", self.core.plain_step, [r for r in decoding if r.proposer is None])):
+            group = [r for r in group if r in self.running]  # not finished, failed or recomputed since
+            alone = [r for r in group if r.suspect == kind]
+            for batch in [[r] for r in alone] + ([rest] if (rest := [r for r in group if r not in alone]) else []):
+                events += self._guarded(kind, run, batch)
+        return events
+
+    def _guarded(self, kind: str, run: Callable[[list[Request]], list[StepOutcome]], batch: list[Request]
+                 ) -> list[Event]:
+        """Run one step over ``batch`` and emit its tokens; a failure fails the request that caused
+        it, when known, and harms no other (see the module's docstring)."""
+        try:
+            outcomes = run(batch)
+        except Exception as error:
+            log.exception("a %s step of %d request(s) failed", kind, len(batch))
+            return self._recover(kind, batch, error)
+        events = []
+        for outcome in outcomes:
+            if outcome.request.suspect == kind:  # its kind of step succeeded alone: it was not the culprit
+                outcome.request.suspect = None
+            try:
+                events += self._emit(outcome)
+            except Exception as error:  # detokenising or a stop string: this request's own
+                log.exception("request %s: its output failed", outcome.request.uid)
+                events.append(self._fail(outcome.request, error))
         for req, _, finished in events:
-            if finished:
+            if finished and req in self.running:
                 self._finish(req)
         return events
+
+    def _recover(self, kind: str, batch: list[Request], error: Exception) -> list[Event]:
+        events = [self._fail(batch[0], error)] if len(batch) == 1 else []
+        for req in batch if len(batch) > 1 else ():
+            req.suspect = kind
+        lost = self.core.device_state_lost()
+        if lost:
+            self.core.reset_device_state()
+        for req in reversed(list(self.running)):  # the newest first: the oldest ends first in line
+            if lost or req in batch:
+                self._preempt(req)
+        return events
+
+    def _fail(self, req: Request, error: Exception) -> Event:
+        """Finish ``req`` with ``finish_reason`` "error"."""
+        req.output.finish_reason = "error"
+        req.output.error = f"{type(error).__name__}: {error}"
+        if req in self.running:
+            self._finish(req)
+        return req, "", True
 
     def _emit(self, outcome: StepOutcome) -> list[Event]:
         """The events of a step's tokens for one request, and its speculation statistics."""

@@ -30,6 +30,9 @@ from specjax.pytree import pytree_dataclass
 from specjax.speculation.verify import VerifyTree, verify_and_commit
 
 
+TOP_K_LIMIT = np.iinfo(np.int32).max
+
+
 @dataclass
 class StepInput:
     """One sequence's share of a step: ``tokens`` appended after its committed prefix."""
@@ -61,9 +64,11 @@ class RowMeta:
     base_keys: jax.Array
     sample_index: jax.Array
 
-    def keys(self) -> jax.Array:
-        """[B] typed keys of this step's draw per row: fold_in(request key, token index)."""
-        return sampling.row_keys(jax.random.wrap_key_data(self.base_keys), self.sample_index)
+    def keys(self, ahead: jax.Array | None = None) -> jax.Array:
+        """[B] typed keys of this step's draw per row: fold_in(request key, token index); with
+        ``ahead`` [B, N], [B, N] keys of the tokens that many positions further."""
+        index = self.sample_index if ahead is None else self.sample_index[:, None] + ahead
+        return sampling.row_keys(jax.random.wrap_key_data(self.base_keys), index)
 
 
 def row_meta(b: int, p: int, block_table: np.ndarray | None = None, lengths: Sequence[int] = (),
@@ -79,7 +84,8 @@ def row_meta(b: int, p: int, block_table: np.ndarray | None = None, lengths: Seq
         rows.block_tables[: len(block_table)] = block_table
     rows.context_lens[: len(lengths)] = lengths
     for row, x in enumerate(inputs):
-        rows.temperature[row], rows.top_k[row], rows.top_p[row] = x.temperature, x.top_k, x.top_p
+        # Any top_k past the vocabulary keeps every token: clipped, it still fits the device's int32.
+        rows.temperature[row], rows.top_k[row], rows.top_p[row] = x.temperature, min(x.top_k, TOP_K_LIMIT), x.top_p
         if x.base_key is not None:
             rows.base_keys[row] = x.base_key
         rows.sample_index[row] = x.sample_index
@@ -165,7 +171,7 @@ def verify_step(state: ModelState, batch: TreeBatch, *, config: ModelConfig, att
     result, cache = verify_and_commit(out.logits, out.new_k, out.new_v, state.cache, tree, batch.position_slots,
                                       jnp.ones(batch.tokens.shape[:1], bool), rows.temperature, rows.top_k, rows.top_p,
                                       rows.keys(), all_greedy=False, logprobs=batch.logprobs,
-                                      width=batch.tokens.shape[1])
+                                      width=batch.tokens.shape[1], node_keys=rows.keys(batch.depths))
     return state.with_caches(cache), (result.tokens, result.count, *result.logprobs)
 
 

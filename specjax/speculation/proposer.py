@@ -218,6 +218,13 @@ def register(method: str, settings: type, build: Callable[[object, BuildContext]
     _REGISTRY[method] = (settings, build, always_offered)
 
 
+def unregister(method: str) -> None:
+    """Forget a registered method (engines built with it keep their proposers)."""
+    if method not in _REGISTRY:
+        raise KeyError(f"no speculation method {method!r} is registered")
+    del _REGISTRY[method]
+
+
 def registered() -> dict[str, type]:
     """Method name -> settings class, in registration order."""
     return {name: entry[0] for name, entry in _REGISTRY.items()}

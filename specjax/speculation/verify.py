@@ -19,6 +19,13 @@ renormalised, and siblings are tried in draw order (itself random). Deterministi
 rejection zeroes p(x). Children of different drafts are independent, so each draft's siblings
 start again from that draft's distribution. A duplicate of an already rejected token has
 p(x) = 0 by then and is rejected, but its residual step still counts.
+
+Trees of point-mass proposals (host trees: suffix, n-gram) are verified by sampling and matching
+instead: each node's next token is drawn from the target's p there with the key of that token's
+own position in the request, exactly as plain decoding draws it, and a child is accepted when it
+equals its parent's draw. A proposal x is then accepted with probability p(x), as MSS accepts a
+point mass, siblings included; and the emitted tokens are plain sampling's own, so a seed
+reproduces them whatever the batch, the suffix cache or the proposals were.
 """
 
 from __future__ import annotations
@@ -28,20 +35,38 @@ import jax.numpy as jnp
 
 from specjax.kv_cache import INVALID_SLOT, KVCache, write_kv
 from specjax.pytree import pytree_dataclass
-from specjax.sampling import argmax, no_logprobs, process_node_logits, token_logprobs
+from specjax.sampling import argmax, no_logprobs, process_node_logits, sample, token_logprobs
 
 
 def greedy_accept(logits: jax.Array, tokens: jax.Array, parents: jax.Array, depths: jax.Array,
                   mask: jax.Array, live: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Longest accepted path of each tree.
+    """Longest accepted path of each tree: ``match_accept`` of the target's argmax at every node.
 
     logits [B, N, V] (the target's, at every node); tokens, parents, depths [B, N] int32;
-    mask [B, N, N] ancestor-or-self; live [B, N] bool (false for padding). Returns (last [B] int32: deepest accepted node,
-    path [B, N] bool: the root and accepted nodes, bonus [B] int32: the target's token after ``last``).
+    mask [B, N, N] ancestor-or-self; live [B, N] bool (false for padding).
+    """
+    return match_accept(argmax(logits), tokens, parents, depths, mask, live)
+
+
+def node_samples(logits: jax.Array, node_keys: jax.Array, temperature: jax.Array, top_k: jax.Array,
+                 top_p: jax.Array) -> jax.Array:
+    """[B, N] the token the target draws after each node, each with its own key ``node_keys`` [B, N]
+    (greedy rows: the argmax), by ``sampling.sample``, as plain decoding draws a token."""
+    b, n, vocab = logits.shape
+    rows = lambda x: jnp.repeat(x, n, axis=0)  # noqa: E731
+    return sample(logits.reshape(b * n, vocab), node_keys.reshape(b * n), rows(temperature), rows(top_k),
+                  rows(top_p)).reshape(b, n)
+
+
+def match_accept(prediction: jax.Array, tokens: jax.Array, parents: jax.Array, depths: jax.Array,
+                 mask: jax.Array, live: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Longest path of each tree whose every node is the token ``prediction`` [B, N] chose after its parent.
+
+    Returns (last [B] int32: deepest accepted node, path [B, N] bool: the root and accepted nodes,
+    bonus [B] int32: the prediction after ``last``).
     """
     n = tokens.shape[1]
     index = jnp.arange(n)
-    prediction = argmax(logits)  # [B, N]
     parent_prediction = jnp.take_along_axis(prediction, jnp.maximum(parents, 0), axis=1)
     ok = ((tokens == parent_prediction) | (index == 0)) & live
     accepted = ~jnp.any(mask & ~ok[:, None, :], axis=-1)  # every ancestor-or-self matched
@@ -184,15 +209,17 @@ class VerifyResult:
 
 def verify_and_commit(logits: jax.Array, new_k: jax.Array, new_v: jax.Array, cache: KVCache, tree: VerifyTree,
                       slots_by_depth: jax.Array, active: jax.Array, temperature: jax.Array, top_k: jax.Array,
-                      top_p: jax.Array, keys: jax.Array, *, all_greedy: bool, logprobs, width: int
-                      ) -> tuple[VerifyResult, KVCache]:
+                      top_p: jax.Array, keys: jax.Array, *, all_greedy: bool, logprobs, width: int,
+                      node_keys: jax.Array | None = None) -> tuple[VerifyResult, KVCache]:
     """Accept the longest path each row's target agrees with, and write its K/V to the cache.
 
     Every token tree goes through here, host-proposed or drafted on the device, greedy or sampled.
     logits [B, N, V] and new_k/new_v [L, B, N, Hkv, hd]: the target's pass over the trees;
     slots_by_depth [B, W]: the cache slot of each depth's position (root first); active [B]: rows
-    to verify (others write nothing); sampling settings [B] and this step's keys [B] (typed).
-    all_greedy (static): every row is greedy, so no sampling work is compiled. logprobs: a static
+    to verify (others write nothing); sampling settings [B] and this step's keys [B] (typed), for
+    multi-step speculative sampling. Trees of point-mass proposals (``q_logits`` None) are sampled
+    and matched instead, and need ``node_keys`` [B, N]: the key of the token drawn after each
+    node (of position root + depth + 1 in the request). all_greedy (static): every row is greedy, so no sampling work is compiled. logprobs: a static
     bool, or a traced one (one executable with and without scoring). width (static): emitted
     tokens to cover, at least the deepest path + 1.
     """
@@ -203,6 +230,11 @@ def verify_and_commit(logits: jax.Array, new_k: jax.Array, new_v: jax.Array, cac
         return greedy_accept(logits, tree.tokens, tree.parents, tree.depths, tree.mask, tree.live)
 
     def stochastic():
+        if tree.q_logits is None:
+            if node_keys is None:
+                raise ValueError("a tree of point-mass proposals is verified by sampling: it needs node_keys")
+            return match_accept(node_samples(logits, node_keys, temperature, top_k, top_p), tree.tokens,
+                                tree.parents, tree.depths, tree.mask, tree.live)
         target_probs = jax.nn.softmax(process_node_logits(logits, temperature, top_k, top_p), axis=-1)
         draft_probs = deterministic = None
         if tree.q_logits is not None:

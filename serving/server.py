@@ -3,10 +3,15 @@
 Routes: ``POST /v1/completions`` and ``POST /v1/chat/completions`` (``"stream": true`` sends
 server-sent events ending in ``data: [DONE]``), ``GET /v1/models``, ``GET /health``,
 ``GET /metrics`` (Prometheus) and FastAPI's ``/openapi.json`` and ``/docs``. With an API key set,
-``/v1/*`` wants ``Authorization: Bearer <key>``. A full waiting queue answers 429 with
-``Retry-After``; a client that disconnects cancels its request. On SIGTERM (or SIGINT) the server
-drains: new requests get 503 while running ones finish, for up to ``drain_timeout`` seconds, after
-which they are cancelled; then it exits normally.
+``/v1/*`` wants ``Authorization: Bearer <key>`` (and every route with ``protect_all``). A full
+waiting queue answers 429 with ``Retry-After``; a client that disconnects cancels its request. On
+SIGTERM (or SIGINT) the server drains: new requests get 503 while running ones finish, for up to
+``drain_timeout`` seconds, after which they are cancelled; then it exits normally.
+
+Limits that keep one client from hurting the others: a request's key is checked, and its declared
+size, before its body is read (401, 413); a body is read only up to ``max_body_bytes``; prompts
+are tokenised off the event loop; a connection must send its request line and headers within
+``header_timeout`` seconds; at most ``max_connections`` are served at once (503 past them).
 """
 
 from __future__ import annotations
@@ -18,12 +23,14 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 
+import h11
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from serving.api import (ApiError, ChatCompletionRequest, CompletionRequest, chat_messages, completion_prompt,
                          error_body, sampling_params, validation_error)
@@ -32,6 +39,7 @@ from specjax import __version__
 from specjax.llm import RequestError
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
+MAX_BODY_BYTES = 16 << 20  # a 128K-token prompt is well under 1 MiB of text, or of token ids in JSON
 
 
 def check_api_key(api_key: str | None, name: str = "api_key") -> None:
@@ -41,9 +49,87 @@ def check_api_key(api_key: str | None, name: str = "api_key") -> None:
                          "or leave it unset to serve without one")
 
 
+def _key_matches(authorization: bytes | None, api_key: str) -> bool:
+    scheme, _, token = (authorization or b"").decode("latin-1").partition(" ")
+    return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), api_key.encode())
+
+
+def host_name(host_header: bytes) -> str:
+    """The name in a Host header, without its port ("[::1]:8000" -> "::1")."""
+    host = host_header.decode("latin-1").strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
+
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+class Gate:
+    """ASGI middleware that turns a request away before its body is read: a Host header not in
+    ``allowed_hosts`` (400; None allows any), a missing or wrong API key (401), a body declared
+    larger than ``max_body_bytes`` (413), a body to ``/v1`` that is not declared JSON (400); and
+    stops reading a body that grows past the limit (413)."""
+
+    def __init__(self, app, *, api_key: str | None, max_body_bytes: int, protect_all: bool,
+                 allowed_hosts: tuple[str, ...] | None):
+        self.app, self.api_key, self.max_body_bytes, self.protect_all = app, api_key, max_body_bytes, protect_all
+        self.allowed_hosts = None if allowed_hosts is None else {h.lower().strip("[]") for h in allowed_hosts}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        refusal = self._refusal(scope["path"], scope["method"], headers)
+        if refusal is not None:
+            return await JSONResponse(refusal.body(), status_code=refusal.status, headers=refusal.headers)(
+                scope, receive, send)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body_bytes:  # FastAPI answers an HTTPException raised while it reads the body
+                raise HTTPException(413, f"the request body is larger than {self.max_body_bytes} bytes")
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+    def _refusal(self, path: str, method: str, headers: dict) -> ApiError | None:
+        # A web page's script can reach a loopback server under another name (DNS rebinding): only ours answer.
+        if self.allowed_hosts is not None and host_name(headers.get(b"host", b"")) not in self.allowed_hosts:
+            return ApiError(400, f"this server does not answer to the host {host_name(headers.get(b'host', b''))!r} "
+                                 "(see --allowed-hosts)", code="host_not_allowed")
+        if self.api_key is not None and (path.startswith("/v1/") or self.protect_all) and path != "/health":
+            if not _key_matches(headers.get(b"authorization"), self.api_key):
+                return ApiError(401, "missing or wrong API key (send Authorization: Bearer <key>)",
+                                type="authentication_error", code="invalid_api_key")
+        length = headers.get(b"content-length")
+        if length is not None:
+            if not length.isdigit():
+                return ApiError(400, f"Content-Length is not a number: {length[:20]!r}")
+            if int(length) > self.max_body_bytes:
+                return ApiError(413, f"the request body ({int(length)} bytes) is larger than {self.max_body_bytes} "
+                                     "bytes (the server's --max-body-mb)")
+        if method == "POST" and path.startswith("/v1/"):
+            kind = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+            if kind != b"application/json":
+                return ApiError(400, "send the body as JSON, with Content-Type: application/json"
+                                     + (f" (got {kind.decode('latin-1')!r})" if kind else " (none was given)"))
+            if length == b"0":
+                return ApiError(400, "the body is empty: send a JSON object with the request's fields")
+        return None
+
+
 def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
-               default_max_tokens: int | None = None) -> FastAPI:
+               default_max_tokens: int | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+               protect_all: bool = False, allowed_hosts: tuple[str, ...] | None = None) -> FastAPI:
     """The FastAPI app serving ``engine``'s LLM as ``model_name``; it starts and stops the engine.
+
+    ``api_key``: wanted on ``/v1`` (and, with ``protect_all``, on ``/metrics``, ``/docs`` and
+    ``/openapi.json`` too; ``/health`` stays open for load balancers). ``max_body_bytes``: the
+    largest request body read. ``allowed_hosts``: the names the Host header may give (None: any).
 
     ``default_max_tokens``: the output limit of requests that set none; None follows OpenAI (16 for
     completions, the rest of the context for chat). A request's KV pages grow with its output rather
@@ -52,6 +138,8 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
     """
 
     check_api_key(api_key)
+    if not isinstance(max_body_bytes, int) or max_body_bytes < 1:
+        raise ValueError(f"max_body_bytes must be a positive integer, got {max_body_bytes!r}")
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -65,15 +153,9 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
                   description="OpenAI-compatible completions and chat over a specjax LLM with continuous batching "
                               "and speculative decoding.")
     app.state.draining = False
+    app.add_middleware(Gate, api_key=api_key, max_body_bytes=max_body_bytes, protect_all=protect_all,
+                       allowed_hosts=allowed_hosts)
     llm = engine.llm
-
-    async def authorized(request: Request) -> None:
-        if api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
-            raise ApiError(401, "missing or wrong API key (send Authorization: Bearer <key>)",
-                           type="authentication_error", code="invalid_api_key")
 
     async def accepting() -> None:
         if app.state.draining:
@@ -106,7 +188,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
     async def metrics():
         return Response(engine.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorized), Depends(accepting)])
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(accepting)])
 
     def model_card() -> dict:
         return {"id": model_name, "object": "model", "created": 0, "owned_by": "specjax",
@@ -146,8 +228,9 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
         # The LLM caps a limit at the context, so a default may exceed it.
         default = default_max_tokens or (llm.max_model_len if chat else COMPLETION_DEFAULT_MAX_TOKENS)
         params = sampling_params(body, max_tokens if max_tokens is not None else default, limit_param)
-        try:
-            req = llm.new_request(prompt, params, speculation=body.speculation if body.speculation is not None else "default")
+        try:  # tokenising a long prompt takes a while: not on the event loop, which serves every stream
+            req = await asyncio.to_thread(llm.new_request, prompt, params,
+                                          speculation=body.speculation if body.speculation is not None else "default")
         except RequestError as e:
             param = {"prompt": prompt_param, "max_tokens": limit_param}.get(e.param, e.param)
             raise ApiError(400, str(e), param) from None
@@ -227,12 +310,20 @@ class Reply:
         return {"method": output.stats.speculation_method, "steps": spec.steps, "tau": spec.tau,
                 "acceptance_rate": spec.acceptance_rate}
 
+    @staticmethod
+    def finish(reason: str | None) -> dict:
+        """OpenAI's ``finish_reason`` for ours; a request cancelled by the server ("abort", which
+        OpenAI clients do not know) finishes as "stop", with ``finish_detail`` saying so."""
+        if reason == "abort":
+            return {"finish_reason": "stop", "finish_detail": "abort"}
+        return {"finish_reason": reason}
+
     def full(self, output) -> dict:
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": output.text}}
         else:
             choice = {"index": 0, "text": output.text}
-        choice.update(logprobs=self.logprobs(output.logprobs), finish_reason=output.finish_reason)
+        choice.update(logprobs=self.logprobs(output.logprobs), **self.finish(output.finish_reason))
         return self._body("chat.completion" if self.chat else "text_completion", [choice], usage=self.usage(output),
                           speculation=self.speculation(output))
 
@@ -246,7 +337,7 @@ class Reply:
             choice = {"index": 0, "delta": delta}
         else:
             choice = {"index": 0, "text": text or ""}
-        choice.update(logprobs=None if logprobs is None else self.logprobs(logprobs), finish_reason=finish_reason)
+        choice.update(logprobs=None if logprobs is None else self.logprobs(logprobs), **self.finish(finish_reason))
         return self._body("chat.completion.chunk" if self.chat else "text_completion", [choice], **extra)
 
     def usage_chunk(self, output) -> dict:
@@ -319,6 +410,36 @@ async def complete(engine: Engine, request: Request, stream: Stream, reply: Repl
     return JSONResponse(reply.full(stream.output))
 
 
+class HeaderTimeoutH11(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, closing a connection whose request line and headers are not all
+    in ``header_timeout`` seconds after it opened or went quiet between requests (uvicorn itself
+    waits forever for unfinished headers, so a slow client could hold connections without end)."""
+
+    header_timeout = 10.0
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._headers_due = self.loop.call_later(self.header_timeout, self._headers_late)
+
+    def data_received(self, data: bytes) -> None:
+        if self._headers_due is None and self.conn.their_state is h11.IDLE:  # a next request begins
+            self._headers_due = self.loop.call_later(self.header_timeout, self._headers_late)
+        super().data_received(data)
+        if self._headers_due is not None and self.conn.their_state is not h11.IDLE:  # its headers are in
+            self._headers_due.cancel()
+            self._headers_due = None
+
+    def connection_lost(self, exc) -> None:
+        if self._headers_due is not None:
+            self._headers_due.cancel()
+        super().connection_lost(exc)
+
+    def _headers_late(self) -> None:
+        self._headers_due = None
+        if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+            self.transport.close()
+
+
 class Server(uvicorn.Server):
     """uvicorn's server with a draining shutdown.
 
@@ -328,10 +449,15 @@ class Server(uvicorn.Server):
     """
 
     def __init__(self, app: FastAPI, engine: Engine, *, host: str = "127.0.0.1", port: int = 8000,
-                 drain_timeout: float = 30.0, log_level: str = "info"):
+                 drain_timeout: float = 30.0, log_level: str = "info", header_timeout: float = 10.0,
+                 max_connections: int = 1024):
+        if not header_timeout > 0 or not isinstance(max_connections, int) or max_connections < 1:
+            raise ValueError(f"header_timeout must be positive and max_connections a positive integer, got "
+                             f"{header_timeout!r} and {max_connections!r}")
+        protocol = type("HeaderTimeoutH11", (HeaderTimeoutH11,), {"header_timeout": header_timeout})
         # The grace uvicorn gives open connections once draining is over: the last chunks go out.
-        super().__init__(uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                        timeout_graceful_shutdown=5))
+        super().__init__(uvicorn.Config(app, host=host, port=port, log_level=log_level, http=protocol,
+                                        limit_concurrency=max_connections, timeout_graceful_shutdown=5))
         self.app, self.engine, self.drain_timeout = app, engine, drain_timeout
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain_task: asyncio.Task | None = None

@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 from specjax import __version__
 
@@ -109,6 +110,19 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="KV cache size in MiB (default: 1024 on CPU, 85%% of free memory on a GPU)")
     serve.add_argument("--api-key", default=os.environ.get("SPECJAX_API_KEY"),
                        help="require 'Authorization: Bearer KEY' on /v1 (default: $SPECJAX_API_KEY; unset: open)")
+    serve.add_argument("--protect-all-routes", action="store_true",
+                       help="with --api-key, require the key on /metrics, /docs and /openapi.json too (/health "
+                            "stays open for load balancers)")
+    serve.add_argument("--allowed-hosts", type=lambda v: tuple(h for h in v.split(",") if h),
+                       help="comma-separated names the Host header may give, '*' for any (default: localhost, "
+                            "127.0.0.1 and ::1 when --host is a loopback address, else any): a server on loopback "
+                            "must not answer web pages that reach it under another name (DNS rebinding)")
+    serve.add_argument("--max-body-mb", type=int, default=16,
+                       help="largest request body read, in MiB; larger ones get 413 (default: %(default)s)")
+    serve.add_argument("--header-timeout", type=float, default=10.0,
+                       help="seconds a connection has to send its request line and headers (default: %(default)s)")
+    serve.add_argument("--max-connections", type=int, default=1024,
+                       help="connections served at once; more get 503 (default: %(default)s)")
     serve.add_argument("--drain-timeout", type=float, default=30.0,
                        help="seconds running requests may finish in after SIGTERM before they are cancelled "
                             "(default: %(default)s)")
@@ -130,6 +144,18 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_suffix_cache_file(path: str) -> None:
+    """The cache is read from ``path`` at start and written there at exit: both must be possible
+    now, not found out when the cache is lost."""
+    target = Path(path)
+    if target.exists() and not target.is_file():
+        raise ValueError(f"--suffix-cache {path}: not a file (the cache is read from and saved to a file)")
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise ValueError(f"--suffix-cache {path}: {folder} is not a writable directory, so the cache could not "
+                         "be saved there at exit")
+
+
 def _speculation(args):
     """The speculation the flags ask for: None without --draft or --speculate."""
     from specjax.speculation.ngram import NgramSpeculation
@@ -139,6 +165,8 @@ def _speculation(args):
     method = args.speculate or ("chain" if args.draft else None)
     if args.suffix_cache and method not in ("suffix", "hybrid"):
         raise ValueError("--suffix-cache needs --speculate suffix or hybrid")
+    if args.suffix_cache:
+        _check_suffix_cache_file(args.suffix_cache)
     if method in ("suffix", "ngram") and args.draft:
         raise ValueError(f"--speculate {method} uses no draft model: drop --draft (or use --speculate hybrid)")
     if method == "suffix":
@@ -250,34 +278,74 @@ def _serve(args) -> int:
     from specjax.llm import LLM
     from specjax.runner import EngineConfig
 
-    for name in ("max_batch", "max_queue", "kv_cache_mb", "default_max_tokens", "warmup_max_len"):
+    for name in ("max_batch", "max_queue", "kv_cache_mb", "default_max_tokens", "warmup_max_len", "max_body_mb",
+                 "max_connections"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if not args.header_timeout > 0:
+        raise ValueError(f"--header-timeout must be positive, got {args.header_timeout}")
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
     check_api_key(args.api_key, "--api-key (or $SPECJAX_API_KEY)")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
+    speculation = _speculation(args)
     if args.compile_cache != "":
         from specjax.checkpoints.registry import cache_dir
 
-        use_compile_cache(args.compile_cache or cache_dir() / "xla")
-    speculation = _speculation(args)
+        folder = Path(args.compile_cache) if args.compile_cache else cache_dir() / "xla"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / ".specjax-write-check").touch()
+        except OSError as e:
+            raise ValueError(f"--compile-cache {folder} is not a writable directory ({e.strerror}); pass "
+                             "--compile-cache '' to serve without a compilation cache") from None
+        use_compile_cache(folder)
+    # The port is taken before the model loads: a port in use fails at once, and nothing says "serving".
+    listener = _listen(args.host, args.port)
     engine_config = EngineConfig(max_num_seqs=args.max_batch, max_model_len=args.max_model_len,
                                  kv_cache_bytes=args.kv_cache_mb << 20 if args.kv_cache_mb else None)
     print(f"specjax: loading {args.model} …", file=sys.stderr, flush=True)
     llm = LLM(args.model, dtype=args.dtype, engine=engine_config, seed=args.seed, speculation=speculation)
+    if args.max_model_len is not None and args.max_model_len > llm.max_model_len:
+        print(f"specjax: --max-model-len {args.max_model_len} is more than this model and KV cache hold: serving "
+              f"a context of {llm.max_model_len}", file=sys.stderr, flush=True)
     if args.warmup:
         _warm_up(llm, args.warmup_max_len)
     engine = Engine(llm, max_queue=args.max_queue)
     app = create_app(engine, model_name=args.served_model_name or args.model, api_key=args.api_key,
-                     default_max_tokens=args.default_max_tokens)
+                     default_max_tokens=args.default_max_tokens, max_body_bytes=args.max_body_mb << 20,
+                     protect_all=args.protect_all_routes, allowed_hosts=_allowed_hosts(args))
     print(f"specjax: serving {args.served_model_name or args.model} ({llm.weights}, context {llm.max_model_len}"
           f"{', speculation: ' + _describe(args) if speculation else ''})", file=sys.stderr, flush=True)
-    Server(app, engine, host=args.host, port=args.port, drain_timeout=args.drain_timeout).run()
+    Server(app, engine, host=args.host, port=args.port, drain_timeout=args.drain_timeout,
+           header_timeout=args.header_timeout, max_connections=args.max_connections).run(sockets=[listener])
     if args.suffix_cache:
         llm.save_suffix_cache(args.suffix_cache)
     return 0
+
+
+def _allowed_hosts(args) -> tuple[str, ...] | None:
+    from serving.server import LOOPBACK_NAMES
+
+    if args.allowed_hosts is not None:
+        return None if "*" in args.allowed_hosts else args.allowed_hosts
+    return LOOPBACK_NAMES if args.host in LOOPBACK_NAMES else None
+
+
+def _listen(host: str, port: int):
+    """A socket bound to (host, port), for the server to accept on."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    return sock
 
 
 def use_compile_cache(directory: str | os.PathLike) -> None:

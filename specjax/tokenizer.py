@@ -124,6 +124,12 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
+    @cached_property
+    def max_token_chars(self) -> int:
+        """The most characters of text any one token covers (an upper bound: the longest token's
+        own string, in which byte-level vocabularies spend a character per byte)."""
+        return max((len(token) for token in self.backend.get_vocab(with_added_tokens=True)), default=1)
+
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
 

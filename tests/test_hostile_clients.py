@@ -172,3 +172,115 @@ def test_a_seed_reproduces_sampled_output_under_suffix_speculation(target, plain
     batched = suffix.generate([PROMPTS[1], PROMPTS[0], PROMPTS[3]], SEEDED)[1].token_ids
     assert alone == [want] * 3 and batched == want
     assert suffix.generate([PROMPTS[0]], SEEDED)[0].stats.speculation.accepted > 0  # it did speculate
+
+
+def _raw(url: str, data: bytes, wait: float = 30.0) -> bytes:
+    """What the server answers to ``data`` sent as is on a fresh connection, until it closes it."""
+    import socket
+
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=wait) as sock:
+        sock.sendall(data)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+        return reply
+
+
+def test_bodies_are_refused_by_their_key_and_size_before_they_are_read(plain):
+    with serving(plain, MODEL, app_options=dict(max_body_bytes=4096, protect_all=True)) as (url, _):
+        head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        # 200 MB announced and none sent: answered at once, without waiting for the body.
+        assert _raw(url, head + b"Content-Length: 200000000\r\nConnection: close\r\n\r\n").startswith(b"HTTP/1.1 401")
+        keyed = head + f"Authorization: Bearer {KEY}\r\nConnection: close\r\n".encode()
+        reply = _raw(url, keyed + b"Content-Length: 200000000\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 413") and b"--max-body-mb" in reply
+        # A chunked body that grows past the limit is cut off there.
+        big = b'{"model": "tiny", "prompt": "' + b"t1 " * 2000 + b'"}'
+        chunked = b"".join(b"%x\r\n%s\r\n" % (len(big[i:i + 1000]), big[i:i + 1000]) for i in range(0, len(big), 1000))
+        reply = _raw(url, keyed + b"Transfer-Encoding: chunked\r\n\r\n" + chunked + b"0\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 413")
+        status, _, reply = request(url, "POST", "/v1/completions", b"{not json", headers={"Authorization": ""})
+        assert status == 401  # the key first, whatever the body
+        status, _, reply = request(url, "POST", "/v1/completions", b"", )
+        assert status == 400 and "body is empty" in reply["error"]["message"]
+        status, _, reply = request(url, "POST", "/v1/completions", b'{"model": "tiny", "prompt": "t1"}',
+                                   headers={"Content-Type": "text/plain"})
+        assert status == 400 and "Content-Type: application/json" in reply["error"]["message"]
+        for path in ("/metrics", "/openapi.json", "/docs"):
+            assert request(url, "GET", path, headers={"Authorization": ""})[0] == 401  # protect_all
+        assert request(url, "GET", "/health", headers={"Authorization": ""})[0] == 200
+
+
+def test_connections_that_never_finish_their_headers_are_closed(plain):
+    import socket
+    import time
+
+    with serving(plain, MODEL, header_timeout=0.5, max_connections=3) as (url, _):
+        start = time.monotonic()
+        assert _raw(url, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n") == b""  # no blank line: never done
+        assert _raw(url, b"") == b""  # says nothing at all
+        assert time.monotonic() - start < 10
+        host, port = url.removeprefix("http://").split(":")
+        idle = [socket.create_connection((host, int(port))) for _ in range(3)]
+        try:
+            status, _, _ = request(url, "GET", "/health")
+            assert status == 503  # past max_connections
+        finally:
+            for sock in idle:
+                sock.close()
+        time.sleep(1.0)  # the idle ones time out, and the server serves again
+        assert request(url, "GET", "/health")[0] == 200
+
+
+def test_a_huge_prompt_is_refused_without_stalling_other_clients(plain):
+    import time
+
+    with serving(plain, MODEL) as (url, _):
+        huge = {"model": MODEL, "prompt": "t1 " * 2_000_000, "max_tokens": 1}  # 6 MB, far past the context
+        worst, done = [0.0], threading.Event()
+
+        def poll():
+            while not done.is_set():
+                t = time.monotonic()
+                assert request(url, "GET", "/health")[0] == 200
+                worst[0] = max(worst[0], time.monotonic() - t)
+
+        poller = threading.Thread(target=poll)
+        poller.start()
+        start = time.monotonic()
+        status, _, reply = request(url, "POST", "/v1/completions", huge)
+        done.set()
+        poller.join()
+        assert status == 400 and reply["error"]["param"] == "prompt" and "characters" in reply["error"]["message"]
+        # Tokenising it takes seconds here; it is refused by its length before any of that.
+        assert time.monotonic() - start < 2.0 and worst[0] < 2.0, (time.monotonic() - start, worst[0])
+        chat = {"model": MODEL, "messages": [{"role": "user", "content": "t1 " * 2_000_000}], "max_tokens": 1}
+        status, _, reply = request(url, "POST", "/v1/chat/completions", chat)
+        assert status == 400 and reply["error"]["param"] == "messages"
+
+
+def test_a_loopback_server_answers_only_to_its_own_names(plain):
+    with serving(plain, MODEL, app_options=dict(allowed_hosts=("localhost", "127.0.0.1", "::1"))) as (url, _):
+        for host in ("127.0.0.1:80", "localhost", "[::1]:8000"):
+            assert request(url, "GET", "/v1/models", headers={"Host": host})[0] == 200
+        status, _, reply = request(url, "GET", "/v1/models", headers={"Host": "attacker.example:8000"})
+        assert status == 400 and reply["error"]["code"] == "host_not_allowed"
+
+
+def test_serve_refuses_a_port_in_use_and_unusable_files_before_loading_anything(tmp_path, capsys):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        assert cli.main(["serve", "--port", port, "--compile-cache", ""]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "serving" not in err and "loading" not in err
+    assert cli.main(["serve", "--speculate", "suffix", "--suffix-cache", str(tmp_path), "--port", "0"]) == 2
+    assert "--suffix-cache" in capsys.readouterr().err
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    assert cli.main(["serve", "--compile-cache", str(blocked / "xla"), "--port", "0"]) == 2
+    assert "--compile-cache" in capsys.readouterr().err

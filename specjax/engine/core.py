@@ -11,6 +11,7 @@ proposer what was accepted. It never branches on a method's name.
 from __future__ import annotations
 
 import secrets
+import threading
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -88,6 +89,7 @@ class EngineCore:
         # Unseeded requests draw from this key; seeded ones are reproducible in any batch or run.
         self._global_key = jax.random.key(seed if seed is not None else secrets.randbits(63))
         self._requests_started = 0
+        self._requests_lock = threading.Lock()  # requests are made on any thread (the server tokenises off its loop)
 
     def _build(self, settings) -> Proposer:
         built = proposers.build(settings, BuildContext(self.runner, self.loaded, self._build))
@@ -125,11 +127,23 @@ class EngineCore:
     def _fits(self, num_tokens: int) -> bool:
         return self.runner.pages.pages_for(num_tokens) <= self.runner.pages.num_pages
 
-    def _prompt_ids(self, prompt) -> tuple[str | None, list[int]]:
+    def _check_length(self, text: str, label: str) -> None:
+        """Refuse text too long for the context from a bounded prefix of it: tokenising megabytes
+        only to refuse them would cost seconds. Past the characters the context's tokens could
+        cover at the longest token's length, a prefix that long is tokenised; more tokens than the
+        context there (one spare for a word the cut splits) and the whole can only have more."""
+        most = self.max_model_len * self.tokenizer.max_token_chars
+        if len(text) > most and len(self.tokenizer.encode(text[:most], add_special_tokens=False)) > self.max_model_len + 1:
+            raise RequestError(f"{label} is longer than the context: its first {most} of {len(text)} characters "
+                               f"alone are more than the {self.max_model_len} tokens it holds", "prompt")
+
+    def _prompt_ids(self, prompt, label: str) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
+            self._check_length(prompt, label)
             return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
             text = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True)
+            self._check_length(text, label)
             return text, self.tokenizer.encode(text, add_special_tokens=False)
         if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, (int, np.integer)) for t in prompt):
             ids = [int(t) for t in prompt]
@@ -147,8 +161,9 @@ class EngineCore:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"expected SamplingParams, got {type(params).__name__}")
         method = self._method(speculation)
-        proposer = self.proposer(method)
-        text, ids = self._prompt_ids(prompt)
+        with self._requests_lock:  # a method's first request builds its proposer
+            proposer = self.proposer(method)
+        text, ids = self._prompt_ids(prompt, label)
         if not ids:
             raise RequestError(f"{label} is empty after tokenization", "prompt")
         if len(ids) >= self.max_model_len:
@@ -163,8 +178,9 @@ class EngineCore:
             if not part.fits(max_total):
                 raise RequestError(f"{label} needs {max_total} tokens and the speculation's scratch in the "
                                    f"{part.name} proposer's KV cache, more than its pool holds", "max_tokens")
-        uid = self._requests_started
-        self._requests_started += 1
+        with self._requests_lock:
+            uid = self._requests_started
+            self._requests_started += 1
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids.update(self.tokenizer.eos_token_ids)

@@ -130,7 +130,8 @@ def running_server(llm):
 
     # Nothing waits in this benchmark's queue for long, but a saturating rate may queue every request.
     engine = Engine(llm, max_queue=1024)
-    server = Server(create_app(engine, model_name=MODEL_NAME), engine, log_level="warning")
+    server = Server(create_app(engine, model_name=MODEL_NAME, expose_speculation_stats=True), engine,
+                    log_level="warning")
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)

@@ -124,12 +124,15 @@ class Gate:
 
 def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
                default_max_tokens: int | None = None, max_body_bytes: int = MAX_BODY_BYTES,
-               protect_all: bool = False, allowed_hosts: tuple[str, ...] | None = None) -> FastAPI:
+               protect_all: bool = False, allowed_hosts: tuple[str, ...] | None = None,
+               expose_speculation_stats: bool = False) -> FastAPI:
     """The FastAPI app serving ``engine``'s LLM as ``model_name``; it starts and stops the engine.
 
     ``api_key``: wanted on ``/v1`` (and, with ``protect_all``, on ``/metrics``, ``/docs`` and
     ``/openapi.json`` too; ``/health`` stays open for load balancers). ``max_body_bytes``: the
     largest request body read. ``allowed_hosts``: the names the Host header may give (None: any).
+    ``expose_speculation_stats``: add each request's ``speculation`` statistics to its response
+    (off by default: with a shared suffix cache they reveal what other clients generated).
 
     ``default_max_tokens``: the output limit of requests that set none; None follows OpenAI (16 for
     completions, the rest of the context for chat). A request's KV pages grow with its output rather
@@ -248,7 +251,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
                            code="rate_limit_exceeded", headers={"Retry-After": "1"}) from None
         except EngineError as e:
             raise ApiError(503, str(e), type="server_error") from None
-        reply = Reply(chat, model_name, llm.tokenizer, params.logprobs)
+        reply = Reply(chat, model_name, llm.tokenizer, params.logprobs, expose_speculation_stats)
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
             return StreamingResponse(sse(engine, stream, reply, usage), media_type="text/event-stream",
@@ -263,8 +266,8 @@ class Reply:
     """The response bodies of one request, for completions or chat. ``top_logprobs``: the
     alternatives per token its logprobs list, None when it asked for no logprobs."""
 
-    def __init__(self, chat: bool, model: str, tokenizer, top_logprobs: int | None):
-        self.chat, self.model = chat, model
+    def __init__(self, chat: bool, model: str, tokenizer, top_logprobs: int | None, speculation_stats: bool = False):
+        self.chat, self.model, self.speculation_stats = chat, model, speculation_stats
         self.tokenizer, self.top_logprobs = tokenizer, top_logprobs
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
@@ -304,8 +307,10 @@ class Reply:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def speculation(self, output) -> dict | None:
+        """The request's own speculation statistics, when the server shows them: they tell how much
+        a shared suffix cache knew of its text, which other clients' requests may have taught it."""
         spec = output.stats.speculation
-        if spec is None:
+        if spec is None or not self.speculation_stats:
             return None
         return {"method": output.stats.speculation_method, "steps": spec.steps, "tau": spec.tau,
                 "acceptance_rate": spec.acceptance_rate}

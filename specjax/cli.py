@@ -117,6 +117,10 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="comma-separated names the Host header may give, '*' for any (default: localhost, "
                             "127.0.0.1 and ::1 when --host is a loopback address, else any): a server on loopback "
                             "must not answer web pages that reach it under another name (DNS rebinding)")
+    serve.add_argument("--expose-speculation-stats", action="store_true",
+                       help="add each request's speculation statistics (steps, tau, acceptance) to its response; "
+                            "with a suffix cache shared by clients, they reveal how much of a text other requests "
+                            "generated before (/metrics has the aggregates either way)")
     serve.add_argument("--max-body-mb", type=int, default=16,
                        help="largest request body read, in MiB; larger ones get 413 (default: %(default)s)")
     serve.add_argument("--header-timeout", type=float, default=10.0,
@@ -315,7 +319,8 @@ def _serve(args) -> int:
     engine = Engine(llm, max_queue=args.max_queue)
     app = create_app(engine, model_name=args.served_model_name or args.model, api_key=args.api_key,
                      default_max_tokens=args.default_max_tokens, max_body_bytes=args.max_body_mb << 20,
-                     protect_all=args.protect_all_routes, allowed_hosts=_allowed_hosts(args))
+                     protect_all=args.protect_all_routes, allowed_hosts=_allowed_hosts(args),
+                     expose_speculation_stats=args.expose_speculation_stats)
     print(f"specjax: serving {args.served_model_name or args.model} ({llm.weights}, context {llm.max_model_len}"
           f"{', speculation: ' + _describe(args) if speculation else ''})", file=sys.stderr, flush=True)
     Server(app, engine, host=args.host, port=args.port, drain_timeout=args.drain_timeout,

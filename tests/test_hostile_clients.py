@@ -284,3 +284,14 @@ def test_serve_refuses_a_port_in_use_and_unusable_files_before_loading_anything(
     blocked.write_text("")
     assert cli.main(["serve", "--compile-cache", str(blocked / "xla"), "--port", "0"]) == 2
     assert "--compile-cache" in capsys.readouterr().err
+
+
+def test_responses_carry_no_speculation_statistics_unless_the_server_shows_them(target):
+    from specjax.speculation.suffix import SuffixSpeculation
+
+    suffix = LLM(target, engine=ENGINE, seed=0, speculation=SuffixSpeculation(max_spec_tokens=4))
+    with serving(suffix, MODEL) as (url, _):
+        body = {"model": MODEL, "prompt": "t1 t2 t3 t1 t2 t3", "max_tokens": 8, "temperature": 0}
+        status, _, reply = request(url, "POST", "/v1/completions", body)
+        # A shared suffix cache's hit rate would tell one client what others generated.
+        assert status == 200 and reply["speculation"] is None

@@ -85,7 +85,7 @@ def server():
     llm = LLM(target, engine=ENGINE, seed=0, speculation=HybridSpeculation(
         suffix=SuffixSpeculation(max_spec_tokens=4), min_score=0.5,
         tree=TreeSpeculation(drafts=[target], expansion=(1, 1), max_nodes=3)))
-    with serving(llm, MODEL) as (url, _):
+    with serving(llm, MODEL, app_options=dict(expose_speculation_stats=True)) as (url, _):
         yield url, llm
 
 

@@ -98,9 +98,9 @@ class Gate:
 
     def _refusal(self, path: str, method: str, headers: dict) -> ApiError | None:
         # A web page's script can reach a loopback server under another name (DNS rebinding): only ours answer.
-        if self.allowed_hosts is not None and host_name(headers.get(b"host", b"")) not in self.allowed_hosts:
-            return ApiError(400, f"this server does not answer to the host {host_name(headers.get(b'host', b''))!r} "
-                                 "(see --allowed-hosts)", code="host_not_allowed")
+        if self.allowed_hosts is not None and (host := host_name(headers.get(b"host", b""))) not in self.allowed_hosts:
+            return ApiError(400, f"this server does not answer to the host {host!r} (see --allowed-hosts)",
+                            code="host_not_allowed")
         if self.api_key is not None and (path.startswith("/v1/") or self.protect_all) and path != "/health":
             if not _key_matches(headers.get(b"authorization"), self.api_key):
                 return ApiError(401, "missing or wrong API key (send Authorization: Bearer <key>)",

@@ -25,7 +25,8 @@ import numpy as np
 from specjax import sampling
 from specjax.config import ConfigError, ModelConfig
 from specjax.engine.state import TARGET, DeviceState, DeviceStateCell, ModelState
-from specjax.engine.step import StepInput, TokenBatch, TreeBatch, donating_jit, row_meta, token_step, verify_step
+from specjax.engine.step import (StepInput, TokenBatch, TreeBatch, donating_jit, row_meta, step_args, token_step,
+                                 verify_step)
 from specjax.kv_cache import KVCache, PageTable, init_kv_cache, kv_bytes_per_token
 from specjax.params import Params
 from specjax.speculation.tree import TokenTree, stack_trees
@@ -317,12 +318,12 @@ class ModelRunner:
         if not self.has_executable(key):
             log.info("compiling step shape %s on first use (LLM.warm_up compiles ahead)", key)
         model = self.cell.model(self.slot)
-        kept, caches = model.without_caches(), model.caches()
-        compiled = self._compiled.get(key, fn, kept, caches, batch)
+        args = step_args(model, batch)
+        compiled = self._compiled.get(key, fn, *args)
         self.first_run = key not in self._ran
         self._ran.add(key)
         start = time.perf_counter()
-        caches, outputs = compiled(kept, caches, batch)
+        caches, outputs = compiled(*args)
         self.cell.set_model(self.slot, model.with_caches(caches))
         outputs = [np.asarray(x) for x in outputs]
         return outputs, time.perf_counter() - start

@@ -220,9 +220,12 @@ class Scheduler:
         return events
 
     def _recover(self, kind: str, batch: list[Request], error: Exception) -> list[Event]:
-        events = [self._fail(batch[0], error)] if len(batch) == 1 else []
-        for req in batch if len(batch) > 1 else ():
-            req.suspect = kind
+        if len(batch) == 1:
+            events = [self._fail(batch[0], error)]
+        else:
+            events = []
+            for req in batch:
+                req.suspect = kind
         lost = self.core.device_state_lost()
         if lost:
             self.core.reset_device_state()

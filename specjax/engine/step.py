@@ -186,3 +186,9 @@ def donating_jit(step: Callable, *, static_argnames: Sequence[str] = (), **fixed
         return state.caches(), outputs
 
     return jax.jit(split, donate_argnums=(1,), static_argnames=tuple(static_argnames))
+
+
+def step_args(state, batch) -> tuple:
+    """The positional arguments of a ``donating_jit`` step over ``state`` (a ``ModelState`` or a
+    ``DeviceState``): what it keeps, the caches it donates, and the batch."""
+    return state.without_caches(), state.caches(), batch

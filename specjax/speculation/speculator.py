@@ -25,7 +25,7 @@ import numpy as np
 from specjax.config import ModelConfig
 from specjax.draft import load_draft_for
 from specjax.engine.state import DeviceState
-from specjax.engine.step import RowMeta, StepInput, donating_jit, row_meta
+from specjax.engine.step import RowMeta, StepInput, donating_jit, row_meta, step_args
 from specjax.kv_cache import kv_bytes_per_token
 from specjax.params import Params
 from specjax.pytree import pytree_dataclass
@@ -232,12 +232,13 @@ class TreeSpeculator(Proposer):
             pending=tuple(np.zeros((b, tp), np.int32) for _ in drafts),
             pending_len=tuple(np.ones((b,), np.int32) for _ in drafts))
 
-    def _compile(self, key: tuple, batch: DraftTreeBatch):
-        """The executable of bucket ``key`` = (b, tp, pt, pds, all_greedy, logprobs) for ``batch``."""
+    def _compile(self, key: tuple, args: tuple):
+        """The executable of bucket ``key`` = (b, tp, pt, pds, all_greedy, logprobs) for ``args`` (``step_args``)."""
         *_, all_greedy, logprobs = key
-        state = self.target.cell.state
-        return self._compiled.get(key, self._step, state.without_caches(), state.caches(), batch,
-                                  all_greedy=all_greedy, logprobs=logprobs)
+        return self._compiled.get(key, self._step, *args, all_greedy=all_greedy, logprobs=logprobs)
+
+    def _compile_ahead(self, key: tuple) -> None:
+        self._compile(key, step_args(self.target.cell.state, self._batch(*key[:4])))
 
     def step_keys(self, max_len: int | None = None) -> list[tuple]:
         """The buckets of tree steps over sequences of up to ``max_len`` tokens (default the
@@ -260,7 +261,7 @@ class TreeSpeculator(Proposer):
         without running)."""
         prompts = [functools.partial(runner.compile, key) for runner in self.runners for key in runner.step_keys(max_len)
                    if key[2] > 1 and not runner.has_executable(key)]  # drafts only run prompt chunks
-        trees = [functools.partial(self._compile, key, self._batch(*key[:4])) for key in self.step_keys(max_len)
+        trees = [functools.partial(self._compile_ahead, key) for key in self.step_keys(max_len)
                  if key not in self._compiled]
         return {"draft prompt": prompts, "tree step": trees}
 
@@ -304,10 +305,11 @@ class TreeSpeculator(Proposer):
         key = (b, tp, pt, pds, all_greedy, logprobs)
         if key not in self._compiled:
             log.info("compiling tree step shape %s on first use (LLM.warm_up compiles ahead)", key)
-        compiled = self._compile(key, batch)
         state = target.cell.state
+        args = step_args(state, batch)
+        compiled = self._compile(key, args)
         start = time.perf_counter()
-        caches, result = compiled(state.without_caches(), state.caches(), batch)
+        caches, result = compiled(*args)
         target.cell.state = state.with_caches(caches)
         tokens, count, accepted = np.asarray(result.tokens), np.asarray(result.count), np.asarray(result.accepted)
         proposed, depth = np.asarray(result.proposed), np.asarray(result.depth)

@@ -109,15 +109,10 @@ def mss_accept(target_probs: jax.Array, tokens: jax.Array, mask: jax.Array, cano
     ``merge.MergedTree``): canon [B, N] the node accepting it moves to, parents [B, N] the tree
     node it is a child of, group [B, N] equal for one draft's siblings (tried in index order),
     proposed [B, N] bool, draft_probs [B, N, V] the draft distribution it was drawn from (before
-    removing earlier siblings), deterministic [B, N] bool (point-mass proposals); keys [B] typed.
-    ``draft_probs`` None: every proposal is a point mass (trees proposed on the host, e.g. from a
-    suffix cache), and ``deterministic`` is ignored.
+    removing earlier siblings), deterministic [B, N] bool (point-mass proposals, such as a greedy
+    draft's); keys [B] typed. (Trees of point masses only are verified by ``match_accept``.)
     Returns (last [B], path [B, N] bool, bonus [B]) like ``greedy_accept``.
     """
-    if draft_probs is None:
-        # A [B, N, 1] placeholder: with every proposal deterministic no draft probability is read.
-        draft_probs = jnp.zeros(tokens.shape + (1,), target_probs.dtype)
-        deterministic = jnp.ones(tokens.shape, bool)
     return jax.vmap(_mss_row)(target_probs, tokens, mask, canon, parents, group, proposed, draft_probs,
                               deterministic, keys)
 
@@ -138,7 +133,7 @@ def _mss_row(target_probs, tokens, mask, canon, parents, group, proposed, draft_
     def trial(carry, j):
         node, p, q, current_group = carry
         active = proposed[j] & (parents[j] == node)
-        # First sibling of its draft here: its distribution afresh (a [1] placeholder broadcasts).
+        # First sibling of its draft here: its distribution afresh.
         q_j = jnp.where(group[j] != current_group, draft_probs[j], q)
         x = tokens[j]
         point = vocab == x
@@ -219,7 +214,8 @@ def verify_and_commit(logits: jax.Array, new_k: jax.Array, new_v: jax.Array, cac
     to verify (others write nothing); sampling settings [B] and this step's keys [B] (typed), for
     multi-step speculative sampling. Trees of point-mass proposals (``q_logits`` None) are sampled
     and matched instead, and need ``node_keys`` [B, N]: the key of the token drawn after each
-    node (of position root + depth + 1 in the request). all_greedy (static): every row is greedy, so no sampling work is compiled. logprobs: a static
+    node (of position root + depth + 1 in the request). all_greedy (static): every row is greedy,
+    so no sampling work is compiled. logprobs: a static
     bool, or a traced one (one executable with and without scoring). width (static): emitted
     tokens to cover, at least the deepest path + 1.
     """
@@ -236,10 +232,8 @@ def verify_and_commit(logits: jax.Array, new_k: jax.Array, new_v: jax.Array, cac
             return match_accept(node_samples(logits, node_keys, temperature, top_k, top_p), tree.tokens,
                                 tree.parents, tree.depths, tree.mask, tree.live)
         target_probs = jax.nn.softmax(process_node_logits(logits, temperature, top_k, top_p), axis=-1)
-        draft_probs = deterministic = None
-        if tree.q_logits is not None:
-            draft_probs = jax.nn.softmax(jnp.where(tree.proposed[:, :, None], tree.q_logits, 0.0), axis=-1)
-            deterministic = ~(sampled[:, None] & tree.samples)
+        draft_probs = jax.nn.softmax(jnp.where(tree.proposed[:, :, None], tree.q_logits, 0.0), axis=-1)
+        deterministic = ~(sampled[:, None] & tree.samples)
         return mss_accept(target_probs, tree.tokens, tree.mask, tree.canon, tree.under, tree.group, tree.proposed,
                           draft_probs, deterministic, jax.vmap(jax.random.fold_in, (0, None))(keys, 1))
 

@@ -262,8 +262,7 @@ def load_drafts(names: Sequence[str], target: LoadedModel, seed: int = 0) -> dic
 
 def workload_prompts(tokenizer, workload: str, n: int, seed: int) -> list[list[int]]:
     """The chat-templated token ids of a workload's first ``n`` requests."""
-    return [tokenizer.encode(tokenizer.apply_chat_template(r.messages), add_special_tokens=False)
-            for r in load_workload(workload, n=n, seed=seed)]
+    return [tokenizer.encode_chat(r.messages)[1] for r in load_workload(workload, n=n, seed=seed)]
 
 
 def engine_for(config: ModelConfig, prompts: Sequence[Sequence[int]], max_tokens: int, batch: int,

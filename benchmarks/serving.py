@@ -379,8 +379,7 @@ def method_server(args: argparse.Namespace, method: str, conn) -> None:
         target = load_model(args.target, dtype="float32")
         requests = interleaved_requests(args.workloads, args.warmup + args.n * args.rounds * len(args.loads), args.seed)
         warm, measured = requests[: args.warmup], requests[args.warmup:]
-        prompts = [target.tokenizer.encode(target.tokenizer.apply_chat_template(r.messages), add_special_tokens=False)
-                   for r in requests]
+        prompts = [target.tokenizer.encode_chat(r.messages)[1] for r in requests]
         # Pages for a full batch of the longest request, with room for the draft chain past its
         # end; no sequence longer than that, so the prefix buckets stop there.
         longest = max(len(p) for p in prompts) + args.max_tokens + args.k + 1

@@ -16,6 +16,8 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
+import secrets
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -162,8 +164,10 @@ class Tokenizer:
                             **template_kwargs) -> str:
         """Render ``messages`` (a list of ``{"role", "content"}`` dicts) into a prompt string.
 
-        Encode the result with ``add_special_tokens=False``: the template writes BOS itself when the
-        model wants one. Extra keyword arguments (``tools=...``) are passed to the template.
+        To get token ids use :meth:`encode_chat`, which keeps special-token text in the messages
+        from becoming control tokens; encoding this string yourself does not. The template writes
+        BOS itself when the model wants one. Extra keyword arguments (``tools=...``) are passed to
+        the template.
         """
         validate_messages(messages)
         if not self.chat_template:
@@ -172,8 +176,67 @@ class Tokenizer:
             return self._compiled_template.render(
                 messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "", eos_token=self.eos_token or "", **template_kwargs)
-        except jinja2.TemplateError as e:  # raise_exception() in the template, or a template bug
+        except (jinja2.TemplateError, TypeError) as e:  # raise_exception(), or content it cannot handle
             raise ValueError(f"chat template failed: {e}") from None
+
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+                    **template_kwargs) -> tuple[str, list[int]]:
+        """The rendered prompt and its token ids, with special-token text in the messages encoded as
+        plain text: a user who writes ``<|im_end|>`` in a message gets the characters, never the
+        control token, so no message can end its turn or open another role's. The template's own
+        special tokens stay control tokens. Ordinary messages give exactly ``encode(text,
+        add_special_tokens=False)``.
+
+        Special-token strings in the messages' string values (content, text parts, tool-call
+        arguments; roles are the template's to check) are swapped for unforgeable markers before
+        rendering, so the template's own transforms (trim, split) still apply. The rendered text is
+        then split at the template's special tokens, and each stretch between them encoded with
+        special-token parsing off, markers restored.
+        """
+        validate_messages(messages)
+        pattern = self._special_pattern
+        found: list[str] = []
+        nonce = secrets.token_hex(8)
+
+        def shield(value):
+            if isinstance(value, str):
+                def mark(match):
+                    found.append(match.group(0))
+                    return f"\ue000{nonce}:{len(found) - 1}\ue001"
+                return pattern.sub(mark, value) if pattern else value
+            if isinstance(value, Mapping):
+                return {k: v if k == "role" else shield(v) for k, v in value.items()}
+            if isinstance(value, (list, tuple)):
+                return [shield(v) for v in value]
+            return value
+
+        text = self.apply_chat_template([shield(m) for m in messages], add_generation_prompt, **template_kwargs)
+        if not found:
+            return text, self.encode(text, add_special_tokens=False)
+        marker = re.compile(f"\ue000{nonce}:(\\d+)\ue001")
+        restore = lambda span: marker.sub(lambda m: found[int(m.group(1))], span)  # noqa: E731
+        ids: list[int] = []
+        for i, piece in enumerate(pattern.split(text)):  # odd pieces: the template's special tokens
+            if i % 2:
+                ids.append(self.backend.token_to_id(piece))
+            elif piece:
+                ids += self._literal_backend.encode(restore(piece), add_special_tokens=False).ids
+        return restore(text), ids
+
+    @cached_property
+    def _special_pattern(self) -> re.Pattern | None:
+        """Any special token's text, longest first, as one capturing regex (None when there are none)."""
+        specials = sorted({t.content for t in self.backend.get_added_tokens_decoder().values() if t.special},
+                          key=len, reverse=True)
+        return re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
+
+    @cached_property
+    def _literal_backend(self) -> tokenizers.Tokenizer:
+        """A copy of the backend that encodes special-token text as ordinary text (a copy: the flag
+        is the tokenizer's own state, and the backend is shared across threads)."""
+        literal = tokenizers.Tokenizer.from_str(self.backend.to_str())
+        literal.encode_special_tokens = True
+        return literal
 
     @cached_property
     def _compiled_template(self) -> jinja2.Template:

@@ -142,9 +142,9 @@ class EngineCore:
             self._check_length(prompt, label)
             return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
-            text = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True)
-            self._check_length(text, label)
-            return text, self.tokenizer.encode(text, add_special_tokens=False)
+            # rendering is cheap next to tokenising: render once to refuse an overlong chat early
+            self._check_length(self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True), label)
+            return self.tokenizer.encode_chat(list(prompt), add_generation_prompt=True)
         if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, (int, np.integer)) for t in prompt):
             ids = [int(t) for t in prompt]
             bad = [t for t in ids if not 0 <= t < self.config.vocab_size]

@@ -17,10 +17,12 @@ are tokenised off the event loop; a connection must send its request line and he
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import secrets
 import time
 import uuid
+from collections.abc import Sequence
 from contextlib import asynccontextmanager
 
 import h11
@@ -42,16 +44,32 @@ COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat
 MAX_BODY_BYTES = 16 << 20  # a 128K-token prompt is well under 1 MiB of text, or of token ids in JSON
 
 
-def check_api_key(api_key: str | None, name: str = "api_key") -> None:
-    """Refuse a key that is set but blank: ``Authorization: Bearer`` with nothing after it would pass."""
-    if api_key is not None and not api_key.strip():
+SUFFIX_CACHE_SCOPES = ("global", "per-key")
+
+
+def api_keys(api_key: str | Sequence[str] | None, name: str = "api_key") -> tuple[str, ...] | None:
+    """One key or several as a tuple (None: serve without one). A key that is set but blank is
+    refused: ``Authorization: Bearer`` with nothing after it would pass."""
+    if api_key is None:
+        return None
+    keys = (api_key,) if isinstance(api_key, str) else tuple(api_key)
+    if not keys or any(not isinstance(k, str) or not k.strip() for k in keys):
         raise ValueError(f"{name} is set but empty, which would let any client in: give a non-empty key, "
                          "or leave it unset to serve without one")
+    return keys
 
 
-def _key_matches(authorization: bytes | None, api_key: str) -> bool:
+def key_scope(api_key: str) -> str:
+    """The suffix-cache scope of a key's requests: a digest, so neither logs nor a saved cache hold the key."""
+    return hashlib.sha256(api_key.encode()).hexdigest()[:16]
+
+
+def _matching_key(authorization: bytes | None, keys: tuple[str, ...]) -> str | None:
     scheme, _, token = (authorization or b"").decode("latin-1").partition(" ")
-    return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), api_key.encode())
+    token = token.strip().encode()
+    # Every key is compared (in constant time each), so the time taken does not say which one matched.
+    found = [key for key in keys if secrets.compare_digest(token, key.encode())]
+    return found[0] if found and scheme.lower() == "bearer" else None
 
 
 def host_name(host_header: bytes) -> str:
@@ -69,18 +87,21 @@ class Gate:
     """ASGI middleware that turns a request away before its body is read: a Host header not in
     ``allowed_hosts`` (400; None allows any), a missing or wrong API key (401), a body declared
     larger than ``max_body_bytes`` (413), a body to ``/v1`` that is not declared JSON (400); and
-    stops reading a body that grows past the limit (413)."""
+    stops reading a body that grows past the limit (413). A request with a key carries the key's
+    ``key_scope`` in ``request.state.key_scope``."""
 
-    def __init__(self, app, *, api_key: str | None, max_body_bytes: int, protect_all: bool,
+    def __init__(self, app, *, api_keys: tuple[str, ...] | None, max_body_bytes: int, protect_all: bool,
                  allowed_hosts: tuple[str, ...] | None):
-        self.app, self.api_key, self.max_body_bytes, self.protect_all = app, api_key, max_body_bytes, protect_all
+        self.app, self.api_keys, self.max_body_bytes, self.protect_all = app, api_keys, max_body_bytes, protect_all
         self.allowed_hosts = None if allowed_hosts is None else {h.lower().strip("[]") for h in allowed_hosts}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        refusal = self._refusal(scope["path"], scope["method"], headers)
+        if self.api_keys is not None and (key := _matching_key(headers.get(b"authorization"), self.api_keys)):
+            scope.setdefault("state", {})["key_scope"] = key_scope(key)
+        refusal = self._refusal(scope, headers)
         if refusal is not None:
             return await JSONResponse(refusal.body(), status_code=refusal.status, headers=refusal.headers)(
                 scope, receive, send)
@@ -96,13 +117,14 @@ class Gate:
 
         await self.app(scope, limited_receive, send)
 
-    def _refusal(self, path: str, method: str, headers: dict) -> ApiError | None:
+    def _refusal(self, scope, headers: dict) -> ApiError | None:
+        path, method = scope["path"], scope["method"]
         # A web page's script can reach a loopback server under another name (DNS rebinding): only ours answer.
         if self.allowed_hosts is not None and (host := host_name(headers.get(b"host", b""))) not in self.allowed_hosts:
             return ApiError(400, f"this server does not answer to the host {host!r} (see --allowed-hosts)",
                             code="host_not_allowed")
-        if self.api_key is not None and (path.startswith("/v1/") or self.protect_all) and path != "/health":
-            if not _key_matches(headers.get(b"authorization"), self.api_key):
+        if self.api_keys is not None and (path.startswith("/v1/") or self.protect_all) and path != "/health":
+            if "key_scope" not in scope.get("state", {}):
                 return ApiError(401, "missing or wrong API key (send Authorization: Bearer <key>)",
                                 type="authentication_error", code="invalid_api_key")
         length = headers.get(b"content-length")
@@ -122,17 +144,19 @@ class Gate:
         return None
 
 
-def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
+def create_app(engine: Engine, *, model_name: str, api_key: str | Sequence[str] | None = None,
                default_max_tokens: int | None = None, max_body_bytes: int = MAX_BODY_BYTES,
                protect_all: bool = False, allowed_hosts: tuple[str, ...] | None = None,
-               expose_speculation_stats: bool = False) -> FastAPI:
+               expose_speculation_stats: bool = False, suffix_cache_scope: str = "global") -> FastAPI:
     """The FastAPI app serving ``engine``'s LLM as ``model_name``; it starts and stops the engine.
 
-    ``api_key``: wanted on ``/v1`` (and, with ``protect_all``, on ``/metrics``, ``/docs`` and
-    ``/openapi.json`` too; ``/health`` stays open for load balancers). ``max_body_bytes``: the
-    largest request body read. ``allowed_hosts``: the names the Host header may give (None: any).
-    ``expose_speculation_stats``: add each request's ``speculation`` statistics to its response
-    (off by default: with a shared suffix cache they reveal what other clients generated).
+    ``api_key``: a key, or several, wanted on ``/v1`` (and, with ``protect_all``, on ``/metrics``,
+    ``/docs`` and ``/openapi.json`` too; ``/health`` stays open for load balancers).
+    ``max_body_bytes``: the largest request body read. ``allowed_hosts``: the names the Host header
+    may give (None: any). ``expose_speculation_stats``: add each request's ``speculation``
+    statistics to its response (off by default: with a shared suffix cache they reveal what other
+    clients generated). ``suffix_cache_scope``: "global", every request drafts from every earlier
+    output; "per-key", from the outputs of requests with the same API key only.
 
     ``default_max_tokens``: the output limit of requests that set none; None follows OpenAI (16 for
     completions, the rest of the context for chat). A request's KV pages grow with its output rather
@@ -140,7 +164,12 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
     preempted and recomputed later (``specjax_preemptions_total`` counts them).
     """
 
-    check_api_key(api_key)
+    keys = api_keys(api_key)
+    if suffix_cache_scope not in SUFFIX_CACHE_SCOPES:
+        raise ValueError(f"suffix_cache_scope must be one of {', '.join(SUFFIX_CACHE_SCOPES)}, "
+                         f"got {suffix_cache_scope!r}")
+    if suffix_cache_scope == "per-key" and keys is None:
+        raise ValueError("a per-key suffix cache needs API keys to tell clients apart: give one key or more")
     if not isinstance(max_body_bytes, int) or max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be a positive integer, got {max_body_bytes!r}")
 
@@ -156,7 +185,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
                   description="OpenAI-compatible completions and chat over a specjax LLM with continuous batching "
                               "and speculative decoding.")
     app.state.draining = False
-    app.add_middleware(Gate, api_key=api_key, max_body_bytes=max_body_bytes, protect_all=protect_all,
+    app.add_middleware(Gate, api_keys=keys, max_body_bytes=max_body_bytes, protect_all=protect_all,
                        allowed_hosts=allowed_hosts)
     llm = engine.llm
 
@@ -233,7 +262,8 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
         params = sampling_params(body, max_tokens if max_tokens is not None else default, limit_param)
         try:  # tokenising a long prompt takes a while: not on the event loop, which serves every stream
             req = await asyncio.to_thread(llm.new_request, prompt, params,
-                                          speculation=body.speculation if body.speculation is not None else "default")
+                                          speculation=body.speculation if body.speculation is not None else "default",
+                                          cache_scope=request.state.key_scope if suffix_cache_scope == "per-key" else "")
         except RequestError as e:
             param = {"prompt": prompt_param, "max_tokens": limit_param}.get(e.param, e.param)
             raise ApiError(400, str(e), param) from None

@@ -108,8 +108,16 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-model-len", type=int, help="longest prompt plus output (default: the model's context)")
     serve.add_argument("--kv-cache-mb", type=int,
                        help="KV cache size in MiB (default: 1024 on CPU, 85%% of free memory on a GPU)")
-    serve.add_argument("--api-key", default=os.environ.get("SPECJAX_API_KEY"),
-                       help="require 'Authorization: Bearer KEY' on /v1 (default: $SPECJAX_API_KEY; unset: open)")
+    serve.add_argument("--api-key", action="append",
+                       help="require 'Authorization: Bearer KEY' on /v1; repeat for several clients' keys "
+                            "(default: $SPECJAX_API_KEY; unset: open)")
+    serve.add_argument("--api-key-file", metavar="FILE",
+                       help="accept the keys in FILE too, one per line (blank lines and '#' comments skipped): "
+                            "keys on the command line show in the process list")
+    serve.add_argument("--suffix-cache-scope", choices=("global", "per-key"), default="global",
+                       help="whose earlier outputs suffix speculation drafts from: 'global', every client's (the "
+                            "fastest; a client can tell from speed what others generated); 'per-key', only "
+                            "requests with the same API key (default: %(default)s)")
     serve.add_argument("--protect-all-routes", action="store_true",
                        help="with --api-key, require the key on /metrics, /docs and /openapi.json too (/health "
                             "stays open for load balancers)")
@@ -278,7 +286,7 @@ def _serve(args) -> int:
     import logging
 
     from serving.engine import Engine
-    from serving.server import Server, check_api_key, create_app
+    from serving.server import Server, create_app
     from specjax.llm import LLM
     from specjax.runner import EngineConfig
 
@@ -291,7 +299,10 @@ def _serve(args) -> int:
         raise ValueError(f"--header-timeout must be positive, got {args.header_timeout}")
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
-    check_api_key(args.api_key, "--api-key (or $SPECJAX_API_KEY)")
+    keys = _api_keys(args)
+    if args.suffix_cache_scope == "per-key" and keys is None:
+        raise ValueError("--suffix-cache-scope per-key needs API keys (--api-key, --api-key-file or "
+                         "$SPECJAX_API_KEY) to tell clients apart")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
     speculation = _speculation(args)
     if args.compile_cache != "":
@@ -317,7 +328,8 @@ def _serve(args) -> int:
     if args.warmup:
         _warm_up(llm, args.warmup_max_len)
     engine = Engine(llm, max_queue=args.max_queue)
-    app = create_app(engine, model_name=args.served_model_name or args.model, api_key=args.api_key,
+    app = create_app(engine, model_name=args.served_model_name or args.model, api_key=keys,
+                     suffix_cache_scope=args.suffix_cache_scope,
                      default_max_tokens=args.default_max_tokens, max_body_bytes=args.max_body_mb << 20,
                      protect_all=args.protect_all_routes, allowed_hosts=_allowed_hosts(args),
                      expose_speculation_stats=args.expose_speculation_stats)
@@ -328,6 +340,26 @@ def _serve(args) -> int:
     if args.suffix_cache:
         llm.save_suffix_cache(args.suffix_cache)
     return 0
+
+
+def _api_keys(args) -> tuple[str, ...] | None:
+    """The keys of --api-key, --api-key-file and, when neither is given, $SPECJAX_API_KEY (None: no key)."""
+    from serving.server import api_keys
+
+    keys = list(args.api_key or [])
+    if args.api_key_file:
+        try:
+            lines = Path(args.api_key_file).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"--api-key-file {args.api_key_file}: cannot read it ({e})") from None
+        found = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        if not found:
+            raise ValueError(f"--api-key-file {args.api_key_file} holds no key")
+        keys += found
+    if args.api_key is None and not args.api_key_file and "SPECJAX_API_KEY" in os.environ:
+        keys.append(os.environ["SPECJAX_API_KEY"])
+        return api_keys(keys, "$SPECJAX_API_KEY")
+    return api_keys(keys, "--api-key") if keys or args.api_key is not None else None
 
 
 def _allowed_hosts(args) -> tuple[str, ...] | None:

@@ -132,10 +132,13 @@ class LLM:
         self.suffix_cache.save(path)
 
     # -- requests ---------------------------------------------------------------------------
-    def new_request(self, prompt: Prompt, params: SamplingParams, *, speculation: str = "default") -> Request:
+    def new_request(self, prompt: Prompt, params: SamplingParams, *, speculation: str = "default",
+                    cache_scope: str = "") -> Request:
         """One validated request for a Scheduler (``RequestError`` names the input at fault).
-        ``speculation``: one of ``methods`` ("none": plain steps), or "default" (``method``)."""
-        return self.engine.make_request(prompt, params, speculation)
+        ``speculation``: one of ``methods`` ("none": plain steps), or "default" (``method``).
+        ``cache_scope``: requests share the suffix cache's outputs only within one scope (a
+        server gives each API key its own with ``--suffix-cache-scope per-key``); "" is shared."""
+        return self.engine.make_request(prompt, params, speculation, cache_scope=cache_scope)
 
     def _requests(self, prompts, sampling_params) -> list[Request]:
         if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts

@@ -126,11 +126,21 @@ def test_over_http_the_culprit_gets_a_500_without_internals_and_the_others_their
         assert "".join(c.choices[0].text for c in stream if c.choices) == want  # the server is still whole
 
 
-def test_an_empty_api_key_is_refused_at_start_up(plain, capsys):
+def test_an_empty_api_key_is_refused_at_start_up(plain, capsys, monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="empty"):
         create_app(Engine(plain), model_name=MODEL, api_key=" ")
     assert cli.main(["serve", "--api-key", "", "--port", "0"]) == 2
-    assert "--api-key (or $SPECJAX_API_KEY) is set but empty" in capsys.readouterr().err
+    assert "--api-key is set but empty" in capsys.readouterr().err
+    monkeypatch.setenv("SPECJAX_API_KEY", " ")
+    assert cli.main(["serve", "--port", "0"]) == 2
+    assert "$SPECJAX_API_KEY is set but empty" in capsys.readouterr().err
+    monkeypatch.delenv("SPECJAX_API_KEY")
+    keys = tmp_path / "keys"
+    keys.write_text("# no keys yet\n\n")
+    assert cli.main(["serve", "--api-key-file", str(keys), "--port", "0"]) == 2
+    assert f"--api-key-file {keys} holds no key" in capsys.readouterr().err
+    assert cli.main(["serve", "--suffix-cache-scope", "per-key", "--port", "0"]) == 2
+    assert "--suffix-cache-scope per-key needs API keys" in capsys.readouterr().err
 
 
 def test_lone_surrogates_are_a_400_naming_the_field(plain):
@@ -308,3 +318,39 @@ def test_special_token_text_in_a_message_cannot_end_the_turn(smollm2):
     control = {tokenizer.token_to_id(t) for t in ("<|im_start|>", "<|im_end|>", "<|endoftext|>")}
     assert [i for i in ids if i in control] == [i for i in harmless if i in control]
     assert hostile in tokenizer.decode(ids, skip_special_tokens=False)
+
+
+@pytest.mark.parametrize("scope", ["global", "per-key"])
+def test_a_per_key_suffix_cache_shows_no_client_what_another_generated(target, scope):
+    """Alice's output makes her own repeat fast; with a per-key cache Bob's same request drafts
+    from nothing of hers (as many steps as her first), with a global one it is as fast as her repeat."""
+    from specjax.speculation.suffix import SuffixSpeculation
+
+    suffix = LLM(target, engine=ENGINE, seed=0, speculation=SuffixSpeculation(max_spec_tokens=8))
+    options = dict(api_key=("alice-key", "bob-key"), suffix_cache_scope=scope, expose_speculation_stats=True)
+    with serving(suffix, MODEL, app_options=options) as (url, _):
+        def steps(key):
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
+            reply = client.completions.create(model=MODEL, prompt="t3 t9 t27", max_tokens=24, temperature=0,
+                                              extra_body={"ignore_eos": True})
+            return reply.model_extra["speculation"]["steps"], reply.choices[0].text
+
+        (alice_cold, text), (alice_warm, again) = steps("alice-key"), steps("alice-key")
+        bob, bobs_text = steps("bob-key")
+    assert text == again == bobs_text and alice_warm < alice_cold
+    assert bob == (alice_cold if scope == "per-key" else alice_warm)
+
+
+def test_keys_come_from_flags_a_key_file_and_the_environment(tmp_path, monkeypatch):
+    keys = tmp_path / "keys"
+    keys.write_text("# team keys\nalpha\n\n  beta  \n")
+    monkeypatch.setenv("SPECJAX_API_KEY", "gamma")
+
+    def parsed(*flags):
+        return cli._api_keys(cli._build_parser().parse_args(["serve", *flags]))
+
+    assert parsed() == ("gamma",)  # the environment only when no flag names a key
+    assert parsed("--api-key", "one", "--api-key", "two") == ("one", "two")
+    assert parsed("--api-key", "one", "--api-key-file", str(keys)) == ("one", "alpha", "beta")
+    monkeypatch.delenv("SPECJAX_API_KEY")
+    assert parsed() is None

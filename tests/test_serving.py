@@ -60,7 +60,7 @@ def serving(llm: LLM, model_name: str, app_options: dict | None = None, **server
     """A real server for ``llm`` in a thread, on a free port of 127.0.0.1; yields its URL and the
     uvicorn server."""
     engine = Engine(llm, max_queue=32)
-    uvicorn_server = Server(create_app(engine, model_name=model_name, api_key=KEY, **(app_options or {})), engine,
+    uvicorn_server = Server(create_app(engine, model_name=model_name, **{"api_key": KEY, **(app_options or {})}), engine,
                             log_level="warning", **server_options)
     sock = free_socket()
     thread = threading.Thread(target=uvicorn_server.run, kwargs=dict(sockets=[sock]), daemon=True)

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from specjax.speculation.suffix_cache import SuffixCache, SuffixCacheError, SuffixDraft, _Trie
+from specjax.speculation.suffix_cache import SuffixCache, SuffixCacheError, SuffixDraft, _digest, _Trie
 
 ALPHABET = st.integers(0, 4)  # few symbols, so substrings repeat
 STREAM = st.lists(ALPHABET, max_size=14)
@@ -165,10 +165,10 @@ def test_drafts_are_the_best_supported_by_the_indexed_text(sc, spec, tail, whole
 def test_counts_match_brute_force_whatever_the_chunking(sc, cuts):
     cache = build(sc, cuts)
     d = sc["max_depth"]
-    assert trie_counts(cache._global) == substring_counts([*sc["cached"], sc["other"], sc["response"]], d)
+    assert trie_counts(cache._global("")) == substring_counts([*sc["cached"], sc["other"], sc["response"]], d)
     assert trie_counts(cache._active["me"].trie) == substring_counts([sc["prompt"] + sc["response"]], d)
     one_shot = build(sc)
-    assert trie_counts(cache._global) == trie_counts(one_shot._global)
+    assert trie_counts(cache._global("")) == trie_counts(one_shot._global(""))
     assert cache.num_cached_tokens == sum(map(len, sc["cached"]))
 
 
@@ -182,7 +182,7 @@ def test_eviction_removes_exactly_the_evicted_response(sc, victims, more):
         cache.evict(victim)
     responses = dict(zip(ids, [*sc["cached"], sc["other"], sc["response"]]))
     kept = [r for i, r in responses.items() if i not in victims]
-    assert trie_counts(cache._global) == substring_counts(kept, sc["max_depth"])
+    assert trie_counts(cache._global("")) == substring_counts(kept, sc["max_depth"])
     # Freed nodes are reused; an evicted active request goes on in its own tree only.
     for i, response in enumerate(more):
         cache.start_request(f"new{i}", [])
@@ -192,7 +192,7 @@ def test_eviction_removes_exactly_the_evicted_response(sc, victims, more):
     if "me" not in victims:
         kept.remove(sc["response"])
         kept.append(sc["response"] + [3, 4])
-    assert trie_counts(cache._global) == substring_counts(kept, sc["max_depth"])
+    assert trie_counts(cache._global("")) == substring_counts(kept, sc["max_depth"])
     assert trie_counts(cache._active["me"].trie) == substring_counts([sc["prompt"] + sc["response"] + [3, 4]],
                                                                      sc["max_depth"])
     cache.stop_request("me")
@@ -245,12 +245,12 @@ def test_evicted_nodes_are_reused():
     cache.start_request("a", [])
     cache.add_active_response("a", [1, 2, 3, 4, 5, 1, 2])
     cache.stop_request("a")
-    size = len(cache._global.count)
+    size = len(cache._global("").count)
     cache.evict("a")
     assert cache.num_nodes == 0 and cache.cached_requests == ()
     cache.start_request("b", [])
     cache.add_active_response("b", [2, 1, 5, 4, 3, 2, 1])  # reversed: as many distinct substrings
-    assert len(cache._global.count) == size and cache.num_nodes == size - 1
+    assert len(cache._global("").count) == size and cache.num_nodes == size - 1
 
 
 def test_fifo_eviction_keeps_the_newest_responses():
@@ -260,7 +260,7 @@ def test_fifo_eviction_keeps_the_newest_responses():
         cache.add_active_response(i, response)
         cache.stop_request(i)
     assert cache.cached_requests == (1, 2) and cache.num_cached_tokens == 6
-    assert trie_counts(cache._global) == substring_counts([[2, 3, 4], [3, 4, 0]], 3)
+    assert trie_counts(cache._global("")) == substring_counts([[2, 3, 4], [3, 4, 0]], 3)
     cache.start_request(1, [5])  # restarting a cached id evicts its cached response
     assert cache.cached_requests == (2,) and cache.active_requests == (1,)
     none_kept = SuffixCache(max_cached_requests=0)
@@ -293,12 +293,76 @@ def test_save_and_load_round_trip(tmp_path):
     loaded = SuffixCache.load(path)
     assert loaded.cached_requests == (7, "s7", "x") and loaded.active_requests == ()
     assert (loaded.max_depth, loaded.max_cached_requests, loaded.num_cached_tokens) == (5, 3, 8)
-    assert trie_counts(loaded._global) == trie_counts(cache._global)
+    assert trie_counts(loaded._global("")) == trie_counts(cache._global(""))
     loaded.start_request("active", [4, 4])
     assert loaded.speculate("active", [4, 1, 2], 4) == cache.speculate("active", [4, 1, 2], 4)
     unbounded = SuffixCache(max_cached_requests=None)
     unbounded.save(path)
     assert SuffixCache.load(path).max_cached_requests is None
+
+
+def test_version_1_files_load_into_the_shared_scope(saved, tmp_path):
+    """Files written before scopes existed: every response in the shared scope ("")."""
+    path, cache = saved
+    with np.load(path) as f:
+        payload = {name: f[name] for name in f.files if name not in ("scopes", "sha256")}
+    payload["version"] = np.array(1)
+    payload["sha256"] = np.array(_digest(payload))
+    np.savez(tmp_path / "v1.npz", **payload)
+    loaded = SuffixCache.load(tmp_path / "v1.npz")
+    assert loaded.cached_requests == cache.cached_requests
+    assert trie_counts(loaded._global("")) == trie_counts(cache._global(""))
+
+
+SCOPES = ["", "key-a", "key-b"]
+
+
+@PROPERTY
+@given(sc=scenario, spec=spec_strategy, scope_of=st.lists(st.sampled_from(SCOPES), min_size=6, max_size=6),
+       mine=st.sampled_from(SCOPES))
+def test_a_scope_drafts_from_its_own_responses_alone(sc, spec, scope_of, mine):
+    """Responses in other scopes are invisible: each scope's tree counts its own responses, and a
+    request's drafts are the best its prompt and its scope's responses support."""
+    cache = SuffixCache(max_depth=sc["max_depth"])
+    responses = {}
+    for i, response in enumerate(sc["cached"]):
+        cache.start_request(i, [0], scope=scope_of[i])
+        cache.add_active_response(i, response)
+        cache.stop_request(i)
+        responses[i] = (scope_of[i], response)
+    cache.start_request("other", [1, 2], scope=scope_of[4])
+    cache.add_active_response("other", sc["other"])
+    responses["other"] = (scope_of[4], sc["other"])
+    cache.start_request("me", sc["prompt"], scope=mine)
+    cache.add_active_response("me", sc["response"])
+    responses["me"] = (mine, sc["response"])
+    for scope in SCOPES:
+        assert trie_counts(cache._global(scope)) == substring_counts(
+            [r for s, r in responses.values() if s == scope], sc["max_depth"])
+    own = sc["prompt"] + sc["response"]
+    sources = {"prompt": substring_counts([own], sc["max_depth"]),
+               "global": substring_counts([r for s, r in responses.values() if s == mine], sc["max_depth"])}
+    context = own or [0]
+    check_draft(cache.speculate("me", context, **spec), context, sources, sc["max_depth"], spec)
+
+
+def test_eviction_is_oldest_first_across_scopes_and_scopes_survive_saving(tmp_path):
+    cache = SuffixCache(max_depth=3, max_cached_requests=2)
+    for request_id, scope, response in [(0, "a", [1, 2, 3]), (1, "b", [4, 5]), (2, "a", [6, 7])]:
+        cache.start_request(request_id, [], scope=scope)
+        cache.add_active_response(request_id, response)
+        cache.stop_request(request_id)
+    assert cache.cached_requests == (1, 2)
+    assert trie_counts(cache._global("a")) == substring_counts([[6, 7]], 3)
+    assert trie_counts(cache._global("b")) == substring_counts([[4, 5]], 3)
+    cache.save(tmp_path / "scoped")
+    loaded = SuffixCache.load(tmp_path / "scoped")
+    for scope in ("a", "b", ""):
+        assert trie_counts(loaded._global(scope)) == trie_counts(cache._global(scope))
+    loaded.start_request("q", [6], scope="b")
+    assert loaded.speculate("q", [6], 4).tokens == []  # [6, 7] is a's
+    with pytest.raises(TypeError, match="scope must be a str"):
+        loaded.start_request("r", [], scope=None)
 
 
 def test_only_str_and_int_ids_can_be_saved(tmp_path):
@@ -332,7 +396,7 @@ def test_corrupted_files_fail_clearly(saved, tmp_path):
         except SuffixCacheError:
             continue
         assert loaded.cached_requests == cache.cached_requests
-        assert trie_counts(loaded._global) == trie_counts(cache._global)
+        assert trie_counts(loaded._global("")) == trie_counts(cache._global(""))
     for size in (0, 10, len(data) // 2, len(data) - 1):
         bad.write_bytes(data[:size])
         with pytest.raises(SuffixCacheError, match="not a readable suffix cache file"):
@@ -354,10 +418,10 @@ def test_other_format_versions_are_refused(saved, tmp_path):
     path, _ = saved
     with np.load(path) as f:
         payload = {name: f[name] for name in f.files}
-    payload["version"] = np.array(2)
-    np.savez(tmp_path / "v2.npz", **payload)
-    with pytest.raises(SuffixCacheError, match="format version 2; this specjax reads version 1"):
-        SuffixCache.load(tmp_path / "v2.npz")
+    payload["version"] = np.array(3)
+    np.savez(tmp_path / "v3.npz", **payload)
+    with pytest.raises(SuffixCacheError, match="format version 3; this specjax reads versions 1 to 2"):
+        SuffixCache.load(tmp_path / "v3.npz")
     np.savez(tmp_path / "other.npz", weights=np.zeros(3))
     with pytest.raises(SuffixCacheError, match="is not a suffix cache file"):
         SuffixCache.load(tmp_path / "other.npz")

@@ -154,10 +154,13 @@ class EngineCore:
         raise TypeError("a prompt is a string, a non-empty list of token ids, or a non-empty list of chat messages "
                         f"({{'role': ..., 'content': ...}}); got {type(prompt).__name__}")
 
-    def make_request(self, prompt, params: SamplingParams, speculation: str = "default", label: str = "the prompt"
-                     ) -> Request:
+    def make_request(self, prompt, params: SamplingParams, speculation: str = "default", label: str = "the prompt",
+                     cache_scope: str = "") -> Request:
         """One validated request (``RequestError`` names the input at fault). ``speculation``: one
-        of ``methods`` ("none": plain steps), or "default" (``method``)."""
+        of ``methods`` ("none": plain steps), or "default" (``method``). ``cache_scope``: the
+        requests whose outputs it may draft from and serve (``Request.cache_scope``)."""
+        if not isinstance(cache_scope, str):
+            raise TypeError(f"cache_scope must be a str, got {type(cache_scope).__name__}")
         if not isinstance(params, SamplingParams):
             raise TypeError(f"expected SamplingParams, got {type(params).__name__}")
         method = self._method(speculation)
@@ -194,7 +197,7 @@ class EngineCore:
             output.stats.speculation = SpeculationStats()
         return Request(uid=uid, params=params, output=output, max_total=max_total, kv_limit=kv_limit,
                        num_prefill=len(ids), base_key=base_key, stop_ids=frozenset(stop_ids),
-                       detok=self.tokenizer.incremental_decoder(), proposer=proposer)
+                       detok=self.tokenizer.incremental_decoder(), proposer=proposer, cache_scope=cache_scope)
 
     # -- what a request's speculation involves ---------------------------------------------------
     @staticmethod

@@ -82,6 +82,9 @@ class Request:
     stop_ids: frozenset[int]
     detok: object
     proposer: Proposer | None = None  # how it speculates; None: plain decoding
+    # Whose earlier outputs its speculation may draft from, and which later requests its own
+    # output may serve: requests share caches of outputs (the suffix cache) within a scope only.
+    cache_scope: str = ""
     kind: RequestKind = "generate"
     arrival: float = field(default_factory=time.perf_counter)  # time to first token counts from here
     prefilled: int = 0

@@ -111,7 +111,7 @@ class Scheduler:
                 part.attach(req.uid, length)
                 attached.append(part)
             for follower in starting:
-                follower.start(req.uid, req.output.prompt_token_ids)
+                follower.start(req.uid, req.output.prompt_token_ids, req.cache_scope)
         except Exception:
             self.kv.release(req.uid)
             for part in attached:

@@ -168,8 +168,8 @@ class Proposer:
         pass
 
     # -- the request's whole life
-    def start(self, uid: int, prompt: Sequence[int]) -> None:
-        pass
+    def start(self, uid: int, prompt: Sequence[int], scope: str = "") -> None:
+        """``scope``: whose earlier outputs the request may draft from and feed (``Request.cache_scope``)."""
 
     def stop(self, uid: int, sequence: Sequence[int]) -> None:
         pass

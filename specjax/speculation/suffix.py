@@ -40,7 +40,7 @@ class SuffixSpeculation:
     tree: speculate trees (the most probable continuations, branching) or a single chain.
     max_depth: longest context suffix matched plus continuation, in tokens; contexts longer than
         this are matched on their last ``max_depth`` tokens.
-    max_cached_requests: earlier responses kept in the global cache; the oldest leave first. The
+    max_cached_requests: earlier responses kept, every scope's together; the oldest leave first. The
         trie holds up to ``max_depth`` nodes per cached token (about 20 bytes each; repetitive
         text shares most), so 1000 responses of 1000 tokens take up to about 1 GB of host memory.
     cache_file: start from the global cache saved there (``LLM.save_suffix_cache``), if it exists.
@@ -139,10 +139,10 @@ class SuffixSpeculator(Proposer):
     def _id(self, request_id) -> str:
         return f"{self._prefix}-{request_id}"
 
-    def start(self, request_id, prompt: Sequence[int]) -> None:
+    def start(self, request_id, prompt: Sequence[int], scope: str = "") -> None:
         start = time.perf_counter()
         request_id = self._id(request_id)
-        self.cache.start_request(request_id, prompt)
+        self.cache.start_request(request_id, prompt, scope)
         self._known[request_id] = len(prompt)
         self.host_time_s += time.perf_counter() - start
 

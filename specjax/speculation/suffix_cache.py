@@ -6,7 +6,8 @@ suffix wherever that suffix occurred before. Two tries are searched:
 - each active request's own tree, over its prompt followed by its response as it grows
   (source ``"prompt"``): agents and code edits repeat their inputs;
 - one global tree over the responses of earlier and concurrent requests (source ``"global"``):
-  agent sessions repeat their own earlier outputs.
+  agent sessions repeat their own earlier outputs. Requests started in different scopes (a
+  server's API keys) have a global tree each, so no one's drafts show what another generated.
 
 Both are suffix tries capped at ``max_depth``: every substring of at most ``max_depth`` tokens of
 an indexed stream is a node, whose count is its number of occurrences (each stream is indexed
@@ -32,8 +33,8 @@ because agent sessions mostly reuse recent outputs, and because a hit is on a tr
 count aggregates many responses, so it cannot be attributed to one response cheaply; the
 reference implementation (ArcticInference) evicts FIFO too.
 
-``save`` writes the cached responses and settings to one checksummed file; ``load`` rebuilds the
-global trie from them. Active requests are not saved.
+``save`` writes the cached responses, their scopes and the settings to one checksummed file;
+``load`` rebuilds the global tries from them. Active requests are not saved.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ import numpy as np
 
 _MAX_TOKEN = 2**31 - 1  # node arrays hold C ints
 _TIE = 1e-9  # a draft must beat the best by more than float noise to replace it
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2 added scopes; version 1 files load with every response in the shared scope
 
 
 class SuffixCacheError(ValueError):
@@ -307,7 +308,8 @@ class _Request:
     trie: _Trie  # the request's own tokens: its prompt, then its response
     active: list[int]  # its stream's active nodes in ``trie``
     response: array  # its response so far
-    global_active: list[int] | None  # its response's active nodes in the global trie; None once evicted
+    scope: str  # whose global trie it reads and feeds
+    global_active: list[int] | None  # its response's active nodes in its scope's global trie; None once evicted
 
 
 class SuffixCache:
@@ -317,10 +319,12 @@ class SuffixCache:
     ``add_active_response`` as tokens are generated (indexed in its own tree and the global one,
     so concurrent requests match them too) and ``speculate`` before each verification step, then
     ``stop_request`` (its response stays cached globally, subject to ``max_cached_requests``).
+    A request's ``scope`` names the global tree it reads and feeds ("" the shared one).
 
     max_depth: the longest indexed substring; bounds match length plus draft depth.
-    max_cached_requests: the most stopped requests' responses kept (oldest evicted first); None:
-        no bound. Each cached token costs up to ``max_depth`` nodes of 20 to 30 bytes.
+    max_cached_requests: the most stopped requests' responses kept, all scopes together (oldest
+        evicted first); None: no bound. Each cached token costs up to ``max_depth`` nodes of 20 to
+        30 bytes.
     Request ids may be any hashable; ``save`` needs them to be str or int.
     """
 
@@ -331,9 +335,10 @@ class SuffixCache:
             raise ValueError(f"max_cached_requests must be None or an integer >= 0, got {max_cached_requests!r}")
         self._max_depth = max_depth
         self._max_cached = max_cached_requests
-        self._global = _Trie(max_depth)
+        self._globals: dict[str, _Trie] = {}  # scope -> its tree of responses
         self._active: dict[Hashable, _Request] = {}
-        self._cached: OrderedDict[Hashable, array] = OrderedDict()  # stopped requests' responses, oldest first
+        # stopped requests' scopes and responses, oldest first
+        self._cached: OrderedDict[Hashable, tuple[str, array]] = OrderedDict()
         self._cached_tokens = 0
 
     @property
@@ -361,25 +366,33 @@ class SuffixCache:
 
     @property
     def num_nodes(self) -> int:
-        """Nodes of the global trie (cached and active responses)."""
-        return self._global.num_nodes
+        """Nodes of the global tries (cached and active responses), every scope's together."""
+        return sum(trie.num_nodes for trie in self._globals.values())
+
+    def _global(self, scope: str) -> _Trie:
+        if scope not in self._globals:
+            self._globals[scope] = _Trie(self._max_depth)
+        return self._globals[scope]
 
     @property
     def num_local_nodes(self) -> int:
         """Nodes of the active requests' own tries together."""
         return sum(request.trie.num_nodes for request in self._active.values())
 
-    def start_request(self, request_id: Hashable, prompt_tokens: Sequence[int]) -> None:
-        """Starts a request: indexes its prompt in its own tree. A cached response of the same id
-        is evicted first (the id now names the new request)."""
+    def start_request(self, request_id: Hashable, prompt_tokens: Sequence[int], scope: str = "") -> None:
+        """Starts a request: indexes its prompt in its own tree. It drafts from, and its response
+        joins, ``scope``'s global tree. A cached response of the same id is evicted first (the id
+        now names the new request)."""
         if request_id in self._active:
             raise ValueError(f"request {request_id!r} is already active")
+        if not isinstance(scope, str):
+            raise TypeError(f"scope must be a str, got {type(scope).__name__}")
         prompt = _token_list(prompt_tokens, "prompt_tokens")
         if request_id in self._cached:
             self.evict(request_id)
         trie = _Trie(self._max_depth)
         self._active[request_id] = _Request(trie=trie, active=trie.extend([], prompt), response=array("i"),
-                                            global_active=[])
+                                            scope=scope, global_active=[])
 
     def add_active_response(self, request_id: Hashable, tokens: Sequence[int]) -> None:
         """Appends generated ``tokens`` to the request's response, in its own tree and the global one."""
@@ -388,7 +401,7 @@ class SuffixCache:
         request.active = request.trie.extend(request.active, tokens)
         request.response.extend(tokens)
         if request.global_active is not None:
-            request.global_active = self._global.extend(request.global_active, tokens)
+            request.global_active = self._global(request.scope).extend(request.global_active, tokens)
 
     def stop_request(self, request_id: Hashable) -> None:
         """Ends a request: drops its own tree and caches its response (unless evicted while active),
@@ -397,7 +410,7 @@ class SuffixCache:
         del self._active[request_id]
         if request.global_active is None:
             return
-        self._cached[request_id] = request.response
+        self._cached[request_id] = (request.scope, request.response)
         self._cached_tokens += len(request.response)
         while self._max_cached is not None and len(self._cached) > self._max_cached:
             self.evict(next(iter(self._cached)))
@@ -406,14 +419,14 @@ class SuffixCache:
         """Removes a response from the global tree: a cached one, or an active request's so far
         (its later tokens then go to its own tree only, and it is not cached when stopped)."""
         if request_id in self._cached:
-            response = self._cached.pop(request_id)
+            scope, response = self._cached.pop(request_id)
             self._cached_tokens -= len(response)
         elif request_id in self._active and self._active[request_id].global_active is not None:
             request = self._active[request_id]
-            response, request.global_active = request.response, None
+            scope, response, request.global_active = request.scope, request.response, None
         else:
             raise KeyError(f"request {request_id!r} has no response in the suffix cache")
-        self._global.retract(response)
+        self._global(scope).retract(response)
 
     def speculate(self, request_id: Hashable, context: Sequence[int], max_spec_tokens: int,
                   max_spec_factor: float = 1.0, max_spec_offset: float = 0.0, min_token_prob: float = 0.1,
@@ -439,7 +452,7 @@ class SuffixCache:
             raise ValueError("context is empty: it must end with the token the draft follows")
 
         matches = [(source, trie, trie.suffix_nodes(window), trie.draft_tree if tree else trie.draft_chain)
-                   for source, trie in (("prompt", request.trie), ("global", self._global))]
+                   for source, trie in (("prompt", request.trie), ("global", self._global(request.scope)))]
         best = _EMPTY_DRAFT
         # Per source, (count, capped) of the last match tried: when a shorter one has the same count,
         # its occurrences are the same and so are its continuations (deeper by the length
@@ -469,20 +482,21 @@ class SuffixCache:
         return best
 
     def save(self, path: str | os.PathLike) -> None:
-        """Writes the cached responses (oldest first) and the settings to one file at ``path``."""
+        """Writes the cached responses (oldest first), their scopes and the settings to one file at ``path``."""
         ids = list(self._cached)
         bad = [i for i in ids if not isinstance(i, (str, int)) or isinstance(i, bool)]
         if bad:
             raise TypeError(f"only str and int request ids can be saved, got {bad[0]!r} ({type(bad[0]).__name__})")
-        lengths = [len(r) for r in self._cached.values()]
+        lengths = [len(r) for _, r in self._cached.values()]
         payload = {
             "version": np.array(_FORMAT_VERSION),
             "max_depth": np.array(self._max_depth),
             "max_cached_requests": np.array(-1 if self._max_cached is None else self._max_cached),
             "ids": np.array([str(i) for i in ids], dtype=np.str_),
             "id_is_int": np.array([isinstance(i, int) for i in ids], dtype=bool),
+            "scopes": np.array([scope for scope, _ in self._cached.values()], dtype=np.str_),
             "offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-            "tokens": np.concatenate([np.asarray(r, np.int32) for r in self._cached.values()] or
+            "tokens": np.concatenate([np.asarray(r, np.int32) for _, r in self._cached.values()] or
                                      [np.zeros(0, np.int32)]),
         }
         payload["sha256"] = np.array(_digest(payload))
@@ -501,22 +515,24 @@ class SuffixCache:
             except Exception as e:  # a damaged zip fails in zipfile, zlib, struct or numpy, many ways
                 raise SuffixCacheError(f"{path} is not a readable suffix cache file: {e!r}") from e
         expected = {"version", "max_depth", "max_cached_requests", "ids", "id_is_int", "offsets", "tokens", "sha256"}
-        if set(payload) != expected:
+        if set(payload) - {"scopes"} != expected:
             raise SuffixCacheError(f"{path} is not a suffix cache file: it holds {sorted(payload)}")
-        if payload["version"].shape != () or int(payload["version"]) != _FORMAT_VERSION:
+        version = int(payload["version"]) if payload["version"].shape == () else None
+        if version not in (1, _FORMAT_VERSION) or ("scopes" in payload) != (version == _FORMAT_VERSION):
             raise SuffixCacheError(f"{path} has suffix cache format version {payload['version']}; "
-                                   f"this specjax reads version {_FORMAT_VERSION}")
+                                   f"this specjax reads versions 1 to {_FORMAT_VERSION}")
         digest = payload.pop("sha256")
         if digest.shape != () or str(digest) != _digest(payload):
             raise SuffixCacheError(f"{path} is corrupted: its checksum does not match its contents")
         ids, is_int, offsets, tokens = payload["ids"], payload["id_is_int"], payload["offsets"], payload["tokens"]
+        scopes = payload["scopes"].tolist() if "scopes" in payload else [""] * len(ids)
         max_cached = int(payload["max_cached_requests"])
         cache = cls(max_depth=int(payload["max_depth"]), max_cached_requests=None if max_cached < 0 else max_cached)
         for i, request_id in enumerate(ids.tolist()):
             request_id = int(request_id) if is_int[i] else request_id
             response = array("i", tokens[offsets[i]:offsets[i + 1]].tolist())
-            cache._global.extend([], response)
-            cache._cached[request_id] = response
+            cache._global(scopes[i]).extend([], response)
+            cache._cached[request_id] = (scopes[i], response)
             cache._cached_tokens += len(response)
         return cache
 

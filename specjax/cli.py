@@ -106,6 +106,11 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="output limit of requests that set none (default: OpenAI's, 16 for completions and "
                             "the rest of the context for chat)")
     serve.add_argument("--max-model-len", type=int, help="longest prompt plus output (default: the model's context)")
+    serve.add_argument("--prefill-chunk", type=int, default=512,
+                       help="longest prompt slice per step (default: %(default)s)")
+    serve.add_argument("--interleaved-prefill-chunk", type=int,
+                       help="longest prompt slice per step while other requests decode, each of whose tokens "
+                            "waits for it (default: 64 on CPU, --prefill-chunk on a GPU)")
     serve.add_argument("--kv-cache-mb", type=int,
                        help="KV cache size in MiB (default: 1024 on CPU, 85%% of free memory on a GPU)")
     serve.add_argument("--api-key", action="append",
@@ -291,7 +296,7 @@ def _serve(args) -> int:
     from specjax.runner import EngineConfig
 
     for name in ("max_batch", "max_queue", "kv_cache_mb", "default_max_tokens", "warmup_max_len", "max_body_mb",
-                 "max_connections"):
+                 "max_connections", "prefill_chunk", "interleaved_prefill_chunk"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
@@ -319,6 +324,7 @@ def _serve(args) -> int:
     # The port is taken before the model loads: a port in use fails at once, and nothing says "serving".
     listener = _listen(args.host, args.port)
     engine_config = EngineConfig(max_num_seqs=args.max_batch, max_model_len=args.max_model_len,
+                                 prefill_chunk=args.prefill_chunk, interleaved_prefill_chunk=args.interleaved_prefill_chunk,
                                  kv_cache_bytes=args.kv_cache_mb << 20 if args.kv_cache_mb else None)
     print(f"specjax: loading {args.model} …", file=sys.stderr, flush=True)
     llm = LLM(args.model, dtype=args.dtype, engine=engine_config, seed=args.seed, speculation=speculation)

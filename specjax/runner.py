@@ -47,6 +47,8 @@ log = logging.getLogger("specjax.runner")
 
 # Multi-token steps (prompt chunks) pad to at least this many tokens: short prompts share a shape.
 MIN_PREFILL_BUCKET = 16
+# EngineConfig.interleaved_prefill_chunk's default on CPU (benchmarks/long_prompt.py).
+CPU_INTERLEAVED_PREFILL_CHUNK = 64
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,10 @@ class EngineConfig:
     kv_cache_bytes: size of the page pool; None picks 1 GiB on CPU and 85% of free device memory
     elsewhere. max_model_len: longest sequence (prompt + output); None: the model's context length,
     capped by the pool. prefill_chunk: longest prompt slice per step, so long prompts do not need
-    one huge compiled step.
+    one huge compiled step. interleaved_prefill_chunk: longest prompt slice per step while other
+    requests decode, each of whose tokens waits for the step's chunks; None: 64 on CPU, where a
+    512-token chunk costs about 25 decode steps of the built-in model, and ``prefill_chunk``
+    elsewhere. Larger prefills long prompts sooner, smaller keeps streams flowing.
     """
 
     page_size: int = 16
@@ -64,6 +69,7 @@ class EngineConfig:
     max_model_len: int | None = None
     max_num_seqs: int = 32
     prefill_chunk: int = 512
+    interleaved_prefill_chunk: int | None = None
     min_batch_bucket: int | None = None  # None: the backend's default (see backend_defaults)
     # Steps read at least this many prefix pages (masked past each sequence's length): short
     # contexts share one shape instead of four, at no measurable cost (benchmarks/RESULTS.md,
@@ -75,8 +81,8 @@ class EngineConfig:
     attention_backend: str | None = None
 
     def __post_init__(self):
-        for name in ("page_size", "max_num_seqs", "prefill_chunk", "min_page_bucket") + (
-                ("min_batch_bucket",) if self.min_batch_bucket is not None else ()):
+        for name in ("page_size", "max_num_seqs", "prefill_chunk", "min_page_bucket") + tuple(
+                name for name in ("min_batch_bucket", "interleaved_prefill_chunk") if getattr(self, name) is not None):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -166,6 +172,10 @@ class ModelRunner:
         self.max_page_bucket = next_power_of_two(self.pages.pages_for(self.max_model_len))
         self._min_page_bucket = min(next_power_of_two(engine.min_page_bucket), self.max_page_bucket)
         self._chunk_bucket = self.token_bucket(min(engine.prefill_chunk, self.max_model_len))
+        on_cpu = jax.devices()[0].platform == "cpu"
+        self.interleaved_prefill_chunk = min(engine.interleaved_prefill_chunk or (
+            CPU_INTERLEAVED_PREFILL_CHUNK if on_cpu else engine.prefill_chunk), engine.prefill_chunk)
+        self._interleaved_bucket = self.token_bucket(min(self.interleaved_prefill_chunk, self.max_model_len))
         self.compiler_options = dict(engine.compiler_options) if engine.compiler_options is not None else options
         self._compiled = CompiledBuckets(self.compiler_options)  # by (kind, B, T, pages) bucket
         self._ran: set[tuple] = set()  # buckets whose executable has run at least once
@@ -224,13 +234,15 @@ class ModelRunner:
     def step_keys(self, max_len: int | None = None) -> list[tuple]:
         """The (kind, B, T, pages) buckets of plain steps over sequences of up to ``max_len``
         tokens, at every batch size: decoding at every prefix size, prompt chunks of every size
-        over no prefix, and full-size chunks over every prefix size (``step``)."""
+        over no prefix, and full-size chunks (and interleaved ones) over every prefix size (``step``)."""
         buckets = self.buckets(max_len)
         pages = buckets["pages"]
         keys = ([("step", b, 1, p) for b in buckets["batch"] for p in pages]
                 + [("step", b, t, pages[0]) for b in buckets["batch"] for t in buckets["prefill"]])
         if self.longest(max_len) > self.engine.prefill_chunk:  # prompts of 2+ chunks
             keys += [("step", b, self._chunk_bucket, p) for b in buckets["batch"] for p in pages[1:]]
+        if self._interleaved_bucket < self._chunk_bucket and self.longest(max_len) > self.interleaved_prefill_chunk:
+            keys += [("step", b, self._interleaved_bucket, p) for b in buckets["batch"] for p in pages[1:]]
         return keys
 
     def verify_keys(self, tree_sizes: Sequence[int], max_len: int | None = None) -> list[tuple]:
@@ -344,11 +356,12 @@ class ModelRunner:
         t = self.token_bucket(max(len(x.tokens) for x in inputs))
         if t > 1 and max(lengths):
             # A prompt chunk after a prefix (a long prompt's later chunks, a recomputation) pads
-            # to a full chunk: one shape per prefix size, not one per chunk size too (each
-            # executable costs ~270 memory maps on a CPU, of the 65,530 Linux allows a process by
-            # default). Only a prompt's last chunk is ever short, so that is the only padding;
-            # reading the widest prefix instead cost every chunk attention over it.
-            t = self._chunk_bucket
+            # to a full chunk, or to a full interleaved chunk when it fits one: two shapes per
+            # prefix size, not one per chunk size too (each executable costs ~270 memory maps on
+            # a CPU, of the 65,530 Linux allows a process by default). Only a prompt's last chunk
+            # is ever short, so that is the only padding; reading the widest prefix instead cost
+            # every chunk attention over it.
+            t = self._interleaved_bucket if t <= self._interleaved_bucket else self._chunk_bucket
         batch = TokenBatch.empty(row_meta(b, p, self.pages.block_table(seq_ids, p), lengths, inputs), t)
         for row, (x, length) in enumerate(zip(inputs, lengths)):
             k = len(x.tokens)

@@ -146,3 +146,25 @@ def test_speculative_greedy_equals_plain_greedy(smollm2, llm):
     for out in sampled:
         assert len(out.token_ids) == 8 and out.stats.speculation.acceptance_rate > 0.9
     assert spec.runner.pages.num_used == 0 and spec.engine.proposers["tree"].runners[0].pages.num_used == 0
+
+
+def test_a_long_prompt_in_large_chunks_equals_transformers(smollm2, smollm2_transformers):
+    """Chunks of 128 tokens take the blocked attention (``attention.blocked_paged_attention``), a
+    prefix of several blocks behind the last: greedy continuation token for token transformers'."""
+    import torch
+
+    paragraph = ("The committee met on Tuesday to review the budget, the schedule and the list of open "
+                 "questions from the previous meeting. ")
+    ids = smollm2.tokenizer.encode(paragraph * 14)
+    assert len(ids) > 300
+    llm = LLM(smollm2, engine=EngineConfig(page_size=16, prefill_chunk=128, kv_cache_bytes=64 << 20), seed=0)
+    out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=8, logprobs=5))[0]
+    with torch.no_grad():
+        expected = smollm2_transformers.generate(
+            torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), do_sample=False,
+            max_new_tokens=8, pad_token_id=smollm2.config.eos_token_ids[0])[0, len(ids):].tolist()
+        logits = smollm2_transformers(torch.tensor([ids])).logits[0, -1].double()
+    assert out.token_ids == expected
+    theirs = torch.log_softmax(logits, -1)  # the first token's top five, after the whole prompt
+    for token, logprob in out.logprobs[0].top:
+        assert abs(logprob - float(theirs[token])) < 2e-3

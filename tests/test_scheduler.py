@@ -232,3 +232,31 @@ def test_a_warmed_up_llm_compiles_nothing_while_serving(target):
     run(llm, requests)
     assert all(req.output.finish_reason == "length" for req in requests)
     assert llm.compile_time_s == compiled
+
+
+def test_a_long_prompt_does_not_hold_up_short_requests(target):
+    """Interleaved: a prompt arriving while a long one prefills is prefilled in its own short call
+    in the next step (not padded to, nor queued behind, the long chunk); while anything decodes
+    the long prompt advances by ``interleaved_prefill_chunk`` tokens a step; and every output is
+    what it is alone."""
+    engine = EngineConfig(page_size=16, kv_cache_bytes=1 << 20, prefill_chunk=64, interleaved_prefill_chunk=16)
+    llm = LLM(target, engine=engine, seed=0)
+    long_prompt = [(7 * i) % 97 + 1 for i in range(300)]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    alone = [o.token_ids for o in llm.generate([long_prompt, [5, 6, 7]], params)]
+
+    scheduler = llm.scheduler(interleave=True)
+    long_req = llm.new_request(long_prompt, params)
+    scheduler.add(long_req)
+    scheduler.step()
+    assert long_req.prefilled == 64  # nothing decodes: a full chunk
+    short = llm.new_request([5, 6, 7], params)
+    scheduler.add(short)
+    first = scheduler.step()
+    assert [r for r, _, _ in first] == [short] and short.output.token_ids  # its first token, in one step
+    assert long_req.prefilled == 128
+    scheduler.step()  # the short request decodes: the long prompt's chunks shrink
+    assert long_req.prefilled == 144 and len(short.output.token_ids) == 2
+    while scheduler.has_work:
+        scheduler.step()
+    assert [long_req.output.token_ids, short.output.token_ids] == alone

@@ -38,7 +38,8 @@ from specjax.speculation.tree import TREE_SIZES
 class StepOutcome:
     """One request's share of a step: its new tokens (one for a plain step; accepted then bonus for
     a verification), their logprobs (None each unless scored), the step's seconds, and for a
-    verification what it verified and where the proposal came from."""
+    verification what it verified and where the proposal came from; for a prefill step, the
+    prompt tokens it ran."""
 
     request: Request
     tokens: list[int]
@@ -46,6 +47,7 @@ class StepOutcome:
     elapsed: float
     verified: Verified | None = None
     source: str = ""
+    prefilled: int = 0
 
 
 def wants_logprobs(batch: Sequence[Request]) -> bool:
@@ -230,11 +232,16 @@ class EngineCore:
         return StepInput(seq_id=req.uid, tokens=tokens, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
                          base_key=req.base_key, sample_index=len(req.output.token_ids))
 
-    def step_input(self, req: Request) -> StepInput:
-        """``req``'s share of a plain step: its next prompt chunk, or its last token."""
+    def next_chunk(self, req: Request, chunk: int) -> int:
+        """Tokens of ``req``'s next prefill step, at most ``chunk`` (0: it is not prefilling)."""
+        return min(chunk, req.num_prefill - req.prefilled)
+
+    def step_input(self, req: Request, chunk: int | None = None) -> StepInput:
+        """``req``'s share of a plain step: its next prompt chunk (at most ``chunk`` tokens,
+        default ``prefill_chunk``), or its last token."""
         out = req.output
         if req.prefilled < req.num_prefill:
-            end = min(req.prefilled + self.runner.engine.prefill_chunk, req.num_prefill)
+            end = req.prefilled + self.next_chunk(req, chunk or self.runner.engine.prefill_chunk)
             # A recomputed request prefills its output so far after its prompt.
             prompt = out.prompt_token_ids
             tokens = (prompt if end <= len(prompt) else prompt + out.token_ids)[req.prefilled: end]
@@ -242,9 +249,10 @@ class EngineCore:
             tokens = out.token_ids[-1:]
         return self._sampling(req, tokens)
 
-    def plain_step(self, batch: list[Request]) -> list[StepOutcome]:
-        """One token for each request, or its next prompt chunk (which its proposers read too)."""
-        inputs = [self.step_input(r) for r in batch]
+    def plain_step(self, batch: list[Request], chunk: int | None = None) -> list[StepOutcome]:
+        """One token for each request, or its next prompt chunk of at most ``chunk`` tokens
+        (default ``prefill_chunk``), which its proposers read too."""
+        inputs = [self.step_input(r, chunk) for r in batch]
         readers: dict[int, tuple[Proposer, list[StepInput]]] = {}
         for req, x in zip(batch, inputs):
             for part in self.parts(req):
@@ -254,8 +262,9 @@ class EngineCore:
         scored = wants_logprobs(batch)
         next_tokens, elapsed, *scores = self.runner.step(inputs, logprobs=scored)
         logprobs = scores[0] if scored else [None] * len(batch)
-        return [StepOutcome(req, [int(token)], [logprob], elapsed)
-                for req, token, logprob in zip(batch, next_tokens, logprobs)]
+        return [StepOutcome(req, [int(token)], [logprob], elapsed,
+                            prefilled=len(x.tokens) if req.prefilled < req.num_prefill else 0)
+                for req, x, token, logprob in zip(batch, inputs, next_tokens, logprobs)]
 
     def speculative_step(self, batch: list[Request]) -> list[StepOutcome]:
         """Ask each request's proposer for a tree, verify every host tree in one target pass and each

@@ -14,15 +14,14 @@ class OutputProcessor:
     """Accounts each new token to its request: its text (held back while it could still become a
     stop string), its logprob, its timing, and whether it finishes the request."""
 
-    def __init__(self, prefill_chunk: int):
-        self.prefill_chunk = prefill_chunk
-
-    def advance(self, req: Request, token: int, elapsed: float, logprob: TokenLogprob | None = None) -> str | None:
+    def advance(self, req: Request, token: int, elapsed: float, logprob: TokenLogprob | None = None,
+                prefilled: int = 0) -> str | None:
         """Account a step's result to a request; returns its new text, or None mid-prefill.
-        ``logprob``: the token's, when the step scored it (kept if the request asked)."""
+        ``logprob``: the token's, when the step scored it (kept if the request asked);
+        ``prefilled``: the prompt tokens the step ran for it (a prefill step)."""
         out, stats = req.output, req.output.stats
         if req.prefilled < req.num_prefill:
-            req.prefilled = min(req.num_prefill, req.prefilled + self.prefill_chunk)
+            req.prefilled = min(req.num_prefill, req.prefilled + prefilled)
             stats.prefill_time_s += elapsed
             if req.prefilled < req.num_prefill:
                 return None

@@ -10,6 +10,11 @@ joins with pages for its prefill and one step), runs the prompt chunks still to 
 nothing is prefilling or with ``interleave``, one decode step: speculative for the requests that
 speculate, whatever their methods, plain for the others.
 
+With ``interleave`` a long prompt must not hold up the others. Prompt chunks run grouped by
+their padded length, shortest first, so a short prompt is neither padded to a long one's chunk
+nor queued behind it; and while requests decode, chunks are cut to
+``interleaved_prefill_chunk`` tokens, since each decoding request's next token waits for them.
+
 The scheduler knows requests, their kinds and their proposers only through the proposer
 interface: it never looks inside a speculation method.
 
@@ -23,6 +28,7 @@ request is recomputed.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import deque
 from typing import Callable, Protocol
@@ -54,7 +60,7 @@ class Scheduler:
     def __init__(self, core: EngineCore, *, interleave: bool = False):
         self.core = core
         self.kv: PageManager = core.runner
-        self.output = OutputProcessor(core.runner.engine.prefill_chunk)
+        self.output = OutputProcessor()
         self.interleave = interleave  # decode while others prefill, so long prompts do not stall streams
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order: the last is preempted first
@@ -186,10 +192,16 @@ class Scheduler:
         prefilling = [r for r in self.running if r.prefilled < r.num_prefill]
         decoding = ([r for r in self.running if r not in prefilling]
                     if self.interleave or not prefilling else [])
+        runner = self.core.runner
+        chunk = runner.interleaved_prefill_chunk if decoding else runner.engine.prefill_chunk
+        by_length: dict[int, list[Request]] = {}
+        for req in prefilling:
+            by_length.setdefault(runner.token_bucket(self.core.next_chunk(req, chunk)), []).append(req)
+        prefill = functools.partial(self.core.plain_step, chunk=chunk)
         events = []
-        for kind, run, group in (("prefill", self.core.plain_step, prefilling),
-                                 ("decode", self.core.speculative_step, [r for r in decoding if r.proposer is not None]),
-                                 ("decode", self.core.plain_step, [r for r in decoding if r.proposer is None])):
+        for kind, run, group in ([("prefill", prefill, by_length[n]) for n in sorted(by_length)] + [
+                ("decode", self.core.speculative_step, [r for r in decoding if r.proposer is not None]),
+                ("decode", self.core.plain_step, [r for r in decoding if r.proposer is None])]):
             group = [r for r in group if r in self.running]  # not finished, failed or recomputed since
             alone = [r for r in group if r.suspect == kind]
             for batch in [[r] for r in alone] + ([rest] if (rest := [r for r in group if r not in alone]) else []):
@@ -246,7 +258,8 @@ class Scheduler:
         """The events of a step's tokens for one request, and its speculation statistics."""
         req, events, used = outcome.request, [], 0
         for token, logprob in zip(outcome.tokens, outcome.logprobs):
-            delta = self.output.advance(req, token, outcome.elapsed if used == 0 else 0.0, logprob)
+            delta = self.output.advance(req, token, outcome.elapsed if used == 0 else 0.0, logprob,
+                                        outcome.prefilled if used == 0 else 0)
             used += 1
             if delta or req.output.finished:
                 events.append((req, delta or "", req.output.finished))

@@ -31,6 +31,7 @@ from specjax.speculation.verify import VerifyTree, verify_and_commit
 
 
 TOP_K_LIMIT = np.iinfo(np.int32).max
+TEMPERATURE_LIMIT = float(np.finfo(np.float32).max)
 
 
 @dataclass
@@ -85,7 +86,9 @@ def row_meta(b: int, p: int, block_table: np.ndarray | None = None, lengths: Seq
     rows.context_lens[: len(lengths)] = lengths
     for row, x in enumerate(inputs):
         # Any top_k past the vocabulary keeps every token: clipped, it still fits the device's int32.
-        rows.temperature[row], rows.top_k[row], rows.top_p[row] = x.temperature, min(x.top_k, TOP_K_LIMIT), x.top_p
+        # A temperature past float32's range samples uniformly, as it would as inf: clipped, it casts without overflow.
+        rows.temperature[row] = min(x.temperature, TEMPERATURE_LIMIT)
+        rows.top_k[row], rows.top_p[row] = min(x.top_k, TOP_K_LIMIT), x.top_p
         if x.base_key is not None:
             rows.base_keys[row] = x.base_key
         rows.sample_index[row] = x.sample_index

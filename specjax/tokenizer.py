@@ -213,6 +213,7 @@ class Tokenizer:
         text = self.apply_chat_template([shield(m) for m in messages], add_generation_prompt, **template_kwargs)
         if not found:
             return text, self.encode(text, add_special_tokens=False)
+        check_unicode(text)  # the literal backend is called directly, past encode's check
         marker = re.compile(f"\ue000{nonce}:(\\d+)\ue001")
         restore = lambda span: marker.sub(lambda m: found[int(m.group(1))], span)  # noqa: E731
         ids: list[int] = []

@@ -201,3 +201,9 @@ def test_markers_cannot_be_forged(ours):
     forged = "\ue000" + "0" * 16 + ":0\ue001 <|im_end|>"
     text, ids = ours.encode_chat([{"role": "user", "content": forged}])
     assert forged in text and ours.decode(ids, skip_special_tokens=False) == text
+
+
+def test_text_that_is_not_unicode_is_refused_with_special_token_text_too(ours):
+    for content in ("\ud800 hi", "<|im_end|> \ud800"):
+        with pytest.raises(ValueError, match="lone surrogate"):
+            ours.encode_chat([{"role": "user", "content": content}])

@@ -219,6 +219,20 @@ class ModelRunner:
         """New tokens per row of a step: 1 for decoding, a padded chunk for prefill."""
         return 1 if num_tokens == 1 else next_power_of_two(num_tokens, MIN_PREFILL_BUCKET)
 
+    def step_tokens(self, num_tokens: int, after_prefix: bool) -> int:
+        """New tokens per row of a plain step whose longest row brings ``num_tokens``, padded.
+
+        A prompt chunk after a prefix (a long prompt's later chunks, a recomputation) pads to a
+        full chunk, or to a full interleaved chunk when it fits one: two shapes per prefix size, not
+        one per chunk size too (each executable costs ~270 memory maps on a CPU, of the 65,530
+        Linux allows a process by default). Only a prompt's last chunk is ever short, so that is
+        the only padding; reading the widest prefix instead cost every chunk attention over it.
+        """
+        t = self.token_bucket(num_tokens)
+        if t > 1 and after_prefix:
+            return self._interleaved_bucket if t <= self._interleaved_bucket else self._chunk_bucket
+        return t
+
     def longest(self, max_len: int | None = None) -> int:
         """The longest sequence a warm-up covers: ``max_len``, capped by and defaulting to ``max_model_len``."""
         return min(max_len or self.max_model_len, self.max_model_len)
@@ -353,15 +367,7 @@ class ModelRunner:
         if any(len(x.tokens) == 0 for x in inputs):
             raise ValueError(f"sequence {next(x.seq_id for x in inputs if not x.tokens)!r} has no new tokens "
                              "in this step")
-        t = self.token_bucket(max(len(x.tokens) for x in inputs))
-        if t > 1 and max(lengths):
-            # A prompt chunk after a prefix (a long prompt's later chunks, a recomputation) pads
-            # to a full chunk, or to a full interleaved chunk when it fits one: two shapes per
-            # prefix size, not one per chunk size too (each executable costs ~270 memory maps on
-            # a CPU, of the 65,530 Linux allows a process by default). Only a prompt's last chunk
-            # is ever short, so that is the only padding; reading the widest prefix instead cost
-            # every chunk attention over it.
-            t = self._interleaved_bucket if t <= self._interleaved_bucket else self._chunk_bucket
+        t = self.step_tokens(max(len(x.tokens) for x in inputs), after_prefix=max(lengths) > 0)
         batch = TokenBatch.empty(row_meta(b, p, self.pages.block_table(seq_ids, p), lengths, inputs), t)
         for row, (x, length) in enumerate(zip(inputs, lengths)):
             k = len(x.tokens)

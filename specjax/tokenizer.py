@@ -18,7 +18,7 @@ import json
 import os
 import re
 import secrets
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -179,8 +179,8 @@ class Tokenizer:
         except (jinja2.TemplateError, TypeError) as e:  # raise_exception(), or content it cannot handle
             raise ValueError(f"chat template failed: {e}") from None
 
-    def encode_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
-                    **template_kwargs) -> tuple[str, list[int]]:
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, *,
+                    before_encoding: Callable[[str], None] | None = None, **template_kwargs) -> tuple[str, list[int]]:
         """The rendered prompt and its token ids, with special-token text in the messages encoded as
         plain text: a user who writes ``<|im_end|>`` in a message gets the characters, never the
         control token, so no message can end its turn or open another role's. The template's own
@@ -191,7 +191,8 @@ class Tokenizer:
         arguments; roles are the template's to check) are swapped for unforgeable markers before
         rendering, so the template's own transforms (trim, split) still apply. The rendered text is
         then split at the template's special tokens, and each stretch between them encoded with
-        special-token parsing off, markers restored.
+        special-token parsing off, markers restored. ``before_encoding`` sees the rendered text
+        before it is tokenised (to refuse an overlong prompt without tokenising it).
         """
         validate_messages(messages)
         pattern = self._special_pattern
@@ -211,18 +212,21 @@ class Tokenizer:
             return value
 
         text = self.apply_chat_template([shield(m) for m in messages], add_generation_prompt, **template_kwargs)
+        marker = re.compile(f"\ue000{nonce}:(\\d+)\ue001")
+        restore = lambda span: marker.sub(lambda m: found[int(m.group(1))], span)  # noqa: E731
+        rendered = restore(text) if found else text
+        if before_encoding is not None:
+            before_encoding(rendered)
         if not found:
             return text, self.encode(text, add_special_tokens=False)
         check_unicode(text)  # the literal backend is called directly, past encode's check
-        marker = re.compile(f"\ue000{nonce}:(\\d+)\ue001")
-        restore = lambda span: marker.sub(lambda m: found[int(m.group(1))], span)  # noqa: E731
         ids: list[int] = []
         for i, piece in enumerate(pattern.split(text)):  # odd pieces: the template's special tokens
             if i % 2:
                 ids.append(self.backend.token_to_id(piece))
             elif piece:
                 ids += self._literal_backend.encode(restore(piece), add_special_tokens=False).ids
-        return restore(text), ids
+        return rendered, ids
 
     @cached_property
     def _special_pattern(self) -> re.Pattern | None:

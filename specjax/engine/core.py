@@ -144,9 +144,8 @@ class EngineCore:
             self._check_length(prompt, label)
             return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
-            # rendering is cheap next to tokenising: render once to refuse an overlong chat early
-            self._check_length(self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True), label)
-            return self.tokenizer.encode_chat(list(prompt), add_generation_prompt=True)
+            return self.tokenizer.encode_chat(list(prompt), add_generation_prompt=True,
+                                              before_encoding=lambda text: self._check_length(text, label))
         if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, (int, np.integer)) for t in prompt):
             ids = [int(t) for t in prompt]
             bad = [t for t in ids if not 0 <= t < self.config.vocab_size]

@@ -194,9 +194,10 @@ class Scheduler:
                     if self.interleave or not prefilling else [])
         runner = self.core.runner
         chunk = runner.interleaved_prefill_chunk if decoding else runner.engine.prefill_chunk
-        by_length: dict[int, list[Request]] = {}
+        by_length: dict[int, list[Request]] = {}  # by the padded length the runner gives each chunk
         for req in prefilling:
-            by_length.setdefault(runner.token_bucket(self.core.next_chunk(req, chunk)), []).append(req)
+            length = runner.step_tokens(self.core.next_chunk(req, chunk), after_prefix=req.prefilled > 0)
+            by_length.setdefault(length, []).append(req)
         prefill = functools.partial(self.core.plain_step, chunk=chunk)
         events = []
         for kind, run, group in ([("prefill", prefill, by_length[n]) for n in sorted(by_length)] + [

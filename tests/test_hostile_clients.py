@@ -185,6 +185,23 @@ def test_a_seed_reproduces_sampled_output_under_suffix_speculation(target, plain
     assert suffix.generate([PROMPTS[0]], SEEDED)[0].stats.speculation.accepted > 0  # it did speculate
 
 
+def test_a_seed_reproduces_sampled_output_under_hybrid_speculation(target, plain):
+    from specjax.speculation.speculator import TreeSpeculation
+    from specjax.speculation.suffix import HybridSpeculation, SuffixSpeculation
+
+    # The target as its own draft sets a bar the cache meets only once it has seen the output.
+    hybrid = LLM(target, engine=ENGINE, seed=0, speculation=HybridSpeculation(
+        suffix=SuffixSpeculation(max_spec_tokens=8), tree=TreeSpeculation(drafts=[target], expansion=(2, 1, 1))))
+    want = plain.generate([PROMPTS[0]], SEEDED)[0].token_ids
+    alone = [hybrid.generate([PROMPTS[0]], SEEDED)[0] for _ in range(3)]  # the cache learns each time
+    unseeded = SamplingParams(temperature=0.9, max_tokens=12, ignore_eos=True)
+    batched = hybrid.generate([PROMPTS[1], PROMPTS[0], PROMPTS[3]], [unseeded, SEEDED, GREEDY])
+    assert [o.token_ids for o in alone] == [want] * 3 and batched[1].token_ids == want
+    assert batched[2].token_ids == plain.generate([PROMPTS[3]], GREEDY)[0].token_ids
+    sources = [o.stats.speculation.sources for o in (*alone, *batched)]
+    assert any(s.get("draft", 0) for s in sources) and any(s.get("suffix", 0) for s in sources)  # both served
+
+
 def _raw(url: str, data: bytes, wait: float = 30.0) -> bytes:
     """What the server answers to ``data`` sent as is on a fresh connection, until it closes it."""
     import socket

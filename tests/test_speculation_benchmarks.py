@@ -166,3 +166,13 @@ def test_suffix_benchmark_warms_its_cache_and_stays_lossless(target_dir, tmp_pat
         assert methods[name]["tau"] >= 1 and methods[name]["host_us_per_step"] > 0
     assert set(methods["hybrid-cold"]["sources"]) <= {"suffix", "draft"}
     assert all(m["tokens_per_s"] > 0 for m in methods.values())
+
+
+def test_suffix_benchmark_samples_with_seeds_as_plain_decoding_does(target_dir, tmp_path):
+    payload = run(suffix, ["--target", str(target_dir), "--draft", "target", "--k", str(K), "--workload", "code",
+                           "--methods", "hybrid-cold,hybrid-cold-unseeded", "--temperature", "0.8", "--n", "2",
+                           "--warm", "0", "--max-tokens", str(MAX_TOKENS)], tmp_path)
+    methods = {m["method"]: m for m in payload["methods"]}
+    assert list(methods) == ["plain", "hybrid-cold", "hybrid-cold-unseeded"]
+    assert methods["hybrid-cold"]["identical"] == 2  # seeded: plain sampling's tokens, whichever source served
+    assert methods["hybrid-cold"]["sources"].get("draft", 0) > 0 and methods["hybrid-cold-unseeded"]["tau"] > 1

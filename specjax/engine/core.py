@@ -269,8 +269,10 @@ class EngineCore:
         """Ask each request's proposer for a tree, verify every host tree in one target pass and each
         device drafter's rows in its own fused step, and tell the proposers what was accepted.
 
-        Sampled requests are verified by multi-step speculative sampling: their tokens follow the
-        target's distribution exactly, as plain sampling's do (not the same tokens for a seed)."""
+        Sampled host trees are verified by sampling and matching: the tokens are plain sampling's
+        own for the request's key. Draft-model trees are verified by multi-step speculative
+        sampling (the target's distribution exactly, not plain sampling's tokens for a seed),
+        except rows a proposer marks ``plain_draws`` (seeded hybrid requests)."""
         by_uid = {req.uid: req for req in batch}
         groups: dict[int, tuple[Proposer, list[ProposalRow]]] = {}
         pages = self.runner.pages
@@ -278,7 +280,7 @@ class EngineCore:
             sequence = req.sequence
             # A tree deeper than the tokens still allowed, or than its pages hold, would verify positions past them.
             room = min(req.max_total - 1, pages.capacity(req.uid)) - len(sequence)
-            row = ProposalRow(req.uid, sequence, room, self._sampling(req, sequence))
+            row = ProposalRow(req.uid, sequence, room, self._sampling(req, sequence), seeded=req.params.seed is not None)
             groups.setdefault(id(req.proposer), (req.proposer, []))[1].append(row)
         host: list[tuple[Proposer, ProposalRow, DraftTree | None, str]] = []
         device: dict[int, tuple[object, list[tuple[Proposer, ProposalRow, str]]]] = {}

@@ -45,6 +45,9 @@ class StepInput:
     top_p: float = 1.0
     base_key: np.ndarray | None = None  # [2] uint32 raw key data of the request; None for greedy rows
     sample_index: int = 0  # which of the request's tokens this samples: the key is fold_in(base_key, index)
+    # Sampled tokens must be plain sampling's own draws even where a draft model proposes (verified
+    # by sampling and matching, not multi-step speculative sampling): set for seeded hybrid rows.
+    plain_draws: bool = False
 
 
 @pytree_dataclass

@@ -65,13 +65,15 @@ class ProposalRow:
 
     uid: the request's id; sequence: its prompt and output so far (the last token is the tree's
     root, not yet in the target's cache); room: the most tokens a host tree may speculate (the
-    tokens still allowed, and what its pages hold); sampling: the row's sampling settings and key.
+    tokens still allowed, and what its pages hold); sampling: the row's sampling settings and key;
+    seeded: the request gave a seed, so its tokens must depend on nothing else.
     """
 
     uid: int
     sequence: list[int]
     room: int
     sampling: StepInput
+    seeded: bool = False
 
 
 @dataclass

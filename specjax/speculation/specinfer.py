@@ -100,7 +100,9 @@ class StepBatch:
     covering positions up to ``root_pos + depth``. Per draft (tuples): blocks [B, Pd] covering its
     pending tokens and scratch, lengths [B] its committed tokens, pending [B, Tp] the tokens it has
     not run (root last), pending_len [B]. Sampling: temperature, top_k, top_p [B]; keys [B] typed,
-    this step's key of each row.
+    this step's key of each row. Optionally plain_draws [B] bool, rows whose sampled tokens must be
+    plain sampling's own (``verify.verify_and_commit``), with depth_keys [B, D + 1] typed: the key
+    of the token drawn after a node at each depth (depth 0's is ``keys``).
     """
 
     active: jax.Array
@@ -114,6 +116,8 @@ class StepBatch:
     top_k: jax.Array
     top_p: jax.Array
     keys: jax.Array
+    plain_draws: jax.Array | None = None
+    depth_keys: jax.Array | None = None
 
 
 @pytree_dataclass
@@ -165,7 +169,7 @@ def speculative_step(spec: SpecInfer, target_params: Params, drafts: tuple[Draft
                                  pending_len=batch.pending_len[s], active=batch.active,
                                  temperature=batch.temperature, top_k=batch.top_k, top_p=batch.top_p,
                                  key=jax.vmap(jax.random.fold_in, (0, None))(batch.keys, 2 + s), all_greedy=all_greedy,
-                                 attention_backend=spec.attention_backend)
+                                 top_k_rows=batch.plain_draws, attention_backend=spec.attention_backend)
         trees.append(tree)
         new_caches.append(cache)
     tree = merge_trees(trees, n, d, drafts)
@@ -181,9 +185,13 @@ def speculative_step(spec: SpecInfer, target_params: Params, drafts: tuple[Draft
                            proposed=tree.proposed, q_logits=tree.q_logits, samples=samples)
     slots_by_depth = slot_ids(batch.target_blocks, batch.root_pos[:, None] + jnp.arange(d + 1),
                               jnp.ones((b, d + 1), bool), target_cache.page_size)
+    node_keys = None
+    if batch.plain_draws is not None:
+        node_keys = jax.vmap(lambda keys, depths: keys[depths])(batch.depth_keys, tree.depths)
     verified, target_cache = verify_and_commit(logits, new_k, new_v, target_cache, to_verify, slots_by_depth,
                                                batch.active, batch.temperature, batch.top_k, batch.top_p, batch.keys,
-                                               all_greedy=all_greedy, logprobs=logprobs, width=d + 1)
+                                               all_greedy=all_greedy, logprobs=logprobs, width=d + 1,
+                                               node_keys=node_keys, plain_draws=batch.plain_draws)
     accepted = verified.accepted
     index = jnp.arange(n, dtype=jnp.int32)
     on_path = verified.path_nodes[:, :d]  # the accepted path's nodes by depth 1..d (-1 past its end)

@@ -48,7 +48,8 @@ class DraftTreeBatch:
     rows: the target's rows (``context_lens`` each root's position: the tokens in the target's
     cache; ``block_tables`` covering positions up to ``root + depth``). Per draft (tuples): blocks
     [B, Pd] covering its pending tokens and scratch, lengths [B] its committed tokens, pending
-    [B, Tp] the tokens it has not run (root last), pending_len [B].
+    [B, Tp] the tokens it has not run (root last), pending_len [B]. plain_draws [B] bool: sampled
+    rows whose tokens must be plain sampling's own (``StepInput.plain_draws``).
     """
 
     rows: RowMeta
@@ -57,6 +58,7 @@ class DraftTreeBatch:
     draft_lengths: tuple
     pending: tuple
     pending_len: tuple
+    plain_draws: jax.Array
 
 
 def tree_step(state: DeviceState, batch: DraftTreeBatch, *, spec: SpecInfer, all_greedy: bool, logprobs: bool
@@ -65,10 +67,12 @@ def tree_step(state: DeviceState, batch: DraftTreeBatch, *, spec: SpecInfer, all
     over the engine's device state (pure; ``spec``, ``all_greedy`` and ``logprobs`` static)."""
     rows = batch.rows
     drafts = tuple(DraftModel(d.params, *d.vocab_maps) for d in state.drafts)
+    depths = jnp.broadcast_to(jnp.arange(spec.depth + 1), (batch.active.shape[0], spec.depth + 1))
     step_batch = StepBatch(active=batch.active, root_pos=rows.context_lens, target_blocks=rows.block_tables,
                            draft_blocks=batch.draft_blocks, draft_lengths=batch.draft_lengths, pending=batch.pending,
                            pending_len=batch.pending_len, temperature=rows.temperature, top_k=rows.top_k,
-                           top_p=rows.top_p, keys=rows.keys())
+                           top_p=rows.top_p, keys=rows.keys(), plain_draws=batch.plain_draws,
+                           depth_keys=rows.keys(depths))
     target_cache, draft_caches = state.caches()
     result, target_cache, draft_caches = speculative_step(spec, state.target.params, drafts, target_cache, draft_caches,
                                                           step_batch, all_greedy, logprobs)
@@ -230,7 +234,7 @@ class TreeSpeculator(Proposer):
             draft_blocks=tuple(np.zeros((b, p), np.int32) for p in pds),
             draft_lengths=tuple(np.zeros((b,), np.int32) for _ in drafts),
             pending=tuple(np.zeros((b, tp), np.int32) for _ in drafts),
-            pending_len=tuple(np.ones((b,), np.int32) for _ in drafts))
+            pending_len=tuple(np.ones((b,), np.int32) for _ in drafts), plain_draws=np.zeros((b,), bool))
 
     def _compile(self, key: tuple, args: tuple):
         """The executable of bucket ``key`` = (b, tp, pt, pds, all_greedy, logprobs) for ``args`` (``step_args``)."""
@@ -294,6 +298,7 @@ class TreeSpeculator(Proposer):
         batch = self._batch(b, tp, pt, pds, row_meta(b, pt, target.pages.block_table(ids, pt),
                                                      np.array(sizes) - 1, inputs))
         batch.active[:rows] = True
+        batch.plain_draws[:rows] = [x.plain_draws for x in inputs]
         for d, (runner, p, lengths) in enumerate(zip(self.runners, pds, draft_lengths)):
             batch.draft_blocks[d][:rows] = runner.pages.block_table(ids, p)
             batch.draft_lengths[d][:rows] = lengths

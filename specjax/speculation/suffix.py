@@ -14,6 +14,8 @@ every speculated output joins the cache for later requests. Its seconds are coun
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import secrets
 import time
@@ -223,6 +225,10 @@ class HybridSpeculator(Proposer):
                               host_time_s=[suffix.host_time_s[i] for i in keep])] if keep else []
         kept = set(keep)
         if rest := [row for i, row in enumerate(rows) if i not in kept]:
+            for row in rest:
+                # Which source serves a row changes from step to step with the cache's contents:
+                # a seed reproduces its tokens only if both give plain sampling's own draws.
+                row.sampling = dataclasses.replace(row.sampling, plain_draws=row.seeded)
             for batch in self.tree.propose(rest):
                 batch.host_time_s = [seconds[id(row)] for row in batch.rows]  # the cache was asked all the same
                 batches.append(batch)

@@ -21,6 +21,7 @@ How children are chosen, per request:
   budget keeps nodes by their own probability, so a sampled child could be dropped for its value,
   which would bias the verifier; deterministic proposals (a point-mass draft distribution) stay
   lossless whatever is dropped.
+* sampled rows in ``top_k_rows`` (verified by sampling and matching): the same top-k tokens.
 
 Shapes are static: a ``TreeShape`` fixes every depth's frontier width and the node count.
 """
@@ -181,7 +182,8 @@ class _Layout:
 def draft_tree(config: ModelConfig, shape: TreeShape, draft: DraftModel, cache: KVCache, *, block_tables: jax.Array,
                lengths: jax.Array, pending: jax.Array, pending_len: jax.Array, active: jax.Array,
                temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, key: jax.Array, all_greedy: bool = False,
-               attention_backend: str | None = None) -> tuple[DraftTree, KVCache]:
+               top_k_rows: jax.Array | None = None, attention_backend: str | None = None
+               ) -> tuple[DraftTree, KVCache]:
     """Draft a tree per row.
 
     block_tables [B, P] (covering positions up to ``lengths + pending_len + shape.num_fed``);
@@ -189,7 +191,9 @@ def draft_tree(config: ModelConfig, shape: TreeShape, draft: DraftModel, cache: 
     last valid one (``pending_len`` [B] >= 1) the root; active [B] bool (padding rows write
     nothing); temperature, top_k, top_p [B] the requests' sampling settings; key [B] typed keys.
     ``all_greedy`` (static): every row is greedy, so the sampling settings and keys are ignored and
-    no distribution is kept (``q_logits`` None).
+    no distribution is kept (``q_logits`` None). top_k_rows [B] bool: sampled rows that get the
+    draft's most probable children rather than drawn ones (rows verified by sampling and matching,
+    which accepts a child with the target's probability of it, so the likeliest pay best).
 
     Everything runs on the draft's own ids: only the tokens are mapped to the target's.
     """
@@ -201,7 +205,8 @@ def draft_tree(config: ModelConfig, shape: TreeShape, draft: DraftModel, cache: 
     layout = _Layout.of(shape)
     w, kmax, n = layout.width, layout.children, layout.size
     greedy = temperature == 0
-    draws = (~greedy if shape.samples else jnp.zeros_like(greedy))[:, None, None]
+    draws = ~greedy if top_k_rows is None else ~greedy & ~top_k_rows
+    draws = (draws if shape.samples else jnp.zeros_like(greedy))[:, None, None]
 
     positions = lengths[:, None] + jnp.arange(tp)
     valid = active[:, None] & (jnp.arange(tp) < pending_len[:, None])

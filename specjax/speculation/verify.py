@@ -25,7 +25,9 @@ instead: each node's next token is drawn from the target's p there with the key 
 own position in the request, exactly as plain decoding draws it, and a child is accepted when it
 equals its parent's draw. A proposal x is then accepted with probability p(x), as MSS accepts a
 point mass, siblings included; and the emitted tokens are plain sampling's own, so a seed
-reproduces them whatever the batch, the suffix cache or the proposals were.
+reproduces them whatever the batch, the suffix cache or the proposals were. Drafted trees are
+verified this way too for rows that ask for it (``plain_draws``: seeded requests under hybrid
+speculation, whose source changes from step to step).
 """
 
 from __future__ import annotations
@@ -205,7 +207,8 @@ class VerifyResult:
 def verify_and_commit(logits: jax.Array, new_k: jax.Array, new_v: jax.Array, cache: KVCache, tree: VerifyTree,
                       slots_by_depth: jax.Array, active: jax.Array, temperature: jax.Array, top_k: jax.Array,
                       top_p: jax.Array, keys: jax.Array, *, all_greedy: bool, logprobs, width: int,
-                      node_keys: jax.Array | None = None) -> tuple[VerifyResult, KVCache]:
+                      node_keys: jax.Array | None = None, plain_draws: jax.Array | None = None
+                      ) -> tuple[VerifyResult, KVCache]:
     """Accept the longest path each row's target agrees with, and write its K/V to the cache.
 
     Every token tree goes through here, host-proposed or drafted on the device, greedy or sampled.
@@ -214,7 +217,10 @@ def verify_and_commit(logits: jax.Array, new_k: jax.Array, new_v: jax.Array, cac
     to verify (others write nothing); sampling settings [B] and this step's keys [B] (typed), for
     multi-step speculative sampling. Trees of point-mass proposals (``q_logits`` None) are sampled
     and matched instead, and need ``node_keys`` [B, N]: the key of the token drawn after each
-    node (of position root + depth + 1 in the request). all_greedy (static): every row is greedy,
+    node (of position root + depth + 1 in the request). plain_draws [B] bool (with ``node_keys``):
+    rows of a drafted tree verified by sampling and matching all the same, so that their tokens are
+    plain sampling's own for their seed (the rest by multi-step speculative sampling, which accepts
+    more of a sampled draft). all_greedy (static): every row is greedy,
     so no sampling work is compiled. logprobs: a static
     bool, or a traced one (one executable with and without scoring). width (static): emitted
     tokens to cover, at least the deepest path + 1.
@@ -225,17 +231,28 @@ def verify_and_commit(logits: jax.Array, new_k: jax.Array, new_v: jax.Array, cac
     def greedy():
         return greedy_accept(logits, tree.tokens, tree.parents, tree.depths, tree.mask, tree.live)
 
+    def matched():
+        if node_keys is None:
+            raise ValueError("rows verified by sampling and matching (point-mass trees, plain_draws) need node_keys")
+        return match_accept(node_samples(logits, node_keys, temperature, top_k, top_p), tree.tokens,
+                            tree.parents, tree.depths, tree.mask, tree.live)
+
     def stochastic():
         if tree.q_logits is None:
-            if node_keys is None:
-                raise ValueError("a tree of point-mass proposals is verified by sampling: it needs node_keys")
-            return match_accept(node_samples(logits, node_keys, temperature, top_k, top_p), tree.tokens,
-                                tree.parents, tree.depths, tree.mask, tree.live)
+            return matched()
         target_probs = jax.nn.softmax(process_node_logits(logits, temperature, top_k, top_p), axis=-1)
         draft_probs = jax.nn.softmax(jnp.where(tree.proposed[:, :, None], tree.q_logits, 0.0), axis=-1)
         deterministic = ~(sampled[:, None] & tree.samples)
-        return mss_accept(target_probs, tree.tokens, tree.mask, tree.canon, tree.under, tree.group, tree.proposed,
-                          draft_probs, deterministic, jax.vmap(jax.random.fold_in, (0, None))(keys, 1))
+        mss = mss_accept(target_probs, tree.tokens, tree.mask, tree.canon, tree.under, tree.group, tree.proposed,
+                         draft_probs, deterministic, jax.vmap(jax.random.fold_in, (0, None))(keys, 1))
+        if plain_draws is None:
+            return mss
+        plain = plain_draws & sampled
+
+        def per_row():
+            return tuple(jnp.where(plain.reshape((b,) + (1,) * (m.ndim - 1)), m, x) for m, x in zip(matched(), mss))
+
+        return jax.lax.cond(jnp.any(plain), per_row, lambda: mss)
 
     def scored(accept):
         last, path, bonus = accept()

@@ -79,12 +79,13 @@ def inference_params(params: Params, backend: str | None = None) -> Params:
     return params
 
 
-def fuse_qkv(q: np.ndarray, k: np.ndarray, v: np.ndarray, config: ModelConfig) -> np.ndarray:
+def fuse_qkv(q: np.ndarray, k: np.ndarray, v: np.ndarray, config: ModelConfig, xp=np) -> np.ndarray:
     """q [..., Hq * hd], k and v [..., Hkv * hd] (weights' output columns, or biases) -> [...,
-    Hkv * (G + 2) * hd], grouped per KV head: its G = Hq / Hkv query heads, then its key, its value."""
+    Hkv * (G + 2) * hd], grouped per KV head: its G = Hq / Hkv query heads, then its key, its value.
+    ``xp``: numpy, or jax.numpy for traced arrays."""
     c, lead = config, q.shape[:-1]
     groups = c.num_heads // c.num_kv_heads
-    grouped = np.concatenate([q.reshape(*lead, c.num_kv_heads, groups, c.head_dim),
+    grouped = xp.concatenate([q.reshape(*lead, c.num_kv_heads, groups, c.head_dim),
                               k.reshape(*lead, c.num_kv_heads, 1, c.head_dim),
                               v.reshape(*lead, c.num_kv_heads, 1, c.head_dim)], axis=-2)
     return grouped.reshape(*lead, c.num_kv_heads * (groups + 2) * c.head_dim)
@@ -100,9 +101,9 @@ def split_qkv(qkv, config: ModelConfig):
             grouped[..., groups + 1, :])
 
 
-def fuse_gate_up(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+def fuse_gate_up(gate: np.ndarray, up: np.ndarray, xp=np) -> np.ndarray:
     """gate, up [..., F] -> [..., 2F], each gate column beside its up column."""
-    return np.stack([gate, up], axis=-1).reshape(*gate.shape[:-1], 2 * gate.shape[-1])
+    return xp.stack([gate, up], axis=-1).reshape(*gate.shape[:-1], 2 * gate.shape[-1])
 
 
 def split_gate_up(gate_up):

@@ -1,0 +1,188 @@
+"""LoRA adapters against Hugging Face PEFT on transformers: both ways through PEFT's files, logits
+equal; the adapted forward's gradients against finite differences in float64 and against the
+merged-weight model; bad adapters refused, naming what is wrong."""
+
+import copy
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from specjax.attention import AttentionMetadata, causal_mask  # noqa: E402
+from specjax.checkpoints.hf import load_hf  # noqa: E402
+from specjax.lora import (MODULES, AdapterError, LoraConfig, adapt, init_adapter, load_peft,  # noqa: E402
+                          merged_params, save_peft)
+from specjax.model import forward  # noqa: E402
+from tests.test_model import _save_tiny, _torch_logits  # noqa: E402
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(transformers model, specjax config, specjax params) of one random tiny Llama."""
+    torch_model, path = _save_tiny(tmp_path_factory, "lora-llama", transformers.LlamaConfig,
+                                   transformers.LlamaForCausalLM, tie_word_embeddings=False)
+    loaded = load_hf(path, dtype=jnp.float32)
+    return torch_model, loaded.config, loaded.params
+
+
+def logits_of(params, config, tokens):
+    b, t = tokens.shape
+    meta = AttentionMetadata(block_tables=jnp.zeros((b, 0), jnp.int32), context_lens=jnp.zeros((b,), jnp.int32),
+                             new_mask=causal_mask(b, t))
+    positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+    return forward(params, config, jnp.asarray(tokens), positions, None, meta).logits
+
+
+def random_adapter(config, model, seed):
+    """An adapter with random A and B (a fresh one's B is zero, which would hide a misplaced B)."""
+    adapter = init_adapter(config, model, jax.random.key(seed))
+    keys = iter(jax.random.split(jax.random.key(seed + 1), len(adapter.b)))
+    b = {m: 0.1 * jax.random.normal(next(keys), x.shape) for m, x in adapter.b.items()}
+    return type(adapter)(a=adapter.a, b=b, config=config)
+
+
+def tokens_for(config, seed=0, shape=(2, 11)):
+    return np.random.default_rng(seed).integers(0, config.vocab_size, shape)
+
+
+def test_a_fresh_adapter_is_the_base_model(tiny):
+    _, config, params = tiny
+    adapter = init_adapter(LoraConfig(r=4, target_modules=MODULES), config, jax.random.key(0))
+    tokens = tokens_for(config)
+    np.testing.assert_array_equal(np.asarray(logits_of(adapt(params, adapter, config), config, tokens)),
+                                  np.asarray(logits_of(params, config, tokens)))
+    bound = 1 / np.sqrt(config.hidden_size)  # PEFT's kaiming-uniform with a = sqrt(5)
+    a = np.asarray(adapter.a["q_proj"])
+    assert np.abs(a).max() <= bound and np.abs(a).max() > 0.9 * bound
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_an_adapter_made_by_peft_loads_with_the_same_logits(tiny, tmp_path, rslora):
+    torch_model, config, params = tiny
+    settings = peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(MODULES), use_rslora=rslora,
+                               init_lora_weights=False, task_type="CAUSAL_LM")  # B random too
+    torch.manual_seed(3)
+    peft_model = peft.get_peft_model(copy.deepcopy(torch_model), settings).eval()
+    peft_model.save_pretrained(tmp_path)
+    adapter = load_peft(tmp_path, config)
+    assert adapter.config.scale == pytest.approx(8 / (2 if rslora else 4))
+    tokens = tokens_for(config, 1)
+    got = np.asarray(logits_of(adapt(params, adapter, config), config, tokens))
+    np.testing.assert_allclose(got, _torch_logits(peft_model, tokens), atol=TOL, rtol=0)
+    assert np.abs(got - _torch_logits(torch_model, tokens)).max() > 100 * TOL  # the adapter does change them
+
+
+def test_an_adapter_written_by_specjax_loads_in_peft_with_the_same_logits(tiny, tmp_path):
+    torch_model, config, params = tiny
+    lora = LoraConfig(r=3, lora_alpha=6, target_modules=("q_proj", "v_proj", "o_proj", "up_proj", "down_proj"),
+                      base_model_name_or_path="tiny-llama")
+    adapter = random_adapter(lora, config, 5)
+    save_peft(tmp_path, adapter)
+    written = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert written["peft_type"] == "LORA" and written["r"] == 3 and written["base_model_name_or_path"] == "tiny-llama"
+    peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(torch_model), tmp_path).eval()
+    tokens = tokens_for(config, 2)
+    np.testing.assert_allclose(np.asarray(logits_of(adapt(params, adapter, config), config, tokens)),
+                               _torch_logits(peft_model, tokens), atol=TOL, rtol=0)
+    # PEFT's own keys and shapes, read back by PEFT's loader rather than ours.
+    state = peft.get_peft_model_state_dict(peft_model)
+    assert state["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (3, config.hidden_size)
+    assert state["base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"].shape == (config.hidden_size, 3)
+    again = load_peft(tmp_path, config)
+    for m in lora.target_modules:
+        np.testing.assert_array_equal(np.asarray(again.a[m]), np.asarray(adapter.a[m]))
+        np.testing.assert_array_equal(np.asarray(again.b[m]), np.asarray(adapter.b[m]))
+
+
+def _loss(params, config, tokens):
+    logp = jax.nn.log_softmax(logits_of(params, config, tokens[:, :-1]), -1)
+    return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], -1))
+
+
+def test_gradients_equal_finite_differences_and_the_merged_weights_gradient(tiny):
+    _, config, params = tiny
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules=("k_proj", "o_proj", "gate_proj", "down_proj"))
+    tokens = jnp.asarray(tokens_for(config, 4, (2, 9)))
+    adapter = random_adapter(lora, config, 7)
+    loss = jax.jit(lambda ad: _loss(adapt(params, ad, config), config, tokens))
+    grads = jax.grad(loss)(adapter)
+    # Central differences along random unit directions of every factor at once (the forward
+    # accumulates in fp32 whatever its inputs: eps is sized to that).
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        direction = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), jnp.float32), adapter)
+        norm = np.sqrt(sum(float(jnp.sum(d * d)) for d in jax.tree.leaves(direction)))
+        direction = jax.tree.map(lambda d: d / norm, direction)
+        eps = 1e-2
+        numeric = (loss(jax.tree.map(lambda x, d: x + eps * d, adapter, direction))
+                   - loss(jax.tree.map(lambda x, d: x - eps * d, adapter, direction))) / (2 * eps)
+        analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction)))
+        assert float(analytic) == pytest.approx(float(numeric), rel=2e-2, abs=1e-4)
+    # The same gradients through plain weights W + scale * A @ B (no LoraLinear anywhere).
+    merged = jax.grad(lambda ad: _loss(merged_params(params, ad, config), config, tokens))(adapter)
+    for g, h in zip(jax.tree.leaves(grads), jax.tree.leaves(merged)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(h), rtol=1e-3, atol=1e-6)
+    assert min(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads)) > 1e-4  # every factor learns
+
+
+def _write_peft(path, config=None, tensors=None):
+    from safetensors.numpy import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    base = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}
+    (path / "adapter_config.json").write_text(json.dumps({**base, **(config or {})}))
+    if tensors is not None:
+        save_file(tensors, str(path / "adapter_model.safetensors"))
+    return path
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("use_dora", True, "use_dora"), ("modules_to_save", ["lm_head"], "modules_to_save"),
+    ("layers_to_transform", [0], "layers_to_transform"), ("bias", "all", "bias"),
+    ("target_modules", ["q_proj", "embed_tokens"], "embed_tokens"), ("target_modules", ".*proj", "pattern"),
+    ("r", 0, "r must be"), ("lora_alpha", -1, "lora_alpha"), ("peft_type", "IA3", "peft_type"),
+    ("r", 100, "larger than q_proj"),
+])
+def test_unsupported_or_bad_settings_are_refused_naming_the_field(tiny, tmp_path, field, value, message):
+    _, config, _ = tiny
+    with pytest.raises(AdapterError, match=message):
+        load_peft(_write_peft(tmp_path / "adapter", {field: value}), config)
+
+
+def test_adapters_for_another_model_or_broken_files_are_refused(tiny, tmp_path):
+    _, config, _ = tiny
+    d, q = config.hidden_size, config.q_size
+
+    def layer_tensors(layers, width):
+        return {f"base_model.model.model.layers.{i}.self_attn.q_proj.{f}.weight": np.zeros(s, np.float32)
+                for i in range(layers) for f, s in (("lora_A", (2, width)), ("lora_B", (q, 2)))}
+
+    with pytest.raises(AdapterError, match="another base model"):  # wider hidden size
+        load_peft(_write_peft(tmp_path / "wide", tensors=layer_tensors(config.num_layers, 2 * d)), config)
+    with pytest.raises(AdapterError, match="another base model"):  # more layers
+        load_peft(_write_peft(tmp_path / "deep", tensors=layer_tensors(config.num_layers + 1, d)), config)
+    with pytest.raises(AdapterError, match="missing tensor"):
+        load_peft(_write_peft(tmp_path / "short", tensors=layer_tensors(config.num_layers - 1, d)), config)
+    extra = {**layer_tensors(config.num_layers, d),
+             "base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias": np.zeros(q, np.float32)}
+    with pytest.raises(AdapterError, match="lora_B.bias"):
+        load_peft(_write_peft(tmp_path / "bias", tensors=extra), config)
+    with pytest.raises(AdapterError, match="missing adapter_model.safetensors"):
+        load_peft(_write_peft(tmp_path / "none"), config)
+    broken = _write_peft(tmp_path / "broken", tensors=layer_tensors(config.num_layers, d))
+    (broken / "adapter_model.safetensors").write_bytes(b"\x00" * 7)
+    with pytest.raises(AdapterError, match="safetensors"):
+        load_peft(broken, config)
+    (broken / "adapter_config.json").write_text("{not json")
+    with pytest.raises(AdapterError, match="not valid JSON"):
+        load_peft(broken, config)
+    with pytest.raises(AdapterError, match="does not exist"):
+        load_peft(tmp_path / "nowhere", config)

@@ -8,8 +8,9 @@ first compilation.
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from typing import Iterator, Sequence, Union
+from typing import Iterator, Mapping, Sequence, Union
 
 import numpy as np
 
@@ -19,6 +20,7 @@ from specjax.engine.core import EngineCore
 from specjax.engine.request import GenerationError, Request, RequestError, RequestOutput, RequestStats
 from specjax.engine.scheduler import Scheduler
 from specjax.engine.warmup import run_warm_up
+from specjax.lora import AdapterError, LoraAdapter
 from specjax.runner import EngineConfig
 from specjax.sampling import SamplingParams
 from specjax.speculation.speculator import TreeSpeculation
@@ -54,7 +56,7 @@ class LLM:
     def __init__(self, model: str | os.PathLike | LoadedModel = "smollm2-135m", *, dtype: str = "auto",
                  engine: EngineConfig | None = None, seed: int | None = None,
                  draft: str | os.PathLike | LoadedModel | None = None, num_speculative_tokens: int = 4,
-                 speculation=None):
+                 speculation=None, adapters: Mapping[str, str | os.PathLike | LoraAdapter] | None = None):
         """``model``: a built-in name, a GGUF file, an HF or specjax checkpoint directory, or a
         LoadedModel (``dtype`` is then ignored). On a CPU, bf16 weights are stored as bf16 bits and
         computed with in fp32 (``params.inference_params``).
@@ -64,6 +66,10 @@ class LLM:
         request and step (``HybridSpeculation``), from n-gram lookup (``NgramSpeculation``).
         ``draft`` with ``num_speculative_tokens`` is the short form of a chain from one draft,
         ``TreeSpeculation(drafts=[draft], expansion=(1,) * num_speculative_tokens)``.
+
+        ``adapters``: LoRA adapters by name (PEFT directories, or ``lora.LoraAdapter``s) that
+        requests may run with (``generate(..., adapter=name)``), any mix in one batch. Without
+        ``engine.max_loras``, the engine gets a slot per adapter, up to 4.
         """
         if draft is not None and speculation is not None:
             raise ValueError("give either draft= (a chain) or speculation=TreeSpeculation(...), not both")
@@ -72,12 +78,36 @@ class LLM:
         if draft is not None:
             speculation = TreeSpeculation(drafts=(draft,), expansion=(1,) * num_speculative_tokens,
                                           max_nodes=num_speculative_tokens + 1)
+        adapters = dict(adapters or {})
+        if adapters and not (engine or EngineConfig()).max_loras:
+            engine = dataclasses.replace(engine or EngineConfig(), max_loras=min(len(adapters), 4))
         loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=resolve_dtype(dtype))
         self.engine = EngineCore(loaded, engine=engine, speculation=speculation, seed=seed)
         self.runner = self.engine.runner
         self.config, self.tokenizer = self.engine.config, self.engine.tokenizer
         self.model_name, self.weights = self.engine.model_name, self.engine.weights
         self.speculation = speculation
+        for name, source in adapters.items():
+            self.add_adapter(name, source)
+
+    # -- LoRA adapters ---------------------------------------------------------------------------
+    @property
+    def adapters(self) -> list[str]:
+        """The names of the LoRA adapters requests may use."""
+        return self.engine.adapters.names() if self.engine.adapters is not None else []
+
+    def add_adapter(self, name: str, source: str | os.PathLike | LoraAdapter) -> None:
+        """Serve a LoRA adapter (a PEFT directory or a ``LoraAdapter``) as ``name``; the engine
+        needs adapter slots (``EngineConfig.max_loras``, or ``adapters=`` when built)."""
+        if self.engine.adapters is None:
+            raise AdapterError("this LLM has no adapter slots: build it with adapters= or EngineConfig(max_loras=N)")
+        self.engine.adapters.add(name, source)
+
+    def remove_adapter(self, name: str) -> None:
+        """Stop serving ``name`` (``AdapterInUse`` while a request runs with it)."""
+        if self.engine.adapters is None:
+            raise AdapterError(f"no adapter named {name!r} is loaded")
+        self.engine.adapters.remove(name)
 
     @property
     def method(self) -> str:
@@ -133,14 +163,15 @@ class LLM:
 
     # -- requests ---------------------------------------------------------------------------
     def new_request(self, prompt: Prompt, params: SamplingParams, *, speculation: str = "default",
-                    cache_scope: str = "") -> Request:
+                    cache_scope: str = "", adapter: str | None = None) -> Request:
         """One validated request for a Scheduler (``RequestError`` names the input at fault).
         ``speculation``: one of ``methods`` ("none": plain steps), or "default" (``method``).
         ``cache_scope``: requests share the suffix cache's outputs only within one scope (a
-        server gives each API key its own with ``--suffix-cache-scope per-key``); "" is shared."""
-        return self.engine.make_request(prompt, params, speculation, cache_scope=cache_scope)
+        server gives each API key its own with ``--suffix-cache-scope per-key``); "" is shared.
+        ``adapter``: a LoRA adapter's name (None: the base model)."""
+        return self.engine.make_request(prompt, params, speculation, cache_scope=cache_scope, adapter=adapter)
 
-    def _requests(self, prompts, sampling_params) -> list[Request]:
+    def _requests(self, prompts, sampling_params, adapter=None) -> list[Request]:
         if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
                                         and (isinstance(prompts[0], dict) or isinstance(prompts[0], (int, np.integer)))):
             prompts = [prompts]
@@ -155,17 +186,21 @@ class LLM:
         for p in params_list:
             if not isinstance(p, SamplingParams):
                 raise TypeError(f"expected SamplingParams, got {type(p).__name__}")
-        return [self.engine.make_request(p, sp, label=f"prompt {i}")
-                for i, (p, sp) in enumerate(zip(prompts, params_list))]
+        adapters = list(adapter) if isinstance(adapter, (list, tuple)) else [adapter] * len(prompts)
+        if len(adapters) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(adapters)} adapters")
+        return [self.engine.make_request(p, sp, label=f"prompt {i}", adapter=a)
+                for i, (p, sp, a) in enumerate(zip(prompts, params_list, adapters))]
 
     # -- public API ----------------------------------------------------------------------------
-    def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None
-                 ) -> list[RequestOutput]:
-        """Generate for one prompt or a list: strings, token-id lists, or chat message lists.
+    def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+                 adapter: str | None | Sequence[str | None] = None) -> list[RequestOutput]:
+        """Generate for one prompt or a list: strings, token-id lists, or chat message lists;
+        ``adapter``: the LoRA adapter every prompt runs with, or one per prompt (None: the base model).
 
         A request whose generation fails does not stop the others: once they finish, this raises
         ``GenerationError``, whose ``outputs`` hold every request's output."""
-        requests = self._requests(prompts, sampling_params)
+        requests = self._requests(prompts, sampling_params, adapter)
         for _ in self._run(requests):
             pass
         outputs = [r.output for r in requests]

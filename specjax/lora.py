@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from specjax.config import ModelConfig
+from specjax.config import ModelConfig, matmul_precision
 from specjax.linear import linear, project
 from specjax.params import CheckpointError, Params, fuse_gate_up, fuse_qkv, read_json_object
 from specjax.pytree import pytree_dataclass, static_field
@@ -131,15 +131,8 @@ def init_adapter(config: LoraConfig, model: ModelConfig, key: jax.Array, dtype=j
 
 
 # ---------------------------------------------------------------------------- the weight type
-@pytree_dataclass
-class LoraLinear:
-    """A frozen projection with a low-rank update: ``x @ base + (x @ a) @ b``. base is any weight
-    type of ``linear``; a [in, R], b [R, out] (the scale folded into b), with a leading layer axis
-    when stacked."""
-
-    base: object
-    a: jax.Array
-    b: jax.Array
+class _OverBase:
+    """A weight type over a frozen ``base`` weight: it has the base's shape and dtype."""
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -148,6 +141,17 @@ class LoraLinear:
     @property
     def dtype(self):
         return self.base.dtype
+
+
+@pytree_dataclass
+class LoraLinear(_OverBase):
+    """A frozen projection with a low-rank update: ``x @ base + (x @ a) @ b``. base is any weight
+    type of ``linear``; a [in, R], b [R, out] (the scale folded into b), with a leading layer axis
+    when stacked."""
+
+    base: object
+    a: jax.Array
+    b: jax.Array
 
 
 @project.register
@@ -356,3 +360,74 @@ def save_peft(path: str | os.PathLike, adapter: LoraAdapter) -> Path:
     tmp.write_text(json.dumps(peft_config(adapter.config), indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, directory / ADAPTER_CONFIG)
     return directory
+
+
+# ---------------------------------------------------------------------------- many adapters per batch
+@pytree_dataclass
+class LoraSlots:
+    """Device slots for the adapters a batch may use, in ``fused_factors``' layout padded to one
+    rank: per fused matrix, a [L, S + 1, in, R] and b [L, S + 1, R, out] (every module of the
+    matrix at rank ``max_rank``, scale folded into b). Slot 0 is all zeros: rows without an
+    adapter use it, so a batch mixes adapted and base rows in one executable."""
+
+    a: dict
+    b: dict
+
+    @property
+    def num_slots(self) -> int:
+        """Adapter slots, slot 0 (no adapter) not counted."""
+        return next(iter(self.a.values())).shape[1] - 1
+
+
+def init_slots(model: ModelConfig, max_loras: int, max_rank: int, dtype=jnp.float32) -> LoraSlots:
+    """Empty slots for ``max_loras`` adapters of rank up to ``max_rank`` on every projection."""
+    a, b = {}, {}
+    for matrix, modules in FUSED.items():
+        n_in = module_shape(modules[0], model)[0]
+        n_out = sum(module_shape(m, model)[1] for m in modules)
+        rank = max_rank * len(modules)
+        a[matrix] = jnp.zeros((model.num_layers, max_loras + 1, n_in, rank), dtype)
+        b[matrix] = jnp.zeros((model.num_layers, max_loras + 1, rank, n_out), dtype)
+    return LoraSlots(a=a, b=b)
+
+
+def write_slot(slots: LoraSlots, slot: int, adapter: LoraAdapter, model: ModelConfig) -> LoraSlots:
+    """``slots`` with ``adapter`` in ``slot`` (1 .. num_slots), padded to the slots' rank."""
+    if isinstance(slot, int) and not 1 <= slot <= slots.num_slots:  # (traced under jit: the caller's check)
+        raise ValueError(f"slot {slot} is not one of 1 .. {slots.num_slots}")
+    check_adapter(adapter, model)
+    rank = slots.a["wo"].shape[-1]  # o_proj alone: one module's rank
+    factors = fused_factors(adapter, model, rank=rank)
+    return LoraSlots(a={m: x.at[:, slot].set(factors[m][0].astype(x.dtype)) for m, x in slots.a.items()},
+                     b={m: x.at[:, slot].set(factors[m][1].astype(x.dtype)) for m, x in slots.b.items()})
+
+
+@pytree_dataclass
+class RowLoraLinear(_OverBase):
+    """A frozen projection with each row's adapter: ``x[i] @ base + (x[i] @ a[rows[i]]) @ b[rows[i]]``
+    for x [B, T, in]; a [S + 1, in, R], b [S + 1, R, out], rows [B] slot indices (0: none), all
+    with a leading layer axis when stacked. Each row gathers its own slot's factors (the BGMV
+    form: the factors read are B small matrices, whatever the mix of adapters)."""
+
+    base: object
+    a: jax.Array
+    b: jax.Array
+    rows: jax.Array
+
+
+@project.register
+def _(w: RowLoraLinear, x: jax.Array) -> jax.Array:
+    precision = matmul_precision(x.dtype)
+    low = jnp.einsum("bti,bir->btr", x, w.a[w.rows].astype(x.dtype), preferred_element_type=jnp.float32,
+                     precision=precision)
+    delta = jnp.einsum("btr,bro->bto", low.astype(x.dtype), w.b[w.rows].astype(x.dtype),
+                       preferred_element_type=jnp.float32, precision=precision)
+    return project(w.base, x) + delta.astype(x.dtype)
+
+
+def with_row_adapters(params: Params, slots: LoraSlots, rows: jax.Array) -> Params:
+    """``params`` whose projections add each row's adapter (``rows`` [B]: slot per row, 0 none)."""
+    layers = params.layers
+    per_layer = jnp.broadcast_to(rows.astype(jnp.int32), (layers.attn_norm.shape[0],) + rows.shape)
+    updates = {m: RowLoraLinear(getattr(layers, m), slots.a[m], slots.b[m], per_layer) for m in slots.a}
+    return dataclasses.replace(params, layers=dataclasses.replace(layers, **updates))

@@ -28,6 +28,7 @@ from specjax.engine.state import TARGET, DeviceState, DeviceStateCell, ModelStat
 from specjax.engine.step import (StepInput, TokenBatch, TreeBatch, donating_jit, row_meta, step_args, token_step,
                                  verify_step)
 from specjax.kv_cache import KVCache, PageTable, init_kv_cache, kv_bytes_per_token
+from specjax.lora import init_slots
 from specjax.params import Params
 from specjax.speculation.tree import TokenTree, stack_trees
 
@@ -62,6 +63,10 @@ class EngineConfig:
     requests decode, each of whose tokens waits for the step's chunks; None: 64 on CPU, where a
     512-token chunk costs about 25 decode steps of the built-in model, and ``prefill_chunk``
     elsewhere. Larger prefills long prompts sooner, smaller keeps streams flowing.
+    max_loras: LoRA adapters one batch may use at once (device slots; 0: no LoRA), each of rank
+    up to max_lora_rank (smaller ranks are padded to it, so shapes never change); max_cpu_loras:
+    adapters kept loaded in host memory (least recently used ones are read again from their
+    files when asked for); None: no limit.
     """
 
     page_size: int = 16
@@ -79,13 +84,19 @@ class EngineConfig:
     # Attention: "auto" (the Pallas kernel on NVIDIA GPUs within its limits, XLA elsewhere), "pallas"
     # or "xla"; None: $SPECJAX_ATTENTION, else "auto".
     attention_backend: str | None = None
+    max_loras: int = 0
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
 
     def __post_init__(self):
-        for name in ("page_size", "max_num_seqs", "prefill_chunk", "min_page_bucket") + tuple(
-                name for name in ("min_batch_bucket", "interleaved_prefill_chunk") if getattr(self, name) is not None):
+        for name in ("page_size", "max_num_seqs", "prefill_chunk", "min_page_bucket", "max_lora_rank") + tuple(
+                name for name in ("min_batch_bucket", "interleaved_prefill_chunk", "max_cpu_loras")
+                if getattr(self, name) is not None):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.max_loras, int) or self.max_loras < 0:
+            raise ConfigError(f"max_loras must be a non-negative integer, got {self.max_loras!r}")
         if self.kv_cache_bytes is not None and self.kv_cache_bytes < 1:
             raise ConfigError(f"kv_cache_bytes must be positive, got {self.kv_cache_bytes}")
         if self.max_model_len is not None and self.max_model_len < 2:
@@ -155,13 +166,17 @@ class ModelRunner:
         self.config = config
         self.engine = engine
         self.dtype = params.embed.dtype
+        # Adapter slots are the target's (drafts propose without them; verification stays
+        # lossless), allocated before the page pool sizes itself to the memory left.
+        adapters = (init_slots(config, engine.max_loras, engine.max_lora_rank)
+                    if engine.max_loras and state is None else None)
         per_page = engine.page_size * kv_bytes_per_token(config, self.dtype)
         num_pages = max(1, (engine.kv_cache_bytes or default_cache_bytes()) // per_page)
         capacity = num_pages * engine.page_size
         self.max_model_len = min(engine.max_model_len or config.max_position_embeddings,
                                  config.max_position_embeddings, capacity)
         model = ModelState(params=params, cache=init_kv_cache(config, num_pages, engine.page_size, self.dtype),
-                           vocab_maps=vocab_maps)
+                           vocab_maps=vocab_maps, adapters=adapters)
         if state is None:
             self.cell, self.slot = DeviceStateCell(DeviceState(target=model)), TARGET
         else:

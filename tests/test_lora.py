@@ -1,8 +1,10 @@
 """LoRA adapters against Hugging Face PEFT on transformers: both ways through PEFT's files, logits
-equal; the adapted forward's gradients against finite differences in float64 and against the
-merged-weight model; bad adapters refused, naming what is wrong."""
+equal; the adapted forward's gradients against central differences and against the merged-weight
+model; bad adapters refused, naming what is wrong. In the engine: mixed batches of adapters (and
+speculation over them) against each adapter merged into plain weights."""
 
 import copy
+import dataclasses
 import json
 
 import jax
@@ -15,11 +17,18 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from specjax.attention import AttentionMetadata, causal_mask  # noqa: E402
+from specjax.checkpoints import LoadedModel  # noqa: E402
 from specjax.checkpoints.hf import load_hf  # noqa: E402
+from specjax.engine.adapters import AdapterInUse  # noqa: E402
+from specjax.engine.request import RequestError  # noqa: E402
+from specjax.llm import LLM  # noqa: E402
 from specjax.lora import (MODULES, AdapterError, LoraConfig, adapt, init_adapter, load_peft,  # noqa: E402
                           merged_params, save_peft)
 from specjax.model import forward  # noqa: E402
+from specjax.runner import EngineConfig  # noqa: E402
+from specjax.sampling import SamplingParams  # noqa: E402
 from tests.test_model import _save_tiny, _torch_logits  # noqa: E402
+from tests.test_serving import ENGINE, tiny_target  # noqa: E402
 
 TOL = 1e-4
 
@@ -186,3 +195,128 @@ def test_adapters_for_another_model_or_broken_files_are_refused(tiny, tmp_path):
         load_peft(broken, config)
     with pytest.raises(AdapterError, match="does not exist"):
         load_peft(tmp_path / "nowhere", config)
+
+
+# ---------------------------------------------------------------------------- adapters in the engine
+GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+SEEDED = SamplingParams(temperature=0.8, seed=11, max_tokens=10, ignore_eos=True)
+PROMPTS = [[1, 2, 3], [9, 8, 7, 6], [1, 2, 3], [40, 41], [5, 5, 5, 5, 5]]
+NAMES = ["a0", "a1", None, "a2", "a3"]
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny_target()
+
+
+@pytest.fixture(scope="module")
+def adapters(target):
+    # Different ranks (padded to the slots' rank) and different target modules per adapter.
+    targets = [MODULES, ("q_proj", "v_proj"), ("o_proj", "down_proj"), ("gate_proj", "up_proj", "k_proj")]
+    return {f"a{i}": random_adapter(LoraConfig(r=2 + i, lora_alpha=4.0, target_modules=modules,
+                                               use_rslora=i == 1), target.config, 20 + i)
+            for i, modules in enumerate(targets)}
+
+
+def merged_llm(target, adapter):
+    """The adapter merged into plain weights, served without any LoRA machinery."""
+    params = target.params if adapter is None else merged_params(target.params, adapter, target.config)
+    return LLM(LoadedModel(target.config, params, target.tokenizer, "merged"), engine=ENGINE, seed=0)
+
+
+@pytest.fixture(scope="module")
+def merged_outputs(target, adapters):
+    """Greedy and seeded outputs of every prompt on its adapter's merged model."""
+    out = {}
+    for prompt, name in zip(PROMPTS, NAMES):
+        llm = merged_llm(target, adapters.get(name))
+        out[tuple(prompt), name] = [o.token_ids for o in llm.generate([prompt, prompt], [GREEDY, SEEDED])]
+    return out
+
+
+def test_a_mixed_batch_of_adapters_equals_each_alone_and_the_merged_models(target, adapters, merged_outputs):
+    llm = LLM(target, engine=dataclasses.replace(ENGINE, max_loras=4, max_lora_rank=8), adapters=adapters, seed=0)
+    assert llm.adapters == list(adapters)
+    mixed = llm.generate(PROMPTS * 2, [GREEDY] * 5 + [SEEDED] * 5, adapter=NAMES * 2)
+    for i, (prompt, name) in enumerate(zip(PROMPTS, NAMES)):
+        greedy, seeded = merged_outputs[tuple(prompt), name]
+        assert mixed[i].token_ids == greedy and mixed[i + 5].token_ids == seeded, name
+        assert llm.generate([prompt], SEEDED, adapter=name)[0].token_ids == seeded  # alone
+    assert mixed[0].token_ids != mixed[2].token_ids  # same prompt: the adapter changes the output
+
+
+def test_more_adapters_than_slots_take_turns_and_stay_exact(target, adapters, merged_outputs):
+    llm = LLM(target, engine=dataclasses.replace(ENGINE, max_loras=2, max_lora_rank=8, max_cpu_loras=1), seed=0)
+    for name, adapter in adapters.items():
+        llm.add_adapter(name, adapter)
+    outs = llm.generate(PROMPTS, GREEDY, adapter=NAMES)
+    assert [o.token_ids for o in outs] == [merged_outputs[tuple(p), n][0] for p, n in zip(PROMPTS, NAMES)]
+
+
+def test_speculation_with_an_adapter_stays_lossless(target, adapters, merged_outputs):
+    from specjax.speculation.speculator import TreeSpeculation
+    from specjax.speculation.suffix import HybridSpeculation, SuffixSpeculation
+
+    # Drafts propose without adapters (the base target drafting for itself); the adapted target verifies.
+    llm = LLM(target, engine=dataclasses.replace(ENGINE, max_loras=2, max_lora_rank=8), seed=0,
+              adapters={"a0": adapters["a0"], "a2": adapters["a2"]},
+              speculation=HybridSpeculation(suffix=SuffixSpeculation(max_spec_tokens=6),
+                                            tree=TreeSpeculation(drafts=[target], expansion=(1, 1, 1))))
+    names = ["a0", None, "a2"]
+    prompts = [PROMPTS[0], PROMPTS[2], PROMPTS[3]]
+    for _ in range(2):  # the second time, the suffix cache holds each adapter's own outputs
+        outs = llm.generate(prompts, GREEDY, adapter=names)
+        assert [o.token_ids for o in outs] == [merged_outputs[tuple(p), n][0] for p, n in zip(prompts, names)]
+    assert all(o.stats.speculation.accepted > 0 for o in outs)
+
+
+def test_adapter_mistakes_are_refused(target, adapters, tmp_path):
+    with pytest.raises(AdapterError, match="no adapter slots"):
+        LLM(target, engine=ENGINE).add_adapter("a0", adapters["a0"])
+    llm = LLM(target, engine=dataclasses.replace(ENGINE, max_loras=1, max_lora_rank=4), seed=0)
+    with pytest.raises(AdapterError, match="max_lora_rank"):
+        llm.add_adapter("big", random_adapter(LoraConfig(r=5), target.config, 1))
+    llm.add_adapter("a0", adapters["a0"])
+    with pytest.raises(AdapterError, match="already loaded"):
+        llm.add_adapter("a0", adapters["a0"])
+    with pytest.raises(RequestError, match="no adapter named 'nope'"):
+        llm.generate([[1, 2]], GREEDY, adapter="nope")
+    with pytest.raises(AdapterError, match="does not exist"):
+        llm.add_adapter("missing", tmp_path / "nowhere")
+    other = dataclasses.replace(target.config, hidden_size=2 * target.config.hidden_size)
+    with pytest.raises(AdapterError, match="another base model"):
+        llm.add_adapter("other", random_adapter(LoraConfig(r=2), other, 2))
+    # In use: a request holding the adapter's slot keeps it until it leaves the batch.
+    scheduler = llm.scheduler()
+    request = llm.new_request([1, 2, 3], GREEDY, adapter="a0")
+    scheduler.add(request)
+    scheduler.step()
+    with pytest.raises(AdapterInUse, match="in use by 1"):
+        llm.remove_adapter("a0")
+    while scheduler.has_work:
+        scheduler.step()
+    llm.remove_adapter("a0")
+    assert llm.adapters == []
+    with pytest.raises(AdapterError, match="no adapter named"):
+        llm.remove_adapter("a0")
+
+
+def test_a_request_whose_adapter_was_unloaded_while_it_waited_fails_alone(target, adapters):
+    llm = LLM(target, engine=dataclasses.replace(ENGINE, max_loras=1, max_lora_rank=8), seed=0,
+              adapters={"a0": adapters["a0"]})
+    scheduler = llm.scheduler()
+    doomed = llm.new_request([1, 2, 3], GREEDY, adapter="a0")
+    bystander = llm.new_request([1, 2, 3], GREEDY)
+    llm.remove_adapter("a0")  # nothing holds it yet
+    scheduler.add(doomed)
+    scheduler.add(bystander)
+    while scheduler.has_work:
+        scheduler.step()
+    assert doomed.output.finish_reason == "error" and "unloaded" in doomed.output.error
+    assert bystander.output.token_ids == llm.generate([[1, 2, 3]], GREEDY)[0].token_ids
+
+
+def test_engine_lora_settings_are_checked():
+    for bad in (dict(max_loras=-1), dict(max_loras=1.5), dict(max_lora_rank=0), dict(max_cpu_loras=0)):
+        with pytest.raises(ValueError):
+            EngineConfig(**bad)

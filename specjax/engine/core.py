@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from specjax.checkpoints import LoadedModel
+from specjax.engine.adapters import AdapterManager
 from specjax.engine.request import Request, RequestError, RequestOutput
 from specjax.engine.step import StepInput
 from specjax.linear import Bf16Bits
@@ -73,6 +74,8 @@ class EngineCore:
         self.tokenizer = loaded.tokenizer
         self.model_name = loaded.source
         self.runner = ModelRunner(loaded.config, params, engine or EngineConfig())
+        # LoRA adapters requests may name, in the runner's adapter slots (none without max_loras).
+        self.adapters = AdapterManager(self.runner, loaded.config) if self.runner.engine.max_loras else None
         self.speculation = speculation
         self.proposers: dict[str, Proposer] = {}  # by method name: the configured one and its parts
         self.method = "none"
@@ -156,12 +159,20 @@ class EngineCore:
                         f"({{'role': ..., 'content': ...}}); got {type(prompt).__name__}")
 
     def make_request(self, prompt, params: SamplingParams, speculation: str = "default", label: str = "the prompt",
-                     cache_scope: str = "") -> Request:
+                     cache_scope: str = "", adapter: str | None = None) -> Request:
         """One validated request (``RequestError`` names the input at fault). ``speculation``: one
         of ``methods`` ("none": plain steps), or "default" (``method``). ``cache_scope``: the
-        requests whose outputs it may draft from and serve (``Request.cache_scope``)."""
+        requests whose outputs it may draft from and serve (``Request.cache_scope``). ``adapter``:
+        the name of a LoRA adapter of ``adapters`` to run with (None: the base model)."""
         if not isinstance(cache_scope, str):
             raise TypeError(f"cache_scope must be a str, got {type(cache_scope).__name__}")
+        if adapter is not None:
+            if self.adapters is None:
+                raise RequestError(f"adapter {adapter!r}: this engine serves no LoRA adapters (max_loras is 0)", "model")
+            if adapter not in self.adapters:
+                raise RequestError(f"no adapter named {adapter!r} is loaded", "model")
+            # An adapter's outputs are its own: they draft for requests of the same adapter only.
+            cache_scope = f"{cache_scope}\x00adapter:{adapter}"
         if not isinstance(params, SamplingParams):
             raise TypeError(f"expected SamplingParams, got {type(params).__name__}")
         method = self._method(speculation)
@@ -198,7 +209,8 @@ class EngineCore:
             output.stats.speculation = SpeculationStats()
         return Request(uid=uid, params=params, output=output, max_total=max_total, kv_limit=kv_limit,
                        num_prefill=len(ids), base_key=base_key, stop_ids=frozenset(stop_ids),
-                       detok=self.tokenizer.incremental_decoder(), proposer=proposer, cache_scope=cache_scope)
+                       detok=self.tokenizer.incremental_decoder(), proposer=proposer, cache_scope=cache_scope,
+                       adapter=adapter)
 
     # -- what a request's speculation involves ---------------------------------------------------
     @staticmethod
@@ -229,7 +241,7 @@ class EngineCore:
     def _sampling(self, req: Request, tokens: Sequence[int]) -> StepInput:
         p = req.params
         return StepInput(seq_id=req.uid, tokens=tokens, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
-                         base_key=req.base_key, sample_index=len(req.output.token_ids))
+                         base_key=req.base_key, sample_index=len(req.output.token_ids), lora_slot=req.lora_slot)
 
     def next_chunk(self, req: Request, chunk: int) -> int:
         """Tokens of ``req``'s next prefill step, at most ``chunk`` (0: it is not prefilling)."""

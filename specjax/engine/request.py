@@ -86,6 +86,8 @@ class Request:
     # output may serve: requests share caches of outputs (the suffix cache) within a scope only.
     cache_scope: str = ""
     kind: RequestKind = "generate"
+    adapter: str | None = None  # the LoRA adapter it runs with (``EngineCore.adapters``); None: the base model
+    lora_slot: int = 0  # the adapter's device slot while it runs (0: none)
     arrival: float = field(default_factory=time.perf_counter)  # time to first token counts from here
     prefilled: int = 0
     pending_text: str = ""  # decoded text held back while it could still become a stop string

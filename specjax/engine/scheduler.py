@@ -36,6 +36,7 @@ from typing import Callable, Protocol
 from specjax.engine.core import EngineCore, StepOutcome
 from specjax.engine.output import OutputProcessor
 from specjax.engine.request import Request
+from specjax.lora import AdapterError
 
 Event = tuple[Request, str, bool]  # (request, new text, finished)
 
@@ -104,10 +105,13 @@ class Scheduler:
     def _can_admit(self, req: Request) -> bool:
         length = req.num_prefill + 1  # the prefill and the token it samples: the first decode step
         return self.kv.can_admit(self._kv_tokens(req, length)) and all(
-            part.can_admit(length) for part in self.core.parts(req))
+            part.can_admit(length) for part in self.core.parts(req)) and (
+            req.adapter is None or self.core.adapters.can_acquire(req.adapter))
 
     def _admit(self, req: Request) -> None:
         length = req.num_prefill + 1
+        if req.adapter is not None:  # first: an adapter unloaded since the request arrived fails it alone
+            req.lora_slot = self.core.adapters.acquire(req.adapter)
         self.kv.add_sequence(req.uid, self._kv_tokens(req, length))
         attached = []
         # A preempted request's proposers still follow it (host state only, and its sequence is unchanged).
@@ -122,6 +126,7 @@ class Scheduler:
             self.kv.release(req.uid)
             for part in attached:
                 part.detach(req.uid)
+            self._release_adapter(req)
             raise
         self.running.append(req)
 
@@ -142,7 +147,13 @@ class Scheduler:
         self.kv.release(req.uid)
         for part in self.core.parts(req):
             part.detach(req.uid)
+        self._release_adapter(req)
         self.running.remove(req)
+
+    def _release_adapter(self, req: Request) -> None:
+        if req.lora_slot:
+            self.core.adapters.release(req.lora_slot)
+            req.lora_slot = 0
 
     def _stop(self, req: Request) -> None:
         for follower in self.core.followers_of(req):  # the output joins the suffix cache for later requests
@@ -185,9 +196,14 @@ class Scheduler:
         pages freed."""
         max_seqs = self.max_running
         # After a preemption the pool is known to be short: admitting now would only preempt again.
+        events = []
         if not self._grow_running():
             while self.waiting and len(self.running) < max_seqs and self._can_admit(self.waiting[0]):
-                self._admit(self.waiting.popleft())
+                req = self.waiting.popleft()
+                try:
+                    self._admit(req)
+                except AdapterError as error:  # its adapter was unloaded while it waited
+                    events.append(self._fail(req, error))
         self.short_of_pages = bool(self.waiting) and len(self.running) < max_seqs
         prefilling = [r for r in self.running if r.prefilled < r.num_prefill]
         decoding = ([r for r in self.running if r not in prefilling]
@@ -199,7 +215,6 @@ class Scheduler:
             length = runner.step_tokens(self.core.next_chunk(req, chunk), after_prefix=req.prefilled > 0)
             by_length.setdefault(length, []).append(req)
         prefill = functools.partial(self.core.plain_step, chunk=chunk)
-        events = []
         for kind, run, group in ([("prefill", prefill, by_length[n]) for n in sorted(by_length)] + [
                 ("decode", self.core.speculative_step, [r for r in decoding if r.proposer is not None]),
                 ("decode", self.core.plain_step, [r for r in decoding if r.proposer is None])]):

@@ -25,7 +25,9 @@ from specjax.attention import AttentionMetadata
 from specjax.config import ModelConfig
 from specjax.engine.state import ModelState
 from specjax.kv_cache import INVALID_SLOT, write_kv
+from specjax.lora import with_row_adapters
 from specjax.model import forward
+from specjax.params import Params
 from specjax.pytree import pytree_dataclass
 from specjax.speculation.verify import VerifyTree, verify_and_commit
 
@@ -48,6 +50,7 @@ class StepInput:
     # Sampled tokens must be plain sampling's own draws even where a draft model proposes (verified
     # by sampling and matching, not multi-step speculative sampling): set for seeded hybrid rows.
     plain_draws: bool = False
+    lora_slot: int = 0  # the device slot of the request's LoRA adapter; 0: none
 
 
 @pytree_dataclass
@@ -57,7 +60,8 @@ class RowMeta:
 
     block_tables [B, P] int32: the pages of each row's committed prefix; context_lens [B] int32:
     its committed tokens. Sampling: temperature, top_k, top_p [B]; base_keys [B, 2] uint32 raw key
-    data of each row's request, sample_index [B] which of its tokens this step samples.
+    data of each row's request, sample_index [B] which of its tokens this step samples. lora_slot
+    [B] int32: the row's adapter slot (0: the base model).
     """
 
     block_tables: jax.Array
@@ -67,6 +71,7 @@ class RowMeta:
     top_p: jax.Array
     base_keys: jax.Array
     sample_index: jax.Array
+    lora_slot: jax.Array
 
     def keys(self, ahead: jax.Array | None = None) -> jax.Array:
         """[B] typed keys of this step's draw per row: fold_in(request key, token index); with
@@ -83,7 +88,7 @@ def row_meta(b: int, p: int, block_table: np.ndarray | None = None, lengths: Seq
     rows = RowMeta(block_tables=np.zeros((b, p), np.int32), context_lens=np.zeros((b,), np.int32),
                    temperature=np.zeros((b,), np.float32), top_k=np.zeros((b,), np.int32),
                    top_p=np.ones((b,), np.float32), base_keys=np.zeros((b, 2), np.uint32),
-                   sample_index=np.zeros((b,), np.int32))
+                   sample_index=np.zeros((b,), np.int32), lora_slot=np.zeros((b,), np.int32))
     if block_table is not None:
         rows.block_tables[: len(block_table)] = block_table
     rows.context_lens[: len(lengths)] = lengths
@@ -95,6 +100,7 @@ def row_meta(b: int, p: int, block_table: np.ndarray | None = None, lengths: Seq
         if x.base_key is not None:
             rows.base_keys[row] = x.base_key
         rows.sample_index[row] = x.sample_index
+        rows.lora_slot[row] = x.lora_slot
     return rows
 
 
@@ -146,6 +152,14 @@ class TreeBatch:
                    logprobs=np.zeros((), bool))
 
 
+def row_params(model: ModelState, rows: RowMeta) -> Params:
+    """The weights a step's rows run with: ``model.params``, each row with its LoRA adapter added
+    when the model has adapter slots."""
+    if model.adapters is None:
+        return model.params
+    return with_row_adapters(model.params, model.adapters, rows.lora_slot)
+
+
 def token_step(state: ModelState, batch: TokenBatch, *, config: ModelConfig, attention_backend: str | None
                ) -> tuple[ModelState, tuple]:
     """Append each row's tokens to its cache and sample its next token. Outputs: next tokens [B],
@@ -154,8 +168,8 @@ def token_step(state: ModelState, batch: TokenBatch, *, config: ModelConfig, att
     causal = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
     meta = AttentionMetadata(block_tables=batch.rows.block_tables, context_lens=batch.rows.context_lens,
                              new_mask=causal)
-    out = forward(state.params, config, batch.tokens, batch.positions, state.cache, meta, logit_indices=batch.last,
-                  attention_backend=attention_backend)
+    out = forward(row_params(state, batch.rows), config, batch.tokens, batch.positions, state.cache, meta,
+                  logit_indices=batch.last, attention_backend=attention_backend)
     cache = write_kv(state.cache, out.new_k, out.new_v, batch.slots)
     rows = batch.rows
     next_tokens = sampling.sample(out.logits[:, 0], rows.keys(), rows.temperature, rows.top_k, rows.top_p)
@@ -171,7 +185,7 @@ def verify_step(state: ModelState, batch: TreeBatch, *, config: ModelConfig, att
     logprob arrays (zeros unless ``batch.logprobs``)."""
     rows = batch.rows
     meta = AttentionMetadata(block_tables=rows.block_tables, context_lens=rows.context_lens, new_mask=batch.mask)
-    out = forward(state.params, config, batch.tokens, batch.positions, state.cache, meta,
+    out = forward(row_params(state, rows), config, batch.tokens, batch.positions, state.cache, meta,
                   attention_backend=attention_backend)
     tree = VerifyTree.host(batch.tokens, batch.parents, batch.depths, batch.mask, batch.live)
     result, cache = verify_and_commit(out.logits, out.new_k, out.new_v, state.cache, tree, batch.position_slots,

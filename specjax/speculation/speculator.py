@@ -25,7 +25,7 @@ import numpy as np
 from specjax.config import ModelConfig
 from specjax.draft import load_draft_for
 from specjax.engine.state import DeviceState
-from specjax.engine.step import RowMeta, StepInput, donating_jit, row_meta, step_args
+from specjax.engine.step import RowMeta, StepInput, donating_jit, row_meta, row_params, step_args
 from specjax.kv_cache import kv_bytes_per_token
 from specjax.params import Params
 from specjax.pytree import pytree_dataclass
@@ -74,8 +74,8 @@ def tree_step(state: DeviceState, batch: DraftTreeBatch, *, spec: SpecInfer, all
                            top_p=rows.top_p, keys=rows.keys(), plain_draws=batch.plain_draws,
                            depth_keys=rows.keys(depths))
     target_cache, draft_caches = state.caches()
-    result, target_cache, draft_caches = speculative_step(spec, state.target.params, drafts, target_cache, draft_caches,
-                                                          step_batch, all_greedy, logprobs)
+    result, target_cache, draft_caches = speculative_step(spec, row_params(state.target, rows), drafts, target_cache,
+                                                          draft_caches, step_batch, all_greedy, logprobs)
     return state.with_caches((target_cache, draft_caches)), result
 
 

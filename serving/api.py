@@ -41,6 +41,19 @@ class _Body(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
 
+class LoadLoraAdapterRequest(_Body):
+    """vLLM's ``POST /v1/load_lora_adapter`` body: the name requests will use as their ``model``,
+    and a PEFT adapter directory on the server's machine."""
+
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoraAdapterRequest(_Body):
+    lora_name: str
+    lora_int_id: int | None = Field(None, description="Accepted for vLLM's clients, and ignored")
+
+
 class StreamOptions(_Body):
     include_usage: bool = False
 

@@ -11,12 +11,15 @@ its KV pages at once.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 import time
 
 from serving.metrics import Metrics
+from specjax.engine.adapters import AdapterInUse
 from specjax.llm import LLM, Request
+from specjax.lora import AdapterError
 
 log = logging.getLogger("specjax.serving")
 
@@ -145,6 +148,31 @@ class Engine:
             self._inbox.append(("abort_all", None))
             self._cond.notify()
 
+    def unload_adapter(self, name: str) -> concurrent.futures.Future:
+        """Stop serving LoRA adapter ``name``, between steps: the future fails with ``AdapterInUse``
+        while a submitted request (waiting or running) uses it, so none is ever cut off; a request
+        submitted after the unload fails alone."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            if self._stopping:
+                raise EngineError("the engine is stopped")
+            self._inbox.append(("unload", (name, future)))
+            self._cond.notify()
+        return future
+
+    def _unload(self, name: str, future: concurrent.futures.Future) -> None:
+        scheduler = self.scheduler
+        users = sum(req.adapter == name for req in (*scheduler.waiting, *scheduler.running))
+        try:
+            if users:
+                raise AdapterInUse(f"adapter {name!r} is in use by {users} unfinished request(s); unload it "
+                                   "once they finish")
+            self.llm.remove_adapter(name)
+        except AdapterError as e:
+            future.set_exception(e)
+        else:
+            future.set_result(None)
+
     # -- the engine thread ---------------------------------------------------------------------
     def _loop(self) -> None:
         scheduler = self.scheduler
@@ -160,6 +188,8 @@ class Engine:
                     scheduler.add(stream.request)
                 elif op == "abort":
                     self._abort(stream)
+                elif op == "unload":
+                    self._unload(*stream)
                 else:
                     self._abort_all()
             if stopping:

@@ -29,16 +29,19 @@ import h11
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from serving.api import (ApiError, ChatCompletionRequest, CompletionRequest, chat_messages, completion_prompt,
+from serving.api import (ApiError, ChatCompletionRequest, CompletionRequest, LoadLoraAdapterRequest,
+                         UnloadLoraAdapterRequest, chat_messages, completion_prompt,
                          error_body, sampling_params, validation_error)
 from serving.engine import Engine, EngineError, QueueFull, Stream
 from specjax import __version__
+from specjax.engine.adapters import AdapterInUse
 from specjax.llm import RequestError
+from specjax.lora import AdapterError
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 MAX_BODY_BYTES = 16 << 20  # a 128K-token prompt is well under 1 MiB of text, or of token ids in JSON
@@ -147,7 +150,8 @@ class Gate:
 def create_app(engine: Engine, *, model_name: str, api_key: str | Sequence[str] | None = None,
                default_max_tokens: int | None = None, max_body_bytes: int = MAX_BODY_BYTES,
                protect_all: bool = False, allowed_hosts: tuple[str, ...] | None = None,
-               expose_speculation_stats: bool = False, suffix_cache_scope: str = "global") -> FastAPI:
+               expose_speculation_stats: bool = False, suffix_cache_scope: str = "global",
+               allow_runtime_lora: bool = False) -> FastAPI:
     """The FastAPI app serving ``engine``'s LLM as ``model_name``; it starts and stops the engine.
 
     ``api_key``: a key, or several, wanted on ``/v1`` (and, with ``protect_all``, on ``/metrics``,
@@ -157,6 +161,9 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | Sequence[str] 
     statistics to its response (off by default: with a shared suffix cache they reveal what other
     clients generated). ``suffix_cache_scope``: "global", every request drafts from every earlier
     output; "per-key", from the outputs of requests with the same API key only.
+    ``allow_runtime_lora``: offer ``POST /v1/load_lora_adapter`` and ``/v1/unload_lora_adapter``
+    (off by default: loading reads a directory a client names on the server's machine). The LLM's
+    LoRA adapters are models of their own in ``/v1/models``; a request's ``model`` picks one.
 
     ``default_max_tokens``: the output limit of requests that set none; None follows OpenAI (16 for
     completions, the rest of the context for chat). A request's KV pages grow with its output rather
@@ -222,23 +229,64 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | Sequence[str] 
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(accepting)])
 
-    def model_card() -> dict:
-        return {"id": model_name, "object": "model", "created": 0, "owned_by": "specjax",
+    def model_card(adapter: str | None = None) -> dict:
+        card = {"id": adapter or model_name, "object": "model", "created": 0, "owned_by": "specjax",
                 "max_model_len": llm.max_model_len}
+        if adapter is not None:  # as vLLM lists its LoRA adapters
+            card.update(parent=model_name, root=adapter)
+        return card
 
     @v1.get("/models")
     async def models():
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card()] + [model_card(name) for name in llm.adapters]}
 
     @v1.get("/models/{model:path}")
     async def model(model: str):
-        check_model(model)
-        return model_card()
+        return model_card(check_model(model))
 
-    def check_model(name: str) -> None:
-        if name != model_name:
-            raise ApiError(404, f"the model {name!r} does not exist; this server serves {model_name!r}", "model",
-                           code="model_not_found")
+    def check_model(name: str) -> str | None:
+        """The LoRA adapter a request's ``model`` names (None: the base model)."""
+        if name == model_name:
+            return None
+        if name in llm.adapters:
+            return name
+        served = ", ".join(repr(m) for m in [model_name, *llm.adapters])
+        raise ApiError(404, f"the model {name!r} does not exist; this server serves {served}", "model",
+                       code="model_not_found")
+
+    def runtime_lora() -> None:
+        if not allow_runtime_lora:
+            raise ApiError(403, "loading and unloading LoRA adapters at run time is off on this server "
+                                "(start it with --allow-runtime-lora)", type="permission_error")
+        if llm.engine.adapters is None:
+            raise ApiError(400, "this server has no adapter slots (start it with --max-loras N)")
+
+    @v1.post("/load_lora_adapter")
+    async def load_lora_adapter(body: LoadLoraAdapterRequest):
+        runtime_lora()
+        name = body.lora_name
+        if not name.strip() or name != name.strip() or name == model_name or name in llm.adapters:
+            why = "is the base model's name" if name == model_name else (
+                "is already loaded" if name in llm.adapters else "must be non-empty, without surrounding spaces")
+            raise ApiError(400, f"lora_name {name!r} {why}", "lora_name")
+        try:  # reading and checking the files takes a while: not on the event loop
+            await asyncio.to_thread(llm.add_adapter, name, body.lora_path)
+        except AdapterError as e:
+            raise ApiError(400, str(e), "lora_path") from None
+        return PlainTextResponse(f"Success: LoRA adapter {body.lora_name!r} added successfully.")
+
+    @v1.post("/unload_lora_adapter")
+    async def unload_lora_adapter(body: UnloadLoraAdapterRequest):
+        runtime_lora()
+        try:
+            await asyncio.wrap_future(engine.unload_adapter(body.lora_name))
+        except AdapterInUse as e:
+            raise ApiError(409, str(e), "lora_name", code="adapter_in_use") from None
+        except AdapterError as e:
+            raise ApiError(404, str(e), "lora_name", code="model_not_found") from None
+        except EngineError as e:
+            raise ApiError(503, str(e), type="server_error") from None
+        return PlainTextResponse(f"Success: LoRA adapter {body.lora_name!r} removed successfully.")
 
     @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -255,7 +303,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | Sequence[str] 
 
     async def generate(request: Request, body, prompt, max_tokens: int | None, *, chat: bool,
                        limit_param: str = "max_tokens"):
-        check_model(body.model)
+        adapter = check_model(body.model)
         prompt_param = "messages" if chat else "prompt"
         # The LLM caps a limit at the context, so a default may exceed it.
         default = default_max_tokens or (llm.max_model_len if chat else COMPLETION_DEFAULT_MAX_TOKENS)
@@ -263,7 +311,8 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | Sequence[str] 
         try:  # tokenising a long prompt takes a while: not on the event loop, which serves every stream
             req = await asyncio.to_thread(llm.new_request, prompt, params,
                                           speculation=body.speculation if body.speculation is not None else "default",
-                                          cache_scope=request.state.key_scope if suffix_cache_scope == "per-key" else "")
+                                          cache_scope=request.state.key_scope if suffix_cache_scope == "per-key" else "",
+                                          adapter=adapter)
         except RequestError as e:
             param = {"prompt": prompt_param, "max_tokens": limit_param}.get(e.param, e.param)
             raise ApiError(400, str(e), param) from None
@@ -281,7 +330,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | Sequence[str] 
                            code="rate_limit_exceeded", headers={"Retry-After": "1"}) from None
         except EngineError as e:
             raise ApiError(503, str(e), type="server_error") from None
-        reply = Reply(chat, model_name, llm.tokenizer, params.logprobs, expose_speculation_stats)
+        reply = Reply(chat, body.model, llm.tokenizer, params.logprobs, expose_speculation_stats)
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
             return StreamingResponse(sse(engine, stream, reply, usage), media_type="text/event-stream",

@@ -143,6 +143,17 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--drain-timeout", type=float, default=30.0,
                        help="seconds running requests may finish in after SIGTERM before they are cancelled "
                             "(default: %(default)s)")
+    lora = serve.add_argument_group("LoRA adapters")
+    lora.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
+                      help="serve the PEFT adapter directory PATH as model NAME (repeatable)")
+    lora.add_argument("--max-loras", type=int,
+                      help="adapters one batch may use at once (default: the --lora count up to 4, or 1 with "
+                           "--allow-runtime-lora)")
+    lora.add_argument("--max-lora-rank", type=int, default=16, help="largest adapter rank (default: %(default)s)")
+    lora.add_argument("--max-cpu-loras", type=int, help="adapters kept in host memory (default: all)")
+    lora.add_argument("--allow-runtime-lora", action="store_true",
+                      help="offer POST /v1/load_lora_adapter and /v1/unload_lora_adapter (clients then name "
+                           "directories on this machine)")
     serve.add_argument("--seed", type=int, help="seed of unseeded requests' sampling (default: random)")
     serve.add_argument("--warmup", action="store_true",
                        help="compile every step shape before taking requests (LLM.warm_up): no request then waits "
@@ -296,7 +307,8 @@ def _serve(args) -> int:
     from specjax.runner import EngineConfig
 
     for name in ("max_batch", "max_queue", "kv_cache_mb", "default_max_tokens", "warmup_max_len", "max_body_mb",
-                 "max_connections", "prefill_chunk", "interleaved_prefill_chunk"):
+                 "max_connections", "prefill_chunk", "interleaved_prefill_chunk", "max_lora_rank",
+                 "max_cpu_loras"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
@@ -304,6 +316,12 @@ def _serve(args) -> int:
         raise ValueError(f"--header-timeout must be positive, got {args.header_timeout}")
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    loras = _loras(args)
+    max_loras = args.max_loras
+    if max_loras is None:
+        max_loras = min(len(loras), 4) if loras else (1 if args.allow_runtime_lora else 0)
+    if max_loras < 0 or (loras and max_loras < 1):
+        raise ValueError(f"--max-loras must be at least 1 with --lora, got {max_loras}")
     keys = _api_keys(args)
     if args.suffix_cache_scope == "per-key" and keys is None:
         raise ValueError("--suffix-cache-scope per-key needs API keys (--api-key, --api-key-file or "
@@ -325,9 +343,16 @@ def _serve(args) -> int:
     listener = _listen(args.host, args.port)
     engine_config = EngineConfig(max_num_seqs=args.max_batch, max_model_len=args.max_model_len,
                                  prefill_chunk=args.prefill_chunk, interleaved_prefill_chunk=args.interleaved_prefill_chunk,
-                                 kv_cache_bytes=args.kv_cache_mb << 20 if args.kv_cache_mb else None)
+                                 kv_cache_bytes=args.kv_cache_mb << 20 if args.kv_cache_mb else None,
+                                 max_loras=max_loras, max_lora_rank=args.max_lora_rank,
+                                 max_cpu_loras=args.max_cpu_loras)
     print(f"specjax: loading {args.model} …", file=sys.stderr, flush=True)
     llm = LLM(args.model, dtype=args.dtype, engine=engine_config, seed=args.seed, speculation=speculation)
+    for name, path in loras.items():
+        try:
+            llm.add_adapter(name, path)
+        except ValueError as e:
+            raise ValueError(f"--lora {name}={path}: {e}") from None
     if args.max_model_len is not None and args.max_model_len > llm.max_model_len:
         print(f"specjax: --max-model-len {args.max_model_len} is more than this model and KV cache hold: serving "
               f"a context of {llm.max_model_len}", file=sys.stderr, flush=True)
@@ -338,7 +363,8 @@ def _serve(args) -> int:
                      suffix_cache_scope=args.suffix_cache_scope,
                      default_max_tokens=args.default_max_tokens, max_body_bytes=args.max_body_mb << 20,
                      protect_all=args.protect_all_routes, allowed_hosts=_allowed_hosts(args),
-                     expose_speculation_stats=args.expose_speculation_stats)
+                     expose_speculation_stats=args.expose_speculation_stats,
+                     allow_runtime_lora=args.allow_runtime_lora)
     print(f"specjax: serving {args.served_model_name or args.model} ({llm.weights}, context {llm.max_model_len}"
           f"{', speculation: ' + _describe(args) if speculation else ''})", file=sys.stderr, flush=True)
     Server(app, engine, host=args.host, port=args.port, drain_timeout=args.drain_timeout,
@@ -346,6 +372,19 @@ def _serve(args) -> int:
     if args.suffix_cache:
         llm.save_suffix_cache(args.suffix_cache)
     return 0
+
+
+def _loras(args) -> dict[str, str]:
+    """--lora NAME=PATH flags by name."""
+    loras = {}
+    for item in args.lora:
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or not path:
+            raise ValueError(f"--lora takes NAME=PATH (a PEFT adapter directory), got {item!r}")
+        if name in loras or name == (args.served_model_name or args.model):
+            raise ValueError(f"--lora {item}: the name {name!r} is taken")
+        loras[name] = path
+    return loras
 
 
 def _api_keys(args) -> tuple[str, ...] | None:

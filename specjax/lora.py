@@ -368,10 +368,12 @@ class LoraSlots:
     """Device slots for the adapters a batch may use, in ``fused_factors``' layout padded to one
     rank: per fused matrix, a [L, S + 1, in, R] and b [L, S + 1, R, out] (every module of the
     matrix at rank ``max_rank``, scale folded into b). Slot 0 is all zeros: rows without an
-    adapter use it, so a batch mixes adapted and base rows in one executable."""
+    adapter use it, so a batch mixes adapted and base rows in one executable. ``kernel``: how a
+    step batches the rows' products (``GROUPED_LORA``)."""
 
     a: dict
     b: dict
+    kernel: str = static_field(default="gather")
 
     @property
     def num_slots(self) -> int:
@@ -379,8 +381,11 @@ class LoraSlots:
         return next(iter(self.a.values())).shape[1] - 1
 
 
-def init_slots(model: ModelConfig, max_loras: int, max_rank: int, dtype=jnp.float32) -> LoraSlots:
+def init_slots(model: ModelConfig, max_loras: int, max_rank: int, dtype=jnp.float32, kernel: str = "gather"
+               ) -> LoraSlots:
     """Empty slots for ``max_loras`` adapters of rank up to ``max_rank`` on every projection."""
+    if kernel not in GROUPED_LORA:
+        raise ValueError(f"kernel must be one of {', '.join(GROUPED_LORA)}, got {kernel!r}")
     a, b = {}, {}
     for matrix, modules in FUSED.items():
         n_in = module_shape(modules[0], model)[0]
@@ -388,7 +393,7 @@ def init_slots(model: ModelConfig, max_loras: int, max_rank: int, dtype=jnp.floa
         rank = max_rank * len(modules)
         a[matrix] = jnp.zeros((model.num_layers, max_loras + 1, n_in, rank), dtype)
         b[matrix] = jnp.zeros((model.num_layers, max_loras + 1, rank, n_out), dtype)
-    return LoraSlots(a=a, b=b)
+    return LoraSlots(a=a, b=b, kernel=kernel)
 
 
 def write_slot(slots: LoraSlots, slot: int, adapter: LoraAdapter, model: ModelConfig) -> LoraSlots:
@@ -399,35 +404,75 @@ def write_slot(slots: LoraSlots, slot: int, adapter: LoraAdapter, model: ModelCo
     rank = slots.a["wo"].shape[-1]  # o_proj alone: one module's rank
     factors = fused_factors(adapter, model, rank=rank)
     return LoraSlots(a={m: x.at[:, slot].set(factors[m][0].astype(x.dtype)) for m, x in slots.a.items()},
-                     b={m: x.at[:, slot].set(factors[m][1].astype(x.dtype)) for m, x in slots.b.items()})
+                     b={m: x.at[:, slot].set(factors[m][1].astype(x.dtype)) for m, x in slots.b.items()},
+                     kernel=slots.kernel)
+
+
+def _f32_einsum(spec: str, *operands):
+    return jnp.einsum(spec, *operands, preferred_element_type=jnp.float32,
+                      precision=matmul_precision(operands[0].dtype))
+
+
+def grouped_lora_reference(x: jax.Array, a: jax.Array, b: jax.Array, rows: jax.Array) -> jax.Array:
+    """Each row's low-rank product, one row at a time: x [B, T, in], a [S + 1, in, R],
+    b [S + 1, R, out], rows [B] -> [B, T, out] (float32). The plain reference of the kernels below."""
+    return jnp.stack([(x[i].astype(jnp.float32) @ a[rows[i]].astype(jnp.float32)) @ b[rows[i]].astype(jnp.float32)
+                      for i in range(x.shape[0])])
+
+
+def grouped_lora_gather(x, a, b, rows):
+    """BGMV: each row gathers its slot's factors (B small matrices read, whatever the mix)."""
+    low = _f32_einsum("bti,bir->btr", x, a[rows].astype(x.dtype))
+    return _f32_einsum("btr,bro->bto", low.astype(x.dtype), b[rows].astype(x.dtype))
+
+
+def grouped_lora_onehot(x, a, b, rows):
+    """Every slot's product for every row, the row's own kept by a one-hot mask: each slot's
+    factors read once, S times the low-rank work (slot 0, all zeros, is skipped)."""
+    mask = jax.nn.one_hot(rows - 1, a.shape[0] - 1, dtype=x.dtype)  # row 0 (no adapter): all zeros
+    low = _f32_einsum("bti,sir->btsr", x, a[1:].astype(x.dtype)) * mask[:, None, :, None]
+    return _f32_einsum("btsr,sro->bto", low.astype(x.dtype), b[1:].astype(x.dtype))
+
+
+def grouped_lora_ragged(x, a, b, rows):
+    """Rows sorted by slot, then ``lax.ragged_dot`` over the groups (SGMV's form)."""
+    bsz, t, n_in = x.shape
+    slots = a.shape[0]
+    token_rows = jnp.repeat(rows, t)
+    order = jnp.argsort(token_rows, stable=True)
+    sizes = jnp.bincount(token_rows, length=slots).astype(jnp.int32)
+    lhs = x.reshape(bsz * t, n_in)[order]
+    low = jax.lax.ragged_dot(lhs, a.astype(x.dtype), sizes, preferred_element_type=jnp.float32)
+    out = jax.lax.ragged_dot(low.astype(x.dtype), b.astype(x.dtype), sizes, preferred_element_type=jnp.float32)
+    return jnp.zeros_like(out).at[order].set(out).reshape(bsz, t, -1)
+
+
+GROUPED_LORA = {"gather": grouped_lora_gather, "onehot": grouped_lora_onehot, "ragged": grouped_lora_ragged}
 
 
 @pytree_dataclass
 class RowLoraLinear(_OverBase):
     """A frozen projection with each row's adapter: ``x[i] @ base + (x[i] @ a[rows[i]]) @ b[rows[i]]``
     for x [B, T, in]; a [S + 1, in, R], b [S + 1, R, out], rows [B] slot indices (0: none), all
-    with a leading layer axis when stacked. Each row gathers its own slot's factors (the BGMV
-    form: the factors read are B small matrices, whatever the mix of adapters)."""
+    with a leading layer axis when stacked. ``kernel``: how the rows' products are batched
+    (``GROUPED_LORA``)."""
 
     base: object
     a: jax.Array
     b: jax.Array
     rows: jax.Array
+    kernel: str = static_field(default="gather")
 
 
 @project.register
 def _(w: RowLoraLinear, x: jax.Array) -> jax.Array:
-    precision = matmul_precision(x.dtype)
-    low = jnp.einsum("bti,bir->btr", x, w.a[w.rows].astype(x.dtype), preferred_element_type=jnp.float32,
-                     precision=precision)
-    delta = jnp.einsum("btr,bro->bto", low.astype(x.dtype), w.b[w.rows].astype(x.dtype),
-                       preferred_element_type=jnp.float32, precision=precision)
-    return project(w.base, x) + delta.astype(x.dtype)
+    return project(w.base, x) + GROUPED_LORA[w.kernel](x, w.a, w.b, w.rows).astype(x.dtype)
 
 
 def with_row_adapters(params: Params, slots: LoraSlots, rows: jax.Array) -> Params:
     """``params`` whose projections add each row's adapter (``rows`` [B]: slot per row, 0 none)."""
     layers = params.layers
     per_layer = jnp.broadcast_to(rows.astype(jnp.int32), (layers.attn_norm.shape[0],) + rows.shape)
-    updates = {m: RowLoraLinear(getattr(layers, m), slots.a[m], slots.b[m], per_layer) for m in slots.a}
+    updates = {m: RowLoraLinear(getattr(layers, m), slots.a[m], slots.b[m], per_layer, slots.kernel)
+               for m in slots.a}
     return dataclasses.replace(params, layers=dataclasses.replace(layers, **updates))

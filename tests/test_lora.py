@@ -6,6 +6,7 @@ speculation over them) against each adapter merged into plain weights."""
 import copy
 import dataclasses
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -218,20 +219,42 @@ def adapters(target):
             for i, modules in enumerate(targets)}
 
 
-def merged_llm(target, adapter):
-    """The adapter merged into plain weights, served without any LoRA machinery."""
-    params = target.params if adapter is None else merged_params(target.params, adapter, target.config)
-    return LLM(LoadedModel(target.config, params, target.tokenizer, "merged"), engine=ENGINE, seed=0)
+_jitted_logits = jax.jit(logits_of, static_argnums=1)
+
+
+def reference_decode(config, params, prompt, sampling, width=32):
+    """Decoding by whole-sequence forward passes (no cache, no engine), each token chosen as
+    plain decoding defines it: the argmax, or ``sampling.sample`` with key fold_in(key(seed), i)."""
+    from specjax.sampling import row_keys, sample
+
+    tokens = list(prompt)
+    key = jax.random.key(sampling.seed) if sampling.temperature > 0 else None
+    for i in range(sampling.max_tokens):
+        padded = np.zeros((1, width), np.int32)
+        padded[0, :len(tokens)] = tokens  # causal: padding after the sequence changes nothing before it
+        logits = _jitted_logits(params, config, jnp.asarray(padded))[:, len(tokens) - 1]
+        if key is None:
+            tokens.append(int(jnp.argmax(logits[0])))
+        else:
+            tokens.append(int(sample(logits, row_keys(key[None], jnp.array([i])), jnp.array([sampling.temperature]),
+                                     jnp.array([sampling.top_k]), jnp.array([sampling.top_p]))[0]))
+    return tokens[len(prompt):]
 
 
 @pytest.fixture(scope="module")
 def merged_outputs(target, adapters):
-    """Greedy and seeded outputs of every prompt on its adapter's merged model."""
+    """Greedy and seeded tokens of every prompt on its adapter merged into plain weights."""
     out = {}
     for prompt, name in zip(PROMPTS, NAMES):
-        llm = merged_llm(target, adapters.get(name))
-        out[tuple(prompt), name] = [o.token_ids for o in llm.generate([prompt, prompt], [GREEDY, SEEDED])]
+        params = target.params if name is None else merged_params(target.params, adapters[name], target.config)
+        out[tuple(prompt), name] = [reference_decode(target.config, params, prompt, p) for p in (GREEDY, SEEDED)]
     return out
+
+
+@pytest.fixture(scope="module")
+def two_slots(target):
+    """An LLM with two adapter slots and room for one adapter in host memory, shared by the tests below."""
+    return LLM(target, engine=dataclasses.replace(ENGINE, max_loras=2, max_lora_rank=8, max_cpu_loras=1), seed=0)
 
 
 def test_a_mixed_batch_of_adapters_equals_each_alone_and_the_merged_models(target, adapters, merged_outputs):
@@ -245,12 +268,13 @@ def test_a_mixed_batch_of_adapters_equals_each_alone_and_the_merged_models(targe
     assert mixed[0].token_ids != mixed[2].token_ids  # same prompt: the adapter changes the output
 
 
-def test_more_adapters_than_slots_take_turns_and_stay_exact(target, adapters, merged_outputs):
-    llm = LLM(target, engine=dataclasses.replace(ENGINE, max_loras=2, max_lora_rank=8, max_cpu_loras=1), seed=0)
+def test_more_adapters_than_slots_take_turns_and_stay_exact(two_slots, adapters, merged_outputs):
     for name, adapter in adapters.items():
-        llm.add_adapter(name, adapter)
-    outs = llm.generate(PROMPTS, GREEDY, adapter=NAMES)
+        two_slots.add_adapter(name, adapter)
+    outs = two_slots.generate(PROMPTS, GREEDY, adapter=NAMES)
     assert [o.token_ids for o in outs] == [merged_outputs[tuple(p), n][0] for p, n in zip(PROMPTS, NAMES)]
+    for name in adapters:
+        two_slots.remove_adapter(name)
 
 
 def test_speculation_with_an_adapter_stays_lossless(target, adapters, merged_outputs):
@@ -270,12 +294,12 @@ def test_speculation_with_an_adapter_stays_lossless(target, adapters, merged_out
     assert all(o.stats.speculation.accepted > 0 for o in outs)
 
 
-def test_adapter_mistakes_are_refused(target, adapters, tmp_path):
+def test_adapter_mistakes_are_refused(target, two_slots, adapters, tmp_path):
     with pytest.raises(AdapterError, match="no adapter slots"):
         LLM(target, engine=ENGINE).add_adapter("a0", adapters["a0"])
-    llm = LLM(target, engine=dataclasses.replace(ENGINE, max_loras=1, max_lora_rank=4), seed=0)
+    llm = two_slots
     with pytest.raises(AdapterError, match="max_lora_rank"):
-        llm.add_adapter("big", random_adapter(LoraConfig(r=5), target.config, 1))
+        llm.add_adapter("big", random_adapter(LoraConfig(r=9), target.config, 1))
     llm.add_adapter("a0", adapters["a0"])
     with pytest.raises(AdapterError, match="already loaded"):
         llm.add_adapter("a0", adapters["a0"])
@@ -299,12 +323,8 @@ def test_adapter_mistakes_are_refused(target, adapters, tmp_path):
     assert llm.adapters == []
     with pytest.raises(AdapterError, match="no adapter named"):
         llm.remove_adapter("a0")
-
-
-def test_a_request_whose_adapter_was_unloaded_while_it_waited_fails_alone(target, adapters):
-    llm = LLM(target, engine=dataclasses.replace(ENGINE, max_loras=1, max_lora_rank=8), seed=0,
-              adapters={"a0": adapters["a0"]})
-    scheduler = llm.scheduler()
+    # A request whose adapter is unloaded while it waits fails alone.
+    llm.add_adapter("a0", adapters["a0"])
     doomed = llm.new_request([1, 2, 3], GREEDY, adapter="a0")
     bystander = llm.new_request([1, 2, 3], GREEDY)
     llm.remove_adapter("a0")  # nothing holds it yet
@@ -313,10 +333,84 @@ def test_a_request_whose_adapter_was_unloaded_while_it_waited_fails_alone(target
     while scheduler.has_work:
         scheduler.step()
     assert doomed.output.finish_reason == "error" and "unloaded" in doomed.output.error
-    assert bystander.output.token_ids == llm.generate([[1, 2, 3]], GREEDY)[0].token_ids
+    assert bystander.output.token_ids == reference_decode(target.config, target.params, [1, 2, 3], GREEDY)
 
 
 def test_engine_lora_settings_are_checked():
     for bad in (dict(max_loras=-1), dict(max_loras=1.5), dict(max_lora_rank=0), dict(max_cpu_loras=0)):
         with pytest.raises(ValueError):
             EngineConfig(**bad)
+
+
+def test_the_server_serves_adapters_by_model_name_and_loads_them_at_run_time(target, two_slots, adapters,
+                                                                             merged_outputs, tmp_path):
+    import openai
+
+    from tests.test_serving import KEY, request, serving
+
+    for name in ("a0", "a1", "a2"):
+        save_peft(tmp_path / name, adapters[name])
+    llm = two_slots
+    for name in ("a0", "a1"):
+        llm.add_adapter(name, tmp_path / name)
+    auth = {"Authorization": f"Bearer {KEY}"}
+
+    def text(prompt, name):
+        return target.tokenizer.decode(merged_outputs[tuple(prompt), name][0])
+
+    with serving(llm, "tiny", app_options={"allow_runtime_lora": True}) as (url, _):
+        client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
+        assert [m.id for m in client.models.list()] == ["tiny", "a0", "a1"]
+        cases = [(PROMPTS[0], "a0"), (PROMPTS[1], "a1"), (PROMPTS[2], None), (PROMPTS[0], None)]
+        with ThreadPoolExecutor(len(cases)) as pool:  # one batch of two adapters and the base model
+            replies = list(pool.map(lambda case: client.completions.create(
+                model=case[1] or "tiny", prompt=case[0], max_tokens=10, temperature=0, extra_body={"ignore_eos": True}),
+                cases))
+        assert [r.choices[0].text for r in replies] == [text(p, n) for p, n in cases]
+        assert replies[0].model == "a0"
+        with pytest.raises(openai.NotFoundError, match="a2"):
+            client.completions.create(model="a2", prompt=PROMPTS[3], max_tokens=4)
+
+        status, _, body = request(url, "POST", "/v1/load_lora_adapter", {"lora_name": "a2", "lora_path": str(
+            tmp_path / "a2")}, auth)
+        assert status == 200, body
+        reply = client.completions.create(model="a2", prompt=PROMPTS[3], max_tokens=10, temperature=0,
+                                          extra_body={"ignore_eos": True})
+        assert reply.choices[0].text == text(PROMPTS[3], "a2")
+        # Unloading an adapter a request is using is refused until it finishes; the request is unharmed.
+        stream = client.completions.create(model="a0", prompt=PROMPTS[0], max_tokens=10, temperature=0, stream=True,
+                                           extra_body={"ignore_eos": True})
+        pieces = [next(iter(stream)).choices[0].text]
+        status, _, body = request(url, "POST", "/v1/unload_lora_adapter", {"lora_name": "a0"}, auth)
+        assert status == 409 and "in use" in body["error"]["message"]
+        pieces += [c.choices[0].text for c in stream]
+        assert "".join(pieces) == text(PROMPTS[0], "a0")
+        status, _, body = request(url, "POST", "/v1/unload_lora_adapter", {"lora_name": "a0"}, auth)
+        assert status == 200, body
+        assert [m.id for m in client.models.list()] == ["tiny", "a1", "a2"]
+        for path, payload, code, param in [
+                ("/v1/unload_lora_adapter", {"lora_name": "a0"}, 404, "lora_name"),
+                ("/v1/load_lora_adapter", {"lora_name": "a1", "lora_path": str(tmp_path / "a1")}, 400, "lora_name"),
+                ("/v1/load_lora_adapter", {"lora_name": "tiny", "lora_path": str(tmp_path / "a1")}, 400, "lora_name"),
+                ("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": str(tmp_path / "nowhere")}, 400, "lora_path"),
+                ("/v1/load_lora_adapter", {"lora_name": "x"}, 400, "lora_path")]:
+            status, _, body = request(url, "POST", path, payload, auth)
+            assert (status, body["error"]["param"]) == (code, param), body
+    with serving(llm, "tiny") as (url, _):  # run-time loading is off unless asked for
+        status, _, body = request(url, "POST", "/v1/load_lora_adapter", {"lora_name": "a0", "lora_path": str(
+            tmp_path / "a0")}, auth)
+        assert status == 403 and "--allow-runtime-lora" in body["error"]["message"]
+
+
+@pytest.mark.parametrize("kernel", ["gather", "onehot", "ragged"])
+def test_grouped_lora_kernels_equal_the_row_by_row_reference(kernel):
+    from specjax.lora import GROUPED_LORA, grouped_lora_reference
+
+    rng = np.random.default_rng(hash(kernel) % 2**32)
+    for b, t, slots in ((5, 1, 4), (3, 7, 2), (8, 2, 1)):
+        x = jnp.asarray(rng.standard_normal((b, t, 24)), jnp.float32)
+        a = jnp.asarray(rng.standard_normal((slots + 1, 24, 6)), jnp.float32).at[0].set(0)
+        w = jnp.asarray(rng.standard_normal((slots + 1, 6, 10)), jnp.float32).at[0].set(0)
+        rows = jnp.asarray(rng.integers(0, slots + 1, b), jnp.int32)
+        np.testing.assert_allclose(np.asarray(jax.jit(GROUPED_LORA[kernel])(x, a, w, rows)),
+                                   np.asarray(grouped_lora_reference(x, a, w, rows)), rtol=1e-5, atol=1e-5)

@@ -166,6 +166,14 @@ def _build_parser() -> argparse.ArgumentParser:
                             "compilations; '' turns it off (default: $SPECJAX_COMPILE_CACHE, else xla/ in the "
                             "model cache, ~/.cache/specjax)")
 
+    from training import finetune
+
+    tune = commands.add_parser("finetune", help="LoRA-finetune a model on chat conversations (resumable)",
+                               description=finetune.__doc__.split("\n\n")[0],
+                               epilog=finetune.__doc__.split("\n\n", 1)[1],
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    finetune.add_arguments(tune)
+
     commands.add_parser("models", help="list the built-in models and draft models",
                         description="List the built-in models, where each comes from, and the draft models "
                                     "shipped for speculative decoding: their target, size and training.")
@@ -387,6 +395,18 @@ def _loras(args) -> dict[str, str]:
     return loras
 
 
+def _finetune(args) -> int:
+    from training import finetune
+
+    try:
+        finetune.run(args)
+    except FloatingPointError as e:
+        raise ValueError(str(e)) from None
+    print(f"specjax: adapter written to {args.output / 'adapter'} (serve it with --lora NAME={args.output / 'adapter'})",
+          file=sys.stderr)
+    return 0
+
+
 def _api_keys(args) -> tuple[str, ...] | None:
     """The keys of --api-key, --api-key-file and, when neither is given, $SPECJAX_API_KEY (None: no key)."""
     from serving.server import api_keys
@@ -491,7 +511,7 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     try:
-        return {"generate": _generate, "serve": _serve, "models": _models}[args.command](args)
+        return {"generate": _generate, "serve": _serve, "models": _models, "finetune": _finetune}[args.command](args)
     except KeyboardInterrupt:
         return 130
     except (ValueError, TypeError, OSError) as e:  # user errors: one clear line, no traceback

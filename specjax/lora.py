@@ -466,7 +466,10 @@ class RowLoraLinear(_OverBase):
 
 @project.register
 def _(w: RowLoraLinear, x: jax.Array) -> jax.Array:
-    return project(w.base, x) + GROUPED_LORA[w.kernel](x, w.a, w.b, w.rows).astype(x.dtype)
+    base = project(w.base, x)
+    # A step none of whose rows has an adapter (most steps on a server with few adapter requests) skips the work.
+    return jax.lax.cond(jnp.any(w.rows > 0), lambda: base + GROUPED_LORA[w.kernel](x, w.a, w.b, w.rows).astype(x.dtype),
+                        lambda: base)
 
 
 def with_row_adapters(params: Params, slots: LoraSlots, rows: jax.Array) -> Params:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer as Backend, models, pre_tokenizers
 
-from benchmarks import acceptance, speculative, suffix
+from benchmarks import acceptance, lora, speculative, suffix
 from specjax.checkpoints import load_model, save_checkpoint
 from specjax.config import ModelConfig
 from specjax.llm import LLM
@@ -146,6 +146,8 @@ def test_cost_trees_are_heap_ordered_binary_trees_of_exactly_their_size():
     (speculative, ["--draft", "a", "--methods", "chain-replay"], "no speed to measure"),
     (speculative, ["--verify-cost", "--draft", "a"], "drop --draft"),
     (speculative, ["--verify-cost", "--tree-sizes", "256"], "at most 128 nodes"),
+    (lora, ["--kernels", "gather,bgmv"], "unknown kernel(s) bgmv"),
+    (lora, ["--max-loras", "2"], "at least 4"),
 ])
 def test_bad_arguments_fail_before_any_model_loads(script, argv, message, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -248,3 +248,15 @@ def save_json(path: str | os.PathLike, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True), encoding="utf-8")
     os.replace(tmp, path)
+
+
+def read_log(run_dir: Path) -> dict[int, dict[str, Any]]:
+    """The training log by step; a step logged twice (redone after a resume) keeps its last entry."""
+    entries = {}
+    path = run_dir / "train_log.jsonl"
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                entry = json.loads(line)
+                entries[entry["step"]] = entry
+    return entries

@@ -41,7 +41,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -63,6 +62,7 @@ from specjax.draft import (
 )
 from specjax.params import Params, random_params
 from training import data
+from training.data import read_log  # noqa: F401  (a run's log, for callers of this module)
 from training.teacher import TeacherCache, build_teacher_cache, full_forward
 
 TARGET = "smollm2-135m"
@@ -270,18 +270,6 @@ def train(run_dir: Path, config: ModelConfig, vocab: DraftVocab, init: Params, s
     return params
 
 
-def read_log(run_dir: Path) -> dict[int, dict[str, Any]]:
-    """The training log by step; a step logged twice (redone after a resume) keeps its last entry."""
-    entries = {}
-    path = run_dir / "train_log.jsonl"
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                entry = json.loads(line)
-                entries[entry["step"]] = entry
-    return entries
-
-
 # ---------------------------------------------------------------------------- data stages
 def prepare_text(data_dir: Path, tokenizer, mix: data.TextMix) -> np.ndarray:
     path = data_dir / "text_windows.npy"
@@ -482,7 +470,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         print(f"[distill] training: {settings}", flush=True)
         params = train(run_dir, config, vocab, init, settings, text, gen, resume=args.resume)
-    log = read_log(run_dir)
+    log = data.read_log(run_dir)
     last = log[max(log)] if log else {}
     meta = {"target": TARGET, "name": args.name, "arch": dataclasses.asdict(arch), "settings": dataclasses.asdict(settings),
             "steps_done": (max(log) + 1) if log else 0, "last_log": last,

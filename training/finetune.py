@@ -206,10 +206,12 @@ def split(conversations, fraction: float) -> tuple[list, list]:
 def step_rows(num_examples: int, step: int, per_step: int, seed: int) -> np.ndarray:
     """The example indices of ``step``: consecutive slices of one permutation per epoch (a
     function of the seed and the epoch), wrapping into the next epoch."""
-    rows = []
+    rows, orders = [], {}
     for g in range(step * per_step, (step + 1) * per_step):
         epoch, offset = divmod(g, num_examples)
-        rows.append(np.random.default_rng([seed, epoch]).permutation(num_examples)[offset])
+        if epoch not in orders:  # one permutation per epoch the step touches, not one per row
+            orders[epoch] = np.random.default_rng([seed, epoch]).permutation(num_examples)
+        rows.append(orders[epoch][offset])
     return np.asarray(rows)
 
 

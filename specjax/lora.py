@@ -29,8 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from specjax.config import ModelConfig, matmul_precision
-from specjax.linear import linear, project
-from specjax.params import CheckpointError, Params, fuse_gate_up, fuse_qkv, read_json_object
+from specjax.linear import Bf16Bits, linear, project
+from specjax.params import (AtLayer, CheckpointError, Params, ReadInPlace, fuse_gate_up, fuse_qkv,
+                            read_json_object)
 from specjax.pytree import pytree_dataclass, static_field
 
 # PEFT's module names, by the fused matrix of ``LayerWeights`` each belongs to (in fused order).
@@ -143,59 +144,72 @@ class _OverBase:
         return self.base.dtype
 
 
+def _fuse_outputs(matrix: str, parts: dict, model: ModelConfig):
+    """Per module of one fused matrix, its columns (weights [..., out_m] or activations) -> the
+    fused column layout (``params``' own); a module missing from ``parts`` gets zeros."""
+    modules = FUSED[matrix]
+    some = next(iter(parts.values()))
+    full = {m: parts[m] if m in parts else jnp.zeros(some.shape[:-1] + (module_shape(m, model)[1],), some.dtype)
+            for m in modules}
+    if matrix == "wqkv":
+        return fuse_qkv(full["q_proj"], full["k_proj"], full["v_proj"], model, xp=jnp)
+    if matrix == "w_gate_up":
+        return fuse_gate_up(full["gate_proj"], full["up_proj"], xp=jnp)
+    return full[modules[0]]
+
+
+def _split_rank(low: jax.Array, bs: tuple) -> list:
+    """The shrunk activations [..., sum of ranks] -> one part per B factor of ``bs``."""
+    ends = np.cumsum([b.shape[-2] for b in bs])[:-1].tolist()
+    return jnp.split(low, ends, axis=-1)
+
+
 @pytree_dataclass
 class LoraLinear(_OverBase):
-    """A frozen projection with a low-rank update: ``x @ base + (x @ a) @ b``. base is any weight
-    type of ``linear``; a [in, R], b [R, out] (the scale folded into b), with a leading layer axis
-    when stacked."""
+    """A frozen projection with a low-rank update per adapted module of a fused matrix:
+    ``x @ base + fuse((x @ a)_m @ b_m)``. base is any weight type of ``linear``; a [in, R] holds the
+    modules' A factors side by side (they read the same x), ``b`` one [r, out_m] per module in
+    ``modules`` (scale folded in), so no module's B is padded across its siblings' columns; a
+    leading layer axis on each when stacked. ``matrix``/``model`` say how the modules' outputs fuse."""
 
     base: object
     a: jax.Array
-    b: jax.Array
+    b: tuple
+    modules: tuple = static_field()
+    matrix: str = static_field()
+    model: ModelConfig = static_field()
 
 
 @project.register
 def _(w: LoraLinear, x: jax.Array) -> jax.Array:
-    return project(w.base, x) + linear(linear(x, w.a), w.b)
-
-
-def _fuse_outputs(matrix: str, parts: dict, model: ModelConfig):
-    """Columns per module of one fused matrix -> its fused column layout (``params``' own)."""
-    if matrix == "wqkv":
-        return fuse_qkv(parts["q_proj"], parts["k_proj"], parts["v_proj"], model, xp=jnp)
-    if matrix == "w_gate_up":
-        return fuse_gate_up(parts["gate_proj"], parts["up_proj"], xp=jnp)
-    (only,) = parts.values()
-    return only
+    low = linear(x, w.a)
+    deltas = {m: linear(part, b) for m, part, b in zip(w.modules, _split_rank(low, w.b), w.b)}
+    return project(w.base, x) + _fuse_outputs(w.matrix, deltas, w.model)
 
 
 def fused_factors(adapter: LoraAdapter, model: ModelConfig, rank: int | None = None) -> dict:
-    """Per fused matrix with an adapted module: (a [L, in, R], b [L, R, out]) for ``LoraLinear``,
-    R the summed rank of its modules; ``rank`` pads every module of the matrix to that rank,
-    adapted or not (a fixed layout for adapter slots)."""
+    """Per fused matrix with an adapted module: (modules, a [L, in, R], b: one [L, r, out_m] per
+    module, scale folded in). ``rank`` pads every module of the matrix to that rank, adapted or
+    not (zeros), for the fixed layout of adapter slots."""
     cfg = adapter.config
     r = cfg.r if rank is None else rank
     if r < cfg.r:
         raise AdapterError(f"adapter rank {cfg.r} exceeds the slots' rank {rank}")
     out = {}
     for matrix, modules in FUSED.items():
-        if rank is None and not any(m in cfg.target_modules for m in modules):
+        present = modules if rank is not None else tuple(m for m in modules if m in cfg.target_modules)
+        if not present:
             continue
-        present = modules if rank is not None else [m for m in modules if m in cfg.target_modules]
         a_blocks, b_blocks = [], []
         for m in present:
             n_in, n_out = module_shape(m, model)
             if m in cfg.target_modules:
-                a_m = jnp.pad(adapter.a[m], ((0, 0), (0, 0), (0, r - cfg.r)))
-                b_m = jnp.pad(adapter.b[m] * cfg.scale, ((0, 0), (0, r - cfg.r), (0, 0)))
+                a_blocks.append(jnp.pad(adapter.a[m], ((0, 0), (0, 0), (0, r - cfg.r))))
+                b_blocks.append(jnp.pad(adapter.b[m] * cfg.scale, ((0, 0), (0, r - cfg.r), (0, 0))))
             else:
-                a_m = jnp.zeros((model.num_layers, n_in, r), jnp.float32)
-                b_m = jnp.zeros((model.num_layers, r, n_out), jnp.float32)
-            a_blocks.append(a_m)
-            # This module's B in its own columns of the fused output, zeros in its siblings'.
-            b_blocks.append(_fuse_outputs(matrix, {s: b_m if s == m else jnp.zeros(
-                (model.num_layers, r, module_shape(s, model)[1]), b_m.dtype) for s in modules}, model))
-        out[matrix] = (jnp.concatenate(a_blocks, axis=-1), jnp.concatenate(b_blocks, axis=-2))
+                a_blocks.append(jnp.zeros((model.num_layers, n_in, r), jnp.float32))
+                b_blocks.append(jnp.zeros((model.num_layers, r, n_out), jnp.float32))
+        out[matrix] = (present, jnp.concatenate(a_blocks, axis=-1), tuple(b_blocks))
     return out
 
 
@@ -203,8 +217,9 @@ def adapt(params: Params, adapter: LoraAdapter, model: ModelConfig) -> Params:
     """``params`` with the adapter's matrices as ``LoraLinear`` weights (the base ones shared)."""
     check_adapter(adapter, model)
     layers = params.layers
-    updates = {matrix: LoraLinear(getattr(layers, matrix), a.astype(jnp.float32), b.astype(jnp.float32))
-               for matrix, (a, b) in fused_factors(adapter, model).items()}
+    updates = {matrix: LoraLinear(getattr(layers, matrix), a.astype(jnp.float32),
+                                  tuple(b.astype(jnp.float32) for b in bs), modules, matrix, model)
+               for matrix, (modules, a, bs) in fused_factors(adapter, model).items()}
     return dataclasses.replace(params, layers=dataclasses.replace(layers, **updates))
 
 
@@ -213,9 +228,10 @@ def merged_params(params: Params, adapter: LoraAdapter, model: ModelConfig) -> P
     model holds, and an independent path to the adapted model's outputs."""
     layers = params.layers
     updates = {}
-    for matrix, (a, b) in fused_factors(adapter, model).items():
+    for matrix, (modules, a, bs) in fused_factors(adapter, model).items():
         base = getattr(layers, matrix)
-        updates[matrix] = (base + jnp.einsum("lir,lro->lio", a, b)).astype(base.dtype)
+        deltas = {m: jnp.einsum("lir,lro->lio", part, b) for m, part, b in zip(modules, _split_rank(a, bs), bs)}
+        updates[matrix] = (base + _fuse_outputs(matrix, deltas, model)).astype(base.dtype)
     return dataclasses.replace(params, layers=dataclasses.replace(layers, **updates))
 
 
@@ -363,36 +379,62 @@ def save_peft(path: str | os.PathLike, adapter: LoraAdapter) -> Path:
 
 
 # ---------------------------------------------------------------------------- many adapters per batch
+def _values(w, index: tuple, dtype) -> jax.Array:
+    """``w[index]`` in ``dtype``, for slots as an array or ``Bf16Bits``, or one layer's of them
+    read in place (``AtLayer``: only the indexed part of that layer is read)."""
+    if isinstance(w, AtLayer):
+        return _values(w.stacked, (w.layer,) + index, dtype)
+    if isinstance(w, Bf16Bits):
+        return Bf16Bits(w.bits[index]).widen().astype(dtype)
+    return w[index].astype(dtype)
+
+
+def _set_slot(w, slot, values: jax.Array):
+    """``w`` ([L, S + 1, ...], an array or ``Bf16Bits``) with ``values`` [L, ...] in ``slot``."""
+    if isinstance(w, Bf16Bits):
+        return Bf16Bits(w.bits.at[:, slot].set(Bf16Bits.pack(values).bits))
+    return w.at[:, slot].set(values.astype(w.dtype))
+
+
 @pytree_dataclass
 class LoraSlots:
-    """Device slots for the adapters a batch may use, in ``fused_factors``' layout padded to one
-    rank: per fused matrix, a [L, S + 1, in, R] and b [L, S + 1, R, out] (every module of the
-    matrix at rank ``max_rank``, scale folded into b). Slot 0 is all zeros: rows without an
-    adapter use it, so a batch mixes adapted and base rows in one executable. ``kernel``: how a
-    step batches the rows' products (``GROUPED_LORA``)."""
+    """Device slots for the adapters a batch may use, in ``fused_factors``' layout at one rank:
+    per fused matrix, a [L, S + 1, in, n * R] (its n modules' A side by side) and b, one
+    [L, S + 1, R, out_m] per module (scale folded in). Slot 0 is all zeros: rows without an
+    adapter use it, so a batch mixes adapted and base rows in one executable. Stored as the base
+    weights are (``Bf16Bits`` beside bf16-bit weights: reading the slots is most of their cost).
+    ``kernel``: how a step batches the rows' products (``GROUPED_LORA``)."""
 
     a: dict
     b: dict
-    kernel: str = static_field(default="gather")
+    kernel: str = static_field(default="auto")
 
     @property
     def num_slots(self) -> int:
         """Adapter slots, slot 0 (no adapter) not counted."""
         return next(iter(self.a.values())).shape[1] - 1
 
+    @property
+    def rank(self) -> int:
+        return self.b["wo"][0].shape[-2]
 
-def init_slots(model: ModelConfig, max_loras: int, max_rank: int, dtype=jnp.float32, kernel: str = "gather"
-               ) -> LoraSlots:
-    """Empty slots for ``max_loras`` adapters of rank up to ``max_rank`` on every projection."""
+
+def init_slots(model: ModelConfig, max_loras: int, max_rank: int, dtype=jnp.float32, kernel: str = "auto",
+               bf16_bits: bool = False) -> LoraSlots:
+    """Empty slots for ``max_loras`` adapters of rank up to ``max_rank`` on every projection, as
+    ``dtype`` arrays or, with ``bf16_bits``, as ``Bf16Bits``."""
     if kernel not in GROUPED_LORA:
         raise ValueError(f"kernel must be one of {', '.join(GROUPED_LORA)}, got {kernel!r}")
+
+    def zeros(shape):
+        return Bf16Bits(jnp.zeros(shape, jnp.uint16)) if bf16_bits else jnp.zeros(shape, dtype)
+
     a, b = {}, {}
     for matrix, modules in FUSED.items():
         n_in = module_shape(modules[0], model)[0]
-        n_out = sum(module_shape(m, model)[1] for m in modules)
-        rank = max_rank * len(modules)
-        a[matrix] = jnp.zeros((model.num_layers, max_loras + 1, n_in, rank), dtype)
-        b[matrix] = jnp.zeros((model.num_layers, max_loras + 1, rank, n_out), dtype)
+        a[matrix] = zeros((model.num_layers, max_loras + 1, n_in, max_rank * len(modules)))
+        b[matrix] = tuple(zeros((model.num_layers, max_loras + 1, max_rank, module_shape(m, model)[1]))
+                          for m in modules)
     return LoraSlots(a=a, b=b, kernel=kernel)
 
 
@@ -401,10 +443,10 @@ def write_slot(slots: LoraSlots, slot: int, adapter: LoraAdapter, model: ModelCo
     if isinstance(slot, int) and not 1 <= slot <= slots.num_slots:  # (traced under jit: the caller's check)
         raise ValueError(f"slot {slot} is not one of 1 .. {slots.num_slots}")
     check_adapter(adapter, model)
-    rank = slots.a["wo"].shape[-1]  # o_proj alone: one module's rank
-    factors = fused_factors(adapter, model, rank=rank)
-    return LoraSlots(a={m: x.at[:, slot].set(factors[m][0].astype(x.dtype)) for m, x in slots.a.items()},
-                     b={m: x.at[:, slot].set(factors[m][1].astype(x.dtype)) for m, x in slots.b.items()},
+    factors = fused_factors(adapter, model, rank=slots.rank)
+    return LoraSlots(a={m: _set_slot(x, slot, factors[m][1]) for m, x in slots.a.items()},
+                     b={m: tuple(_set_slot(x, slot, f) for x, f in zip(bs, factors[m][2]))
+                        for m, bs in slots.b.items()},
                      kernel=slots.kernel)
 
 
@@ -413,69 +455,100 @@ def _f32_einsum(spec: str, *operands):
                       precision=matmul_precision(operands[0].dtype))
 
 
-def grouped_lora_reference(x: jax.Array, a: jax.Array, b: jax.Array, rows: jax.Array) -> jax.Array:
-    """Each row's low-rank product, one row at a time: x [B, T, in], a [S + 1, in, R],
-    b [S + 1, R, out], rows [B] -> [B, T, out] (float32). The plain reference of the kernels below."""
-    return jnp.stack([(x[i].astype(jnp.float32) @ a[rows[i]].astype(jnp.float32)) @ b[rows[i]].astype(jnp.float32)
-                      for i in range(x.shape[0])])
+# Each kernel: x [B, T, in], a [S + 1, in, R] (modules' A side by side), bs one [S + 1, r_m, out_m]
+# per module, rows [B] slot per row -> one [B, T, out_m] float32 product per module. Slot arrays may
+# be ``Bf16Bits``.
+def grouped_lora_reference(x, a, bs, rows) -> tuple:
+    """Each row's low-rank products, one row at a time: the plain reference of the kernels below."""
+    outs = []
+    for i in range(x.shape[0]):
+        low = x[i].astype(jnp.float32) @ _values(a, (rows[i],), jnp.float32)
+        outs.append([part @ _values(b, (rows[i],), jnp.float32) for part, b in zip(_split_rank(low, bs), bs)])
+    return tuple(jnp.stack(per_module) for per_module in zip(*outs))
 
 
-def grouped_lora_gather(x, a, b, rows):
+def grouped_lora_gather(x, a, bs, rows) -> tuple:
     """BGMV: each row gathers its slot's factors (B small matrices read, whatever the mix)."""
-    low = _f32_einsum("bti,bir->btr", x, a[rows].astype(x.dtype))
-    return _f32_einsum("btr,bro->bto", low.astype(x.dtype), b[rows].astype(x.dtype))
+    low = _f32_einsum("bti,bir->btr", x, _values(a, (rows,), x.dtype))
+    return tuple(_f32_einsum("btr,bro->bto", part.astype(x.dtype), _values(b, (rows,), x.dtype))
+                 for part, b in zip(_split_rank(low, bs), bs))
 
 
-def grouped_lora_onehot(x, a, b, rows):
+def grouped_lora_onehot(x, a, bs, rows) -> tuple:
     """Every slot's product for every row, the row's own kept by a one-hot mask: each slot's
     factors read once, S times the low-rank work (slot 0, all zeros, is skipped)."""
     mask = jax.nn.one_hot(rows - 1, a.shape[0] - 1, dtype=x.dtype)  # row 0 (no adapter): all zeros
-    low = _f32_einsum("bti,sir->btsr", x, a[1:].astype(x.dtype)) * mask[:, None, :, None]
-    return _f32_einsum("btsr,sro->bto", low.astype(x.dtype), b[1:].astype(x.dtype))
+    low = _f32_einsum("bti,sir->btsr", x, _values(a, (slice(1, None),), x.dtype)) * mask[:, None, :, None]
+    return tuple(_f32_einsum("btsr,sro->bto", part.astype(x.dtype), _values(b, (slice(1, None),), x.dtype))
+                 for part, b in zip(_split_rank(low, bs), bs))
 
 
-def grouped_lora_ragged(x, a, b, rows):
+def grouped_lora_ragged(x, a, bs, rows) -> tuple:
     """Rows sorted by slot, then ``lax.ragged_dot`` over the groups (SGMV's form)."""
     bsz, t, n_in = x.shape
-    slots = a.shape[0]
     token_rows = jnp.repeat(rows, t)
     order = jnp.argsort(token_rows, stable=True)
-    sizes = jnp.bincount(token_rows, length=slots).astype(jnp.int32)
-    lhs = x.reshape(bsz * t, n_in)[order]
-    low = jax.lax.ragged_dot(lhs, a.astype(x.dtype), sizes, preferred_element_type=jnp.float32)
-    out = jax.lax.ragged_dot(low.astype(x.dtype), b.astype(x.dtype), sizes, preferred_element_type=jnp.float32)
-    return jnp.zeros_like(out).at[order].set(out).reshape(bsz, t, -1)
+    sizes = jnp.bincount(token_rows, length=a.shape[0]).astype(jnp.int32)
+    everything = (slice(None),)
+    low = jax.lax.ragged_dot(x.reshape(bsz * t, n_in)[order], _values(a, everything, x.dtype), sizes,
+                             preferred_element_type=jnp.float32)
+    outs = []
+    for part, b in zip(_split_rank(low, bs), bs):
+        out = jax.lax.ragged_dot(part.astype(x.dtype), _values(b, everything, x.dtype), sizes,
+                                 preferred_element_type=jnp.float32)
+        outs.append(jnp.zeros_like(out).at[order].set(out).reshape(bsz, t, -1))
+    return tuple(outs)
 
 
-GROUPED_LORA = {"gather": grouped_lora_gather, "onehot": grouped_lora_onehot, "ragged": grouped_lora_ragged}
+def grouped_lora_auto(x, a, bs, rows) -> tuple:
+    """By the step's (static) shape: "onehot" for decode rows at least as many as the slots (each
+    slot's factors read once, not once per row), "gather" otherwise (fewer rows than slots, or
+    prefill, where onehot's S times the low-rank work is no longer free)."""
+    slots = a.shape[0] - 1
+    if x.shape[1] == 1 and x.shape[0] >= slots:
+        return grouped_lora_onehot(x, a, bs, rows)
+    return grouped_lora_gather(x, a, bs, rows)
+
+
+GROUPED_LORA = {"auto": grouped_lora_auto, "gather": grouped_lora_gather, "onehot": grouped_lora_onehot,
+                "ragged": grouped_lora_ragged}
 
 
 @pytree_dataclass
 class RowLoraLinear(_OverBase):
-    """A frozen projection with each row's adapter: ``x[i] @ base + (x[i] @ a[rows[i]]) @ b[rows[i]]``
-    for x [B, T, in]; a [S + 1, in, R], b [S + 1, R, out], rows [B] slot indices (0: none), all
-    with a leading layer axis when stacked. ``kernel``: how the rows' products are batched
-    (``GROUPED_LORA``)."""
+    """A frozen projection with each row's adapter: ``x[i] @ base + fuse((x[i] @ a[s])_m @ b_m[s])``
+    for x [B, T, in] and s = rows[i]; a and b as in ``LoraSlots`` (for one matrix), rows [B] slot
+    indices (0: none), all with a leading layer axis when stacked (a and b as ``ReadInPlace``,
+    so a layer body sees them as ``AtLayer``). ``kernel``: how the rows' products are batched
+    (``GROUPED_LORA``); ``matrix``/``model``: how the modules' outputs fuse."""
 
     base: object
     a: jax.Array
-    b: jax.Array
+    b: tuple
     rows: jax.Array
-    kernel: str = static_field(default="gather")
+    kernel: str = static_field()
+    matrix: str = static_field()
+    model: ModelConfig = static_field()
 
 
 @project.register
 def _(w: RowLoraLinear, x: jax.Array) -> jax.Array:
     base = project(w.base, x)
+
+    def adapted():
+        deltas = GROUPED_LORA[w.kernel](x, w.a, w.b, w.rows)
+        return base + _fuse_outputs(w.matrix, dict(zip(FUSED[w.matrix], deltas)), w.model).astype(x.dtype)
+
     # A step none of whose rows has an adapter (most steps on a server with few adapter requests) skips the work.
-    return jax.lax.cond(jnp.any(w.rows > 0), lambda: base + GROUPED_LORA[w.kernel](x, w.a, w.b, w.rows).astype(x.dtype),
-                        lambda: base)
+    return jax.lax.cond(jnp.any(w.rows > 0), adapted, lambda: base)
 
 
-def with_row_adapters(params: Params, slots: LoraSlots, rows: jax.Array) -> Params:
+def with_row_adapters(params: Params, slots: LoraSlots, rows: jax.Array, model: ModelConfig) -> Params:
     """``params`` whose projections add each row's adapter (``rows`` [B]: slot per row, 0 none)."""
     layers = params.layers
     per_layer = jnp.broadcast_to(rows.astype(jnp.int32), (layers.attn_norm.shape[0],) + rows.shape)
-    updates = {m: RowLoraLinear(getattr(layers, m), slots.a[m], slots.b[m], per_layer, slots.kernel)
+    # The slots are read in place: a step reads only its rows' adapters, and none when no row has one.
+    updates = {m: RowLoraLinear(getattr(layers, m), ReadInPlace(slots.a[m]), tuple(ReadInPlace(b) for b in slots.b[m]),
+                                per_layer, slots.kernel, m, model)
                for m in slots.a}
     return dataclasses.replace(params, layers=dataclasses.replace(layers, **updates))

@@ -20,7 +20,7 @@ from specjax.attention import AttentionMetadata, attention, masked_attention
 from specjax.config import ModelConfig, matmul_precision
 from specjax.kv_cache import KVCache
 from specjax.linear import linear
-from specjax.params import Params, split_gate_up, split_qkv
+from specjax.params import Params, layer_loop_parts, split_gate_up, split_qkv
 from specjax.pytree import pytree_dataclass
 
 
@@ -104,8 +104,11 @@ def forward(
     cos, sin = rope_tables(c, positions)
     lw = params.layers
 
+    sliced, at_layer = layer_loop_parts(lw)
+
     def layer(x, xs):
-        w, index = xs
+        layer_slice, index = xs
+        w = at_layer(layer_slice, index)
         h = rms_norm(x, w.attn_norm, c.rms_norm_eps)
         qkv = linear(h, w.wqkv)
         if w.bqkv is not None:
@@ -129,7 +132,7 @@ def forward(
     if any(not 0 <= i <= c.num_layers for i in hidden_layers):
         raise ValueError(f"hidden_layers {hidden_layers} must be in [0, {c.num_layers}]")
     embedded = x
-    x, (new_k, new_v, per_layer) = jax.lax.scan(layer, x, (lw, jnp.arange(c.num_layers)))
+    x, (new_k, new_v, per_layer) = jax.lax.scan(layer, x, (sliced, jnp.arange(c.num_layers)))
     hidden = None
     if hidden_layers:
         final = rms_norm(x, params.final_norm, c.rms_norm_eps)

@@ -45,6 +45,47 @@ class LayerWeights:
 
 
 @pytree_dataclass
+class ReadInPlace:
+    """A stacked part of a layer weight ([L, ...], an array or weight type) that the layer loop
+    passes whole rather than slicing per layer: the layer body gets it as ``AtLayer`` and reads
+    only what it uses, where it uses it (LoRA slots: the rows' adapters, and only when some row
+    has one), instead of a copy of the whole layer's slice every step."""
+
+    stacked: object
+
+
+@pytree_dataclass
+class AtLayer:
+    """What a layer body sees of a ``ReadInPlace`` weight: the whole stack and this layer's index;
+    ``shape`` is one layer's."""
+
+    stacked: object
+    layer: jax.Array
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.stacked.shape[1:])
+
+
+def layer_loop_parts(layers: LayerWeights) -> tuple[list, Callable]:
+    """What the layer loop slices (``layers``' leaves, ``ReadInPlace`` parts left out), and a
+    function of (one layer's slice of it, the layer index) -> that layer's weights, each
+    ``ReadInPlace`` part as ``AtLayer``."""
+
+    def in_place(node) -> bool:
+        return isinstance(node, ReadInPlace)
+
+    leaves, treedef = jax.tree.flatten(layers, is_leaf=in_place)
+    sliced = [None if in_place(leaf) else leaf for leaf in leaves]
+
+    def at_layer(layer_slice: list, index: jax.Array) -> LayerWeights:
+        return treedef.unflatten([AtLayer(leaf.stacked, index) if in_place(leaf) else part
+                                  for leaf, part in zip(leaves, layer_slice)])
+
+    return sliced, at_layer
+
+
+@pytree_dataclass
 class Params:
     """embed [V, D]; layers (stacked); final_norm [D]; lm_head [D, V], or None when tied to embed."""
 

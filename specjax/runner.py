@@ -28,6 +28,7 @@ from specjax.engine.state import TARGET, DeviceState, DeviceStateCell, ModelStat
 from specjax.engine.step import (StepInput, TokenBatch, TreeBatch, donating_jit, row_meta, step_args, token_step,
                                  verify_step)
 from specjax.kv_cache import KVCache, PageTable, init_kv_cache, kv_bytes_per_token
+from specjax.linear import Bf16Bits
 from specjax.lora import init_slots
 from specjax.params import Params
 from specjax.speculation.tree import TokenTree, stack_trees
@@ -87,7 +88,7 @@ class EngineConfig:
     max_loras: int = 0
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None
-    lora_kernel: str = "gather"  # how a step batches its rows' adapters: "gather", "onehot" or "ragged"
+    lora_kernel: str = "auto"  # how a step batches its rows' adapters (``lora.GROUPED_LORA``)
 
     def __post_init__(self):
         for name in ("page_size", "max_num_seqs", "prefill_chunk", "min_page_bucket", "max_lora_rank") + tuple(
@@ -102,8 +103,8 @@ class EngineConfig:
             raise ConfigError(f"kv_cache_bytes must be positive, got {self.kv_cache_bytes}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError(f"max_model_len must be at least 2, got {self.max_model_len}")
-        if self.lora_kernel not in ("gather", "onehot", "ragged"):
-            raise ConfigError(f'lora_kernel must be "gather", "onehot" or "ragged", got {self.lora_kernel!r}')
+        if self.lora_kernel not in ("auto", "gather", "onehot", "ragged"):
+            raise ConfigError(f'lora_kernel must be "auto", "gather", "onehot" or "ragged", got {self.lora_kernel!r}')
         if self.attention_backend not in (None, "auto", "pallas", "xla"):
             raise ConfigError(f'attention_backend must be "auto", "pallas", "xla" or None, got {self.attention_backend!r}')
 
@@ -171,7 +172,8 @@ class ModelRunner:
         self.dtype = params.embed.dtype
         # Adapter slots are the target's (drafts propose without them; verification stays
         # lossless), allocated before the page pool sizes itself to the memory left.
-        adapters = (init_slots(config, engine.max_loras, engine.max_lora_rank, kernel=engine.lora_kernel)
+        adapters = (init_slots(config, engine.max_loras, engine.max_lora_rank, self.dtype, kernel=engine.lora_kernel,
+                               bf16_bits=isinstance(params.layers.wqkv, Bf16Bits))
                     if engine.max_loras and state is None else None)
         per_page = engine.page_size * kv_bytes_per_token(config, self.dtype)
         num_pages = max(1, (engine.kv_cache_bytes or default_cache_bytes()) // per_page)

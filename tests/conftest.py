@@ -1,8 +1,23 @@
-"""Shared pytest fixtures, and the skip of ``@pytest.mark.gpu`` tests off NVIDIA GPUs."""
+"""Shared pytest fixtures, the skip of ``@pytest.mark.gpu`` tests off NVIDIA GPUs, and one JAX
+compilation cache for the whole run."""
 
+import atexit
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# Many tests build their own LLM or server over the same model and shapes, and each compiles the same
+# steps again: a persistent compilation cache shared by the run (and by the CLIs and servers it starts
+# as subprocesses, through the environment) compiles each distinct step once, which halves the suite.
+# It starts empty, so no test reads what an earlier run left; a test that sets its own cache keeps it.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _compile_cache = tempfile.mkdtemp(prefix="specjax-test-compile-cache-")
+    atexit.register(shutil.rmtree, _compile_cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _compile_cache
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 
 def pytest_collection_modifyitems(config, items):

@@ -153,10 +153,8 @@ def test_unpermute_inverts_llama_cpp_permute():
 
 
 @pytest.fixture(scope="module")
-def smollm2_transformers_state_dict(smollm2_gguf_path):
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        smollm2_gguf_path.parent, gguf_file=smollm2_gguf_path.name, dtype=torch.float32)
-    return model.state_dict()
+def smollm2_transformers_state_dict(smollm2_transformers):
+    return smollm2_transformers.state_dict()
 
 
 def test_smollm2_gguf_matches_transformers(smollm2, smollm2_transformers_state_dict):

@@ -79,6 +79,22 @@ def test_a_step_applies_the_gradient_of_the_whole_batch_loss(target):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("steps", [1, 2, 10, 40])
+def test_the_learning_rate_warms_up_linearly_then_decays_by_the_cosine(steps):
+    """Against the schedule's formula (a run no longer than its 10 warmup steps still trains)."""
+    settings = FinetuneSettings(lora=LoraConfig(), learning_rate=1e-3, warmup_steps=10, total_steps=steps)
+    schedule = finetune.learning_rate_schedule(settings)
+    warmup = min(10, steps - 1)
+    for t in range(steps):
+        if t < warmup:
+            want = 1e-3 * t / warmup
+        else:
+            progress = (t - warmup) / (steps - warmup)
+            want = 1e-4 + (1e-3 - 1e-4) * 0.5 * (1 + np.cos(np.pi * progress))
+        assert float(schedule(t)) == pytest.approx(want, rel=1e-5, abs=1e-9), t
+    assert float(schedule(steps - 1)) > 0  # the last step still learns
+
+
 def test_the_loss_covers_exactly_the_assistant_turns(smollm2):
     tokenizer = smollm2.tokenizer
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},

@@ -22,8 +22,9 @@ from specjax.checkpoints import LoadedModel  # noqa: E402
 from specjax.checkpoints.hf import load_hf  # noqa: E402
 from specjax.engine.adapters import AdapterInUse  # noqa: E402
 from specjax.engine.request import RequestError  # noqa: E402
+from specjax.linear import Bf16Bits  # noqa: E402
 from specjax.llm import LLM  # noqa: E402
-from specjax.lora import (MODULES, AdapterError, LoraConfig, adapt, init_adapter, load_peft,  # noqa: E402
+from specjax.lora import (MODULES, AdapterError, LoraAdapter, LoraConfig, adapt, init_adapter, load_peft,  # noqa: E402
                           merged_params, save_peft)
 from specjax.model import forward  # noqa: E402
 from specjax.runner import EngineConfig  # noqa: E402
@@ -268,6 +269,33 @@ def test_a_mixed_batch_of_adapters_equals_each_alone_and_the_merged_models(targe
     assert mixed[0].token_ids != mixed[2].token_ids  # same prompt: the adapter changes the output
 
 
+def test_slots_beside_bf16_bit_weights_hold_bf16_factors_and_equal_the_merged_model(target, adapters):
+    """Over bf16-bit weights (the CPU's bf16 storage) the slots are bf16 bits too: a mixed batch
+    equals plain fp32 weights holding the bf16-rounded base plus each adapter's bf16-rounded A and
+    scaled B, merged."""
+    from specjax.params import store_bf16
+
+    def bf16(x):
+        return x.astype(jnp.bfloat16).astype(jnp.float32)
+
+    packed = dataclasses.replace(target, params=store_bf16(target.params))
+    llm = LLM(packed, engine=dataclasses.replace(ENGINE, max_loras=4, max_lora_rank=8), adapters=adapters, seed=0)
+    assert isinstance(llm.runner.cell.state.target.adapters.a["wqkv"], Bf16Bits)
+    layers = target.params.layers
+    rounded = dataclasses.replace(target.params, layers=dataclasses.replace(
+        layers, wqkv=bf16(layers.wqkv), wo=bf16(layers.wo), w_gate_up=bf16(layers.w_gate_up), w_down=bf16(layers.w_down)))
+    outs = llm.generate(PROMPTS, GREEDY, adapter=NAMES)
+    for out, prompt, name in zip(outs, PROMPTS, NAMES):
+        params = rounded
+        if name is not None:
+            a = adapters[name]  # scale 1: the rounded factors are exactly what the slots hold
+            exact = LoraAdapter(a={m: bf16(x) for m, x in a.a.items()},
+                                b={m: bf16(x * a.config.scale) for m, x in a.b.items()},
+                                config=dataclasses.replace(a.config, lora_alpha=float(a.config.r), use_rslora=False))
+            params = merged_params(rounded, exact, target.config)
+        assert out.token_ids == reference_decode(target.config, params, prompt, GREEDY), name
+
+
 def test_more_adapters_than_slots_take_turns_and_stay_exact(two_slots, adapters, merged_outputs):
     for name, adapter in adapters.items():
         two_slots.add_adapter(name, adapter)
@@ -403,15 +431,35 @@ def test_the_server_serves_adapters_by_model_name_and_loads_them_at_run_time(tar
         assert status == 403 and "--allow-runtime-lora" in body["error"]["message"]
 
 
-@pytest.mark.parametrize("kernel", ["gather", "onehot", "ragged"])
-def test_grouped_lora_kernels_equal_the_row_by_row_reference(kernel):
+@pytest.mark.parametrize("bf16_bits", [False, True])
+@pytest.mark.parametrize("kernel", ["auto", "gather", "onehot", "ragged"])
+def test_grouped_lora_kernels_equal_each_rows_product_in_float64(kernel, bf16_bits):
+    """Every kernel, on slots as arrays or as bf16 bits, whole or one layer's read in place, against
+    each row's (x @ A_m) @ B_m in numpy float64 from the slot values (one matrix fusing two
+    modules, as q/k/v and gate/up do)."""
     from specjax.lora import GROUPED_LORA, grouped_lora_reference
+    from specjax.params import AtLayer
 
-    rng = np.random.default_rng(hash(kernel) % 2**32)
+    rng = np.random.default_rng(hash((kernel, bf16_bits)) % 2**32)
     for b, t, slots in ((5, 1, 4), (3, 7, 2), (8, 2, 1)):
         x = jnp.asarray(rng.standard_normal((b, t, 24)), jnp.float32)
-        a = jnp.asarray(rng.standard_normal((slots + 1, 24, 6)), jnp.float32).at[0].set(0)
-        w = jnp.asarray(rng.standard_normal((slots + 1, 6, 10)), jnp.float32).at[0].set(0)
-        rows = jnp.asarray(rng.integers(0, slots + 1, b), jnp.int32)
-        np.testing.assert_allclose(np.asarray(jax.jit(GROUPED_LORA[kernel])(x, a, w, rows)),
-                                   np.asarray(grouped_lora_reference(x, a, w, rows)), rtol=1e-5, atol=1e-5)
+        a = jnp.asarray(rng.standard_normal((slots + 1, 24, 12)), jnp.float32).at[0].set(0)
+        bs = tuple(jnp.asarray(rng.standard_normal((slots + 1, 6, n)), jnp.float32).at[0].set(0) for n in (10, 4))
+        if bf16_bits:
+            a, bs = Bf16Bits.pack(a), tuple(Bf16Bits.pack(w) for w in bs)
+        values = [np.asarray(w.widen() if bf16_bits else w, np.float64) for w in (a, *bs)]
+        rows = np.asarray(rng.integers(0, slots + 1, b), np.int32)
+        x64 = np.asarray(x, np.float64)
+        want = [np.stack([(x64[i] @ values[0][rows[i]][:, 6 * m:6 * (m + 1)]) @ values[1 + m][rows[i]]
+                          for i in range(b)]) for m in range(2)]
+
+        def layer_1_of_3(w):  # as a layer body reads slots in place: layer 1 of a stack of other layers' noise
+            noise = jax.tree.map(lambda v: jnp.asarray(rng.integers(0, 2**15, (3,) + v.shape), v.dtype)
+                                 if v.dtype == jnp.uint16 else jnp.asarray(rng.standard_normal((3,) + v.shape), v.dtype), w)
+            return AtLayer(jax.tree.map(lambda n, v: n.at[1].set(v), noise, w), jnp.int32(1))
+
+        for fn in (GROUPED_LORA[kernel], grouped_lora_reference):
+            for args in ((a, bs), (layer_1_of_3(a), tuple(layer_1_of_3(w) for w in bs))):
+                got = jax.jit(fn)(x, *args, jnp.asarray(rows))
+                for g, w in zip(got, want, strict=True):
+                    np.testing.assert_allclose(np.asarray(g), w, rtol=1e-4, atol=1e-4)

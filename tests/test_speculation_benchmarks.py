@@ -148,6 +148,7 @@ def test_cost_trees_are_heap_ordered_binary_trees_of_exactly_their_size():
     (speculative, ["--verify-cost", "--tree-sizes", "256"], "at most 128 nodes"),
     (lora, ["--kernels", "gather,bgmv"], "unknown kernel(s) bgmv"),
     (lora, ["--max-loras", "2"], "at least 4"),
+    (lora, ["--finetune-len", "0"], "--finetune-len must be positive"),
 ])
 def test_bad_arguments_fail_before_any_model_loads(script, argv, message, capsys):
     with pytest.raises(SystemExit) as exc:

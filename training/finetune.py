@@ -226,10 +226,17 @@ def loss_sum(adapter: LoraAdapter, base: Params, config: ModelConfig, tokens: ja
     return jnp.sum(nll * weight), jnp.sum(weight)
 
 
+def learning_rate_schedule(settings: FinetuneSettings) -> optax.Schedule:
+    """Linear warmup from 0 to the peak, then cosine decay to a tenth of it at the last step; a run
+    no longer than its warmup warms up over all but its last step (optax needs a decay step)."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=settings.learning_rate,
+        warmup_steps=min(settings.warmup_steps, settings.total_steps - 1), decay_steps=settings.total_steps,
+        end_value=settings.learning_rate * 0.1)
+
+
 def make_optimizer(settings: FinetuneSettings) -> optax.GradientTransformation:
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=settings.learning_rate, warmup_steps=min(settings.warmup_steps, settings.total_steps),
-        decay_steps=settings.total_steps, end_value=settings.learning_rate * 0.1)
+    schedule = learning_rate_schedule(settings)
     return optax.chain(optax.clip_by_global_norm(settings.clip_norm),
                        optax.adamw(schedule, weight_decay=settings.weight_decay))
 

@@ -152,12 +152,12 @@ class TreeBatch:
                    logprobs=np.zeros((), bool))
 
 
-def row_params(model: ModelState, rows: RowMeta) -> Params:
+def row_params(model: ModelState, rows: RowMeta, config: ModelConfig) -> Params:
     """The weights a step's rows run with: ``model.params``, each row with its LoRA adapter added
     when the model has adapter slots."""
     if model.adapters is None:
         return model.params
-    return with_row_adapters(model.params, model.adapters, rows.lora_slot)
+    return with_row_adapters(model.params, model.adapters, rows.lora_slot, config)
 
 
 def token_step(state: ModelState, batch: TokenBatch, *, config: ModelConfig, attention_backend: str | None
@@ -168,7 +168,7 @@ def token_step(state: ModelState, batch: TokenBatch, *, config: ModelConfig, att
     causal = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
     meta = AttentionMetadata(block_tables=batch.rows.block_tables, context_lens=batch.rows.context_lens,
                              new_mask=causal)
-    out = forward(row_params(state, batch.rows), config, batch.tokens, batch.positions, state.cache, meta,
+    out = forward(row_params(state, batch.rows, config), config, batch.tokens, batch.positions, state.cache, meta,
                   logit_indices=batch.last, attention_backend=attention_backend)
     cache = write_kv(state.cache, out.new_k, out.new_v, batch.slots)
     rows = batch.rows
@@ -185,7 +185,7 @@ def verify_step(state: ModelState, batch: TreeBatch, *, config: ModelConfig, att
     logprob arrays (zeros unless ``batch.logprobs``)."""
     rows = batch.rows
     meta = AttentionMetadata(block_tables=rows.block_tables, context_lens=rows.context_lens, new_mask=batch.mask)
-    out = forward(row_params(state, rows), config, batch.tokens, batch.positions, state.cache, meta,
+    out = forward(row_params(state, rows, config), config, batch.tokens, batch.positions, state.cache, meta,
                   attention_backend=attention_backend)
     tree = VerifyTree.host(batch.tokens, batch.parents, batch.depths, batch.mask, batch.live)
     result, cache = verify_and_commit(out.logits, out.new_k, out.new_v, state.cache, tree, batch.position_slots,

@@ -74,7 +74,7 @@ def tree_step(state: DeviceState, batch: DraftTreeBatch, *, spec: SpecInfer, all
                            top_p=rows.top_p, keys=rows.keys(), plain_draws=batch.plain_draws,
                            depth_keys=rows.keys(depths))
     target_cache, draft_caches = state.caches()
-    result, target_cache, draft_caches = speculative_step(spec, row_params(state.target, rows), drafts, target_cache,
+    result, target_cache, draft_caches = speculative_step(spec, row_params(state.target, rows, spec.target), drafts, target_cache,
                                                           draft_caches, step_batch, all_greedy, logprobs)
     return state.with_caches((target_cache, draft_caches)), result
 

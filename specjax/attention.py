@@ -35,9 +35,13 @@ def attention(q: jax.Array, new_k: jax.Array, new_v: jax.Array, k_pool: jax.Arra
     """``paged_attention`` on the backend ``pallas_kernels.backend.use_pallas`` picks.
 
     backend: "auto" (the Pallas kernel on NVIDIA GPUs when it supports the call, XLA otherwise),
-    "pallas" (forced; interpreted off GPUs; errors on calls past the kernel's limits) or "xla";
-    None reads ``$SPECJAX_ATTENTION`` (default "auto"). Decided at trace time.
+    "pallas" (forced; interpreted off GPUs; errors on calls past the kernel's limits), "xla", or
+    "reference" (the plain XLA reference alone, which reverse-mode autodiff can go through: the
+    blocked path loops for a data-dependent count); None reads ``$SPECJAX_ATTENTION`` (default
+    "auto"). Decided at trace time.
     """
+    if backend == "reference":
+        return paged_attention(q, new_k, new_v, k_pool, v_pool, layer, meta)
     supported = tree_attention.unsupported_reason(q, k_pool, meta) is None
     if kernel_backend.use_pallas(backend, supported):
         return tree_attention.tree_attention(q, new_k, new_v, k_pool, v_pool, layer, meta)

@@ -1,0 +1,125 @@
+"""Token-level LoRA finetuning inside engine steps: a sequence fed in chunks, any step taking a
+chunk, with the exact gradient of the whole sequence's loss.
+
+FlexLLM feeds a finetuning sequence forward in token chunks over iterations and then runs its
+backward layer-sliced, keeping every layer's activations of the whole sequence until then. Here
+the backward is token-chunked, with recomputation:
+
+- **Forward phase**, chunk by chunk in order: the chunk's K/V are computed with the adapter as it
+  stands for the whole accumulation window, and written to the sequence's own KV pages. Nothing
+  else is kept.
+- **Backward phase**, chunk by chunk in reverse: the chunk's forward is recomputed from its
+  prefix's stored K/V and pulled back (``jax.vjp``) from two cotangents: its own loss, and what
+  its K/V received from the later chunks. That gives the chunk's share of the adapter's gradient,
+  and the cotangent of the prefix's K/V, which is added to the sequence's accumulator.
+
+Each chunk reads its prefix only through the prefix's K/V, so by the chain rule over the chunks'
+graph the shares sum to the gradient of the whole sequence's loss (tested against ``jax.grad``
+of it). Why this decomposition rather than FlexLLM's:
+
+- Memory: between steps a sequence holds its K/V and their cotangents (twice its KV cache), not
+  every layer's activations (FlexLLM's own measurements put activations at most of its memory).
+- Scheduling: a chunk's backward is a fixed amount of work, a forward and a backward over C
+  tokens, which any step can take; a layer slice's backward grows with the sequence.
+- Cost: one extra forward per chunk (rematerialisation). On a step bound by reading weights, as
+  decode steps are, the extra chunk forward rides on weights the step reads anyway.
+
+The functions here are pure and jit-friendly (the chunk size is the only static shape besides
+the model's); the co-serving step composes them with inference rows.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from specjax.attention import AttentionMetadata, causal_mask
+from specjax.config import ModelConfig
+from specjax.kv_cache import KVCache, slot_ids, write_kv
+from specjax.lora import LoraAdapter, adapt
+from specjax.model import forward
+from specjax.params import Params
+from specjax.pytree import pytree_dataclass
+
+
+@pytree_dataclass
+class Chunk:
+    """C token positions of one sequence, from ``start``; the first ``length`` are real, the rest
+    padding. tokens [C] int32; targets [C] int32, the token that follows each; weights [C] float32,
+    1 where that next token is learnt (an assistant token), else 0 (and 0 on padding)."""
+
+    tokens: jax.Array
+    targets: jax.Array
+    weights: jax.Array
+    start: jax.Array
+    length: jax.Array
+
+
+def make_chunk(tokens: np.ndarray, learn: np.ndarray, start: int, size: int) -> Chunk:
+    """The chunk of a sequence (tokens [S], learn [S]: which tokens are learnt) at positions
+    [start, start + size), padded past the sequence's end."""
+    tokens, learn = np.asarray(tokens, np.int32), np.asarray(learn, bool)
+    if not 0 <= start < len(tokens):
+        raise ValueError(f"chunk start {start} is outside the sequence of {len(tokens)} tokens")
+    end = min(start + size, len(tokens))
+    n = end - start
+    chunk_tokens = np.zeros(size, np.int32)
+    chunk_tokens[:n] = tokens[start:end]
+    targets = np.zeros(size, np.int32)
+    weights = np.zeros(size, np.float32)
+    following = tokens[start + 1: end + 1]  # the last token of the sequence has none
+    targets[: len(following)] = following
+    weights[: len(following)] = learn[start + 1: end + 1]
+    return Chunk(tokens=jnp.asarray(chunk_tokens), targets=jnp.asarray(targets), weights=jnp.asarray(weights),
+                 start=jnp.int32(start), length=jnp.int32(n))
+
+
+def _chunk_forward(adapter: LoraAdapter, base: Params, config: ModelConfig, kv: KVCache, chunk: Chunk):
+    """(summed loss of the chunk's learnt next tokens, (the chunk's new K and V [L, 1, C, Hkv, hd]))
+    over the sequence's pages ``kv`` (all of them its own, in order), whose first ``chunk.start``
+    positions hold the prefix."""
+    size = chunk.tokens.shape[0]
+    positions = (chunk.start + jnp.arange(size, dtype=jnp.int32))[None]
+    meta = AttentionMetadata(block_tables=jnp.arange(kv.num_pages, dtype=jnp.int32)[None],
+                             context_lens=chunk.start[None], new_mask=causal_mask(1, size))
+    out = forward(adapt(base, adapter, config), config, chunk.tokens[None], positions, kv, meta,
+                  attention_backend="reference")
+    logp = jax.nn.log_softmax(out.logits[0].astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, chunk.targets[:, None], axis=-1)[:, 0]
+    return jnp.sum(nll * chunk.weights), (out.new_k, out.new_v)
+
+
+def _chunk_slots(kv: KVCache, chunk: Chunk) -> jax.Array:
+    size = chunk.tokens.shape[0]
+    positions = (chunk.start + jnp.arange(size, dtype=jnp.int32))[None]
+    valid = (jnp.arange(size) < chunk.length)[None]
+    return slot_ids(jnp.arange(kv.num_pages, dtype=jnp.int32)[None], positions, valid, kv.page_size)
+
+
+def forward_chunk(adapter: LoraAdapter, base: Params, config: ModelConfig, kv: KVCache, chunk: Chunk
+                  ) -> tuple[KVCache, jax.Array]:
+    """The forward phase's step for one chunk: ``kv`` with the chunk's K/V written, and the
+    chunk's summed loss (what the loss curve reports; the gradient comes from the backward phase)."""
+    loss, (new_k, new_v) = _chunk_forward(adapter, base, config, kv, chunk)
+    return write_kv(kv, new_k, new_v, _chunk_slots(kv, chunk)), loss
+
+
+def backward_chunk(adapter: LoraAdapter, base: Params, config: ModelConfig, kv: KVCache, kv_grad: KVCache,
+                   chunk: Chunk) -> tuple[LoraAdapter, KVCache]:
+    """The backward phase's step for one chunk (after every later chunk's): the chunk's share of
+    the gradient of the sequence's summed loss with respect to the adapter, and ``kv_grad`` (the
+    cotangent of the sequence's K/V) with the prefix's share added. ``kv`` is as the forward phase
+    left it (every chunk's K/V written)."""
+    slots = _chunk_slots(kv, chunk)
+
+    def own(pool):  # the cotangent the chunk's K/V received from later chunks: [L, 1, C, Hkv, hd]
+        n_layers, n_pages, page, hkv, hd = pool.shape
+        flat = pool.reshape(n_layers, n_pages * page, hkv, hd)
+        return jnp.take(flat, slots[0], axis=1, mode="fill", fill_value=0)[:, None]
+
+    # Differentiated through the prefix only: the chunk's own slots are masked out of its attention
+    # (context_lens = start), so the pull-back puts nothing there.
+    _, pull_back = jax.vjp(lambda a, k, v: _chunk_forward(a, base, config, KVCache(k, v), chunk), adapter, kv.k, kv.v)
+    grads, dk, dv = pull_back((jnp.ones((), jnp.float32), (own(kv_grad.k), own(kv_grad.v))))
+    return grads, KVCache(k=kv_grad.k + dk, v=kv_grad.v + dv)

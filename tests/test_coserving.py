@@ -1,0 +1,75 @@
+"""Token-level finetuning (``engine.finetuning``): a sequence fed forward and backward in chunks
+gets exactly ``jax.grad`` of its whole loss, computed in one piece by ``training.finetune``."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from specjax.engine.finetuning import backward_chunk, forward_chunk, make_chunk
+from specjax.kv_cache import init_kv_cache
+from specjax.lora import LoraAdapter, LoraConfig, init_adapter
+from tests.test_serving import tiny_target
+from training.finetune import loss_sum
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny_target()
+
+
+def random_adapter(config: LoraConfig, model, seed: int) -> LoraAdapter:
+    """PEFT's initialisation has B = 0, which would hide any error in the A gradients' chain."""
+    adapter = init_adapter(config, model, jax.random.key(seed))
+    keys = iter(jax.random.split(jax.random.key(seed + 1), len(adapter.b)))
+    return LoraAdapter(a=adapter.a, b={m: 0.3 * jax.random.normal(next(keys), x.shape) for m, x in adapter.b.items()},
+                       config=config)
+
+
+def chunked_grads(target, adapter, tokens, learn, chunk_size, page_size=4):
+    config, base = target.config, target.params
+    pages = -(-len(tokens) // page_size)
+    kv = init_kv_cache(config, pages, page_size)
+    kv_grad = init_kv_cache(config, pages, page_size)
+    starts = list(range(0, len(tokens), chunk_size))
+    forward = jax.jit(forward_chunk, static_argnums=2)
+    backward = jax.jit(backward_chunk, static_argnums=2)
+    losses = []
+    for start in starts:  # forward phase, in order
+        kv, loss = forward(adapter, base, config, kv, make_chunk(tokens, learn, start, chunk_size))
+        losses.append(float(loss))
+    total = jax.tree.map(jnp.zeros_like, adapter)
+    for start in reversed(starts):  # backward phase, in reverse
+        grads, kv_grad = backward(adapter, base, config, kv, kv_grad, make_chunk(tokens, learn, start, chunk_size))
+        total = jax.tree.map(jnp.add, total, grads)
+    return sum(losses), total
+
+
+@pytest.mark.parametrize("chunk_size, modules", [(4, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                      "down_proj")),
+                                                 (5, ("k_proj", "v_proj")), (32, ("q_proj", "down_proj"))])
+def test_chunked_gradients_equal_jax_grad_of_the_whole_sequence_loss(target, chunk_size, modules):
+    """Chunks of 4 and 5 tokens (the last one padded) over 17 tokens, and one chunk holding it all;
+    adapters on every projection, on k/v only (whose gradient flows only through later chunks'
+    attention when chunks are short), and on q/down."""
+    rng = np.random.default_rng(chunk_size)
+    tokens = rng.integers(0, target.config.vocab_size, 17).astype(np.int32)
+    learn = rng.random(17) < 0.6
+    adapter = random_adapter(LoraConfig(r=4, lora_alpha=8.0, target_modules=modules), target.config, chunk_size)
+    loss, grads = chunked_grads(target, adapter, tokens, learn, chunk_size)
+
+    def whole(a):
+        return loss_sum(a, target.params, target.config, jnp.asarray(tokens)[None], jnp.asarray(learn)[None])[0]
+
+    want_loss, want = jax.value_and_grad(whole)(adapter)
+    assert loss == pytest.approx(float(want_loss), rel=1e-5)
+    for name in ("a", "b"):
+        for m in modules:
+            got, ref = np.asarray(getattr(grads, name)[m]), np.asarray(getattr(want, name)[m])
+            assert np.abs(ref).max() > 0, (name, m)
+            np.testing.assert_allclose(got, ref, rtol=2e-4, atol=2e-4 * np.abs(ref).max(), err_msg=f"{name} {m}")
+
+
+def test_a_chunk_outside_the_sequence_is_refused():
+    with pytest.raises(ValueError, match="outside the sequence of 3 tokens"):
+        make_chunk(np.array([1, 2, 3]), np.array([0, 1, 1]), 3, 4)

@@ -6,11 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from specjax.engine.finetuning import backward_chunk, forward_chunk, make_chunk
+from specjax.engine.finetuning import (accumulate, apply_update, backward_chunk, forward_chunk, init_job,
+                                      make_chunk)
 from specjax.kv_cache import init_kv_cache
 from specjax.lora import LoraAdapter, LoraConfig, init_adapter
 from tests.test_serving import tiny_target
-from training.finetune import loss_sum
+from training import finetune
+from training.finetune import FinetuneSettings, loss_sum
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +75,41 @@ def test_chunked_gradients_equal_jax_grad_of_the_whole_sequence_loss(target, chu
 def test_a_chunk_outside_the_sequence_is_refused():
     with pytest.raises(ValueError, match="outside the sequence of 3 tokens"):
         make_chunk(np.array([1, 2, 3]), np.array([0, 1, 1]), 3, 4)
+
+
+def test_a_job_fed_in_chunks_follows_specjax_finetunes_loss_curve(target):
+    """Three optimizer steps of two sequences each, in ``specjax finetune``'s data order, fed to
+    the job as chunks of 5: the same losses and the same adapter as its whole-batch train step."""
+    config, base = target.config, target.params
+    rng = np.random.default_rng(3)
+    tokens = rng.integers(0, config.vocab_size, (6, 12)).astype(np.int32)
+    learn = rng.random((6, 12)) < 0.5
+    settings = FinetuneSettings(lora=LoraConfig(r=4, lora_alpha=8.0), learning_rate=1e-2, warmup_steps=1,
+                                total_steps=3, batch_size=2, seed=5)
+    optimizer = finetune.make_optimizer(settings)
+    adapter = random_adapter(settings.lora, config, 9)
+
+    whole_step = finetune.make_train_step(config, optimizer)
+    ref_adapter, ref_opt = jax.tree.map(jnp.copy, adapter), optimizer.init(adapter)
+    job = init_job(adapter, optimizer)
+    forward = jax.jit(forward_chunk, static_argnums=2)
+    backward = jax.jit(backward_chunk, static_argnums=2)
+    for step in range(settings.total_steps):
+        rows = finetune.step_rows(len(tokens), step, settings.batch_size, settings.seed)
+        ref_adapter, ref_opt, ref_loss = whole_step(ref_adapter, ref_opt, base, jnp.asarray(tokens[rows])[None],
+                                                    jnp.asarray(learn[rows])[None])
+        for row in rows:
+            kv, kv_grad = init_kv_cache(config, 3, 4), init_kv_cache(config, 3, 4)
+            starts = range(0, tokens.shape[1], 5)
+            for start in starts:
+                chunk = make_chunk(tokens[row], learn[row], start, 5)
+                kv, loss = forward(job.adapter, base, config, kv, chunk)
+                job = accumulate(job, loss=loss, tokens=jnp.sum(chunk.weights))
+            for start in reversed(starts):
+                grads, kv_grad = backward(job.adapter, base, config, kv, kv_grad,
+                                          make_chunk(tokens[row], learn[row], start, 5))
+                job = accumulate(job, grads=grads)
+        job, loss = apply_update(job, optimizer)
+        assert float(loss) == pytest.approx(float(ref_loss), rel=1e-5), step
+    for got, want in zip(jax.tree.leaves(job.adapter), jax.tree.leaves(ref_adapter)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-6)

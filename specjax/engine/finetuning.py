@@ -33,6 +33,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from specjax.attention import AttentionMetadata, causal_mask
 from specjax.config import ModelConfig
@@ -123,3 +124,43 @@ def backward_chunk(adapter: LoraAdapter, base: Params, config: ModelConfig, kv: 
     _, pull_back = jax.vjp(lambda a, k, v: _chunk_forward(a, base, config, KVCache(k, v), chunk), adapter, kv.k, kv.v)
     grads, dk, dv = pull_back((jnp.ones((), jnp.float32), (own(kv_grad.k), own(kv_grad.v))))
     return grads, KVCache(k=kv_grad.k + dk, v=kv_grad.v + dv)
+
+
+# ---------------------------------------------------------------------------- one job's optimizer state
+@pytree_dataclass
+class JobState:
+    """A finetuning job's device state between steps: the adapter being trained, its optimizer
+    state, and the current accumulation window's summed gradient, summed loss and learnt-token count."""
+
+    adapter: LoraAdapter
+    opt_state: object
+    grads: LoraAdapter
+    loss_sum: jax.Array
+    tokens: jax.Array
+
+
+def init_job(adapter: LoraAdapter, optimizer) -> JobState:
+    return JobState(adapter=adapter, opt_state=optimizer.init(adapter), grads=jax.tree.map(jnp.zeros_like, adapter),
+                    loss_sum=jnp.zeros((), jnp.float32), tokens=jnp.zeros((), jnp.float32))
+
+
+def accumulate(job: JobState, grads: LoraAdapter | None = None, loss: jax.Array | None = None,
+               tokens: jax.Array | None = None) -> JobState:
+    """``job`` with a chunk's gradient share, loss and learnt-token count added (each optional:
+    the forward phase reports loss and tokens, the backward phase gradients)."""
+    return JobState(adapter=job.adapter, opt_state=job.opt_state,
+                    grads=job.grads if grads is None else jax.tree.map(jnp.add, job.grads, grads),
+                    loss_sum=job.loss_sum if loss is None else job.loss_sum + loss,
+                    tokens=job.tokens if tokens is None else job.tokens + tokens)
+
+
+def apply_update(job: JobState, optimizer) -> tuple[JobState, jax.Array]:
+    """At an accumulation boundary: the optimizer's step on the window's gradient of the mean loss
+    per learnt token (as ``specjax finetune`` takes it), accumulators reset; and the window's mean loss."""
+    total = jnp.maximum(job.tokens, 1.0)
+    grads = jax.tree.map(lambda g: g / total, job.grads)
+    updates, opt_state = optimizer.update(grads, job.opt_state, job.adapter)
+    adapter = optax.apply_updates(job.adapter, updates)
+    fresh = JobState(adapter=adapter, opt_state=opt_state, grads=jax.tree.map(jnp.zeros_like, job.grads),
+                     loss_sum=jnp.zeros((), jnp.float32), tokens=jnp.zeros((), jnp.float32))
+    return fresh, job.loss_sum / total

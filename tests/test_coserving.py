@@ -49,11 +49,10 @@ def chunked_grads(target, adapter, tokens, learn, chunk_size, page_size=4):
 
 @pytest.mark.parametrize("chunk_size, modules", [(4, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                       "down_proj")),
-                                                 (5, ("k_proj", "v_proj")), (32, ("q_proj", "down_proj"))])
+                                                 (5, ("k_proj", "v_proj"))])
 def test_chunked_gradients_equal_jax_grad_of_the_whole_sequence_loss(target, chunk_size, modules):
-    """Chunks of 4 and 5 tokens (the last one padded) over 17 tokens, and one chunk holding it all;
-    adapters on every projection, on k/v only (whose gradient flows only through later chunks'
-    attention when chunks are short), and on q/down."""
+    """Chunks of 4 and 5 tokens (the last one padded) over 17 tokens; adapters on every projection,
+    and on k/v only (whose gradient reaches the loss mostly through later chunks' attention)."""
     rng = np.random.default_rng(chunk_size)
     tokens = rng.integers(0, target.config.vocab_size, 17).astype(np.int32)
     learn = rng.random(17) < 0.6

@@ -29,7 +29,7 @@ from specjax.engine.step import (StepInput, TokenBatch, TreeBatch, donating_jit,
                                  verify_step)
 from specjax.kv_cache import KVCache, PageTable, init_kv_cache, kv_bytes_per_token
 from specjax.linear import Bf16Bits
-from specjax.lora import init_slots
+from specjax.lora import GROUPED_LORA, init_slots
 from specjax.params import Params
 from specjax.speculation.tree import TokenTree, stack_trees
 
@@ -103,8 +103,8 @@ class EngineConfig:
             raise ConfigError(f"kv_cache_bytes must be positive, got {self.kv_cache_bytes}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError(f"max_model_len must be at least 2, got {self.max_model_len}")
-        if self.lora_kernel not in ("auto", "gather", "onehot", "ragged"):
-            raise ConfigError(f'lora_kernel must be "auto", "gather", "onehot" or "ragged", got {self.lora_kernel!r}')
+        if self.lora_kernel not in GROUPED_LORA:
+            raise ConfigError(f"lora_kernel must be one of {', '.join(GROUPED_LORA)}, got {self.lora_kernel!r}")
         if self.attention_backend not in (None, "auto", "pallas", "xla"):
             raise ConfigError(f'attention_backend must be "auto", "pallas", "xla" or None, got {self.attention_backend!r}')
 

@@ -21,28 +21,33 @@ def target():
 
 
 def random_adapter(config: LoraConfig, model, seed: int) -> LoraAdapter:
-    """PEFT's initialisation has B = 0, which would hide any error in the A gradients' chain."""
+    """PEFT's initialisation has B = 0, which would hide any error in the A gradients' chain.
+    (test_lora has its twin; importing it would skip these tests wherever PEFT is missing.)"""
     adapter = init_adapter(config, model, jax.random.key(seed))
     keys = iter(jax.random.split(jax.random.key(seed + 1), len(adapter.b)))
     return LoraAdapter(a=adapter.a, b={m: 0.3 * jax.random.normal(next(keys), x.shape) for m, x in adapter.b.items()},
                        config=config)
 
 
+_forward = jax.jit(forward_chunk, static_argnums=2)
+_backward = jax.jit(backward_chunk, static_argnums=2)
+
+
 def chunked_grads(target, adapter, tokens, learn, chunk_size, page_size=4):
+    """One sequence through the forward phase in order and the backward phase in reverse: its
+    summed loss and the summed gradient shares."""
     config, base = target.config, target.params
     pages = -(-len(tokens) // page_size)
     kv = init_kv_cache(config, pages, page_size)
     kv_grad = init_kv_cache(config, pages, page_size)
     starts = list(range(0, len(tokens), chunk_size))
-    forward = jax.jit(forward_chunk, static_argnums=2)
-    backward = jax.jit(backward_chunk, static_argnums=2)
     losses = []
-    for start in starts:  # forward phase, in order
-        kv, loss = forward(adapter, base, config, kv, make_chunk(tokens, learn, start, chunk_size))
+    for start in starts:
+        kv, loss = _forward(adapter, base, config, kv, make_chunk(tokens, learn, start, chunk_size))
         losses.append(float(loss))
     total = jax.tree.map(jnp.zeros_like, adapter)
-    for start in reversed(starts):  # backward phase, in reverse
-        grads, kv_grad = backward(adapter, base, config, kv, kv_grad, make_chunk(tokens, learn, start, chunk_size))
+    for start in reversed(starts):
+        grads, kv_grad = _backward(adapter, base, config, kv, kv_grad, make_chunk(tokens, learn, start, chunk_size))
         total = jax.tree.map(jnp.add, total, grads)
     return sum(losses), total
 
@@ -91,23 +96,13 @@ def test_a_job_fed_in_chunks_follows_specjax_finetunes_loss_curve(target):
     whole_step = finetune.make_train_step(config, optimizer)
     ref_adapter, ref_opt = jax.tree.map(jnp.copy, adapter), optimizer.init(adapter)
     job = init_job(adapter, optimizer)
-    forward = jax.jit(forward_chunk, static_argnums=2)
-    backward = jax.jit(backward_chunk, static_argnums=2)
     for step in range(settings.total_steps):
         rows = finetune.step_rows(len(tokens), step, settings.batch_size, settings.seed)
         ref_adapter, ref_opt, ref_loss = whole_step(ref_adapter, ref_opt, base, jnp.asarray(tokens[rows])[None],
                                                     jnp.asarray(learn[rows])[None])
         for row in rows:
-            kv, kv_grad = init_kv_cache(config, 3, 4), init_kv_cache(config, 3, 4)
-            starts = range(0, tokens.shape[1], 5)
-            for start in starts:
-                chunk = make_chunk(tokens[row], learn[row], start, 5)
-                kv, loss = forward(job.adapter, base, config, kv, chunk)
-                job = accumulate(job, loss=loss, tokens=jnp.sum(chunk.weights))
-            for start in reversed(starts):
-                grads, kv_grad = backward(job.adapter, base, config, kv, kv_grad,
-                                          make_chunk(tokens[row], learn[row], start, 5))
-                job = accumulate(job, grads=grads)
+            loss, grads = chunked_grads(target, job.adapter, tokens[row], learn[row], 5)
+            job = accumulate(job, grads=grads, loss=loss, tokens=np.count_nonzero(learn[row][1:]))
         job, loss = apply_update(job, optimizer)
         assert float(loss) == pytest.approx(float(ref_loss), rel=1e-5), step
     for got, want in zip(jax.tree.leaves(job.adapter), jax.tree.leaves(ref_adapter)):

@@ -76,15 +76,23 @@ def make_chunk(tokens: np.ndarray, learn: np.ndarray, start: int, size: int) -> 
                  start=jnp.int32(start), length=jnp.int32(n))
 
 
+def _positions(chunk: Chunk) -> jax.Array:
+    """[1, C] sequence positions of the chunk's tokens."""
+    return (chunk.start + jnp.arange(chunk.tokens.shape[0], dtype=jnp.int32))[None]
+
+
+def _block_table(kv: KVCache) -> jax.Array:
+    """[1, P]: the sequence owns every page of ``kv``, in order."""
+    return jnp.arange(kv.num_pages, dtype=jnp.int32)[None]
+
+
 def _chunk_forward(adapter: LoraAdapter, base: Params, config: ModelConfig, kv: KVCache, chunk: Chunk):
     """(summed loss of the chunk's learnt next tokens, (the chunk's new K and V [L, 1, C, Hkv, hd]))
     over the sequence's pages ``kv`` (all of them its own, in order), whose first ``chunk.start``
     positions hold the prefix."""
-    size = chunk.tokens.shape[0]
-    positions = (chunk.start + jnp.arange(size, dtype=jnp.int32))[None]
-    meta = AttentionMetadata(block_tables=jnp.arange(kv.num_pages, dtype=jnp.int32)[None],
-                             context_lens=chunk.start[None], new_mask=causal_mask(1, size))
-    out = forward(adapt(base, adapter, config), config, chunk.tokens[None], positions, kv, meta,
+    meta = AttentionMetadata(block_tables=_block_table(kv), context_lens=chunk.start[None],
+                             new_mask=causal_mask(1, chunk.tokens.shape[0]))
+    out = forward(adapt(base, adapter, config), config, chunk.tokens[None], _positions(chunk), kv, meta,
                   attention_backend="reference")
     logp = jax.nn.log_softmax(out.logits[0].astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, chunk.targets[:, None], axis=-1)[:, 0]
@@ -92,10 +100,9 @@ def _chunk_forward(adapter: LoraAdapter, base: Params, config: ModelConfig, kv: 
 
 
 def _chunk_slots(kv: KVCache, chunk: Chunk) -> jax.Array:
-    size = chunk.tokens.shape[0]
-    positions = (chunk.start + jnp.arange(size, dtype=jnp.int32))[None]
-    valid = (jnp.arange(size) < chunk.length)[None]
-    return slot_ids(jnp.arange(kv.num_pages, dtype=jnp.int32)[None], positions, valid, kv.page_size)
+    """[1, C] flat slots of the chunk's real tokens in ``kv`` (``INVALID_SLOT`` on padding)."""
+    valid = (jnp.arange(chunk.tokens.shape[0]) < chunk.length)[None]
+    return slot_ids(_block_table(kv), _positions(chunk), valid, kv.page_size)
 
 
 def forward_chunk(adapter: LoraAdapter, base: Params, config: ModelConfig, kv: KVCache, chunk: Chunk
@@ -139,19 +146,22 @@ class JobState:
     tokens: jax.Array
 
 
-def init_job(adapter: LoraAdapter, optimizer) -> JobState:
-    return JobState(adapter=adapter, opt_state=optimizer.init(adapter), grads=jax.tree.map(jnp.zeros_like, adapter),
+def _empty_window(adapter: LoraAdapter, opt_state) -> JobState:
+    return JobState(adapter=adapter, opt_state=opt_state, grads=jax.tree.map(jnp.zeros_like, adapter),
                     loss_sum=jnp.zeros((), jnp.float32), tokens=jnp.zeros((), jnp.float32))
+
+
+def init_job(adapter: LoraAdapter, optimizer) -> JobState:
+    return _empty_window(adapter, optimizer.init(adapter))
 
 
 def accumulate(job: JobState, grads: LoraAdapter | None = None, loss: jax.Array | None = None,
                tokens: jax.Array | None = None) -> JobState:
     """``job`` with a chunk's gradient share, loss and learnt-token count added (each optional:
     the forward phase reports loss and tokens, the backward phase gradients)."""
-    return JobState(adapter=job.adapter, opt_state=job.opt_state,
-                    grads=job.grads if grads is None else jax.tree.map(jnp.add, job.grads, grads),
-                    loss_sum=job.loss_sum if loss is None else job.loss_sum + loss,
-                    tokens=job.tokens if tokens is None else job.tokens + tokens)
+    return job.replace(grads=job.grads if grads is None else jax.tree.map(jnp.add, job.grads, grads),
+                       loss_sum=job.loss_sum if loss is None else job.loss_sum + loss,
+                       tokens=job.tokens if tokens is None else job.tokens + tokens)
 
 
 def apply_update(job: JobState, optimizer) -> tuple[JobState, jax.Array]:
@@ -160,7 +170,4 @@ def apply_update(job: JobState, optimizer) -> tuple[JobState, jax.Array]:
     total = jnp.maximum(job.tokens, 1.0)
     grads = jax.tree.map(lambda g: g / total, job.grads)
     updates, opt_state = optimizer.update(grads, job.opt_state, job.adapter)
-    adapter = optax.apply_updates(job.adapter, updates)
-    fresh = JobState(adapter=adapter, opt_state=opt_state, grads=jax.tree.map(jnp.zeros_like, job.grads),
-                     loss_sum=jnp.zeros((), jnp.float32), tokens=jnp.zeros((), jnp.float32))
-    return fresh, job.loss_sum / total
+    return _empty_window(optax.apply_updates(job.adapter, updates), opt_state), job.loss_sum / total

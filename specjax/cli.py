@@ -166,7 +166,7 @@ def _build_parser() -> argparse.ArgumentParser:
                             "compilations; '' turns it off (default: $SPECJAX_COMPILE_CACHE, else xla/ in the "
                             "model cache, ~/.cache/specjax)")
 
-    from training import finetune
+    from specjax import finetune
 
     tune = commands.add_parser("finetune", help="LoRA-finetune a model on chat conversations (resumable)",
                                description=finetune.__doc__.split("\n\n")[0],

@@ -11,8 +11,10 @@ from specjax.engine.finetuning import (accumulate, apply_update, backward_chunk,
 from specjax.kv_cache import init_kv_cache
 from specjax.lora import LoraAdapter, LoraConfig, init_adapter
 from tests.test_serving import tiny_target
+from specjax import finetune as sft
+from specjax.finetune import FinetuneSettings
 from training import finetune
-from training.finetune import FinetuneSettings, loss_sum
+from training.finetune import loss_sum
 
 
 @pytest.fixture(scope="module")
@@ -90,14 +92,14 @@ def test_a_job_fed_in_chunks_follows_specjax_finetunes_loss_curve(target):
     learn = rng.random((6, 12)) < 0.5
     settings = FinetuneSettings(lora=LoraConfig(r=4, lora_alpha=8.0), learning_rate=1e-2, warmup_steps=1,
                                 total_steps=3, batch_size=2, seed=5)
-    optimizer = finetune.make_optimizer(settings)
+    optimizer = sft.make_optimizer(settings)
     adapter = random_adapter(settings.lora, config, 9)
 
     whole_step = finetune.make_train_step(config, optimizer)
     ref_adapter, ref_opt = jax.tree.map(jnp.copy, adapter), optimizer.init(adapter)
     job = init_job(adapter, optimizer)
     for step in range(settings.total_steps):
-        rows = finetune.step_rows(len(tokens), step, settings.batch_size, settings.seed)
+        rows = sft.step_rows(len(tokens), step, settings.batch_size, settings.seed)
         ref_adapter, ref_opt, ref_loss = whole_step(ref_adapter, ref_opt, base, jnp.asarray(tokens[rows])[None],
                                                     jnp.asarray(learn[rows])[None])
         for row in rows:

@@ -21,8 +21,9 @@ from specjax.lora import LoraConfig, init_adapter
 from specjax.tokenizer import Tokenizer
 from tests.test_serving import tiny_target
 from tests.test_tree_speculation import word_tokenizer
+from specjax import finetune as sft
 from training import finetune
-from training.finetune import DataError, FinetuneSettings
+from specjax.finetune import DataError, FinetuneSettings
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -57,11 +58,11 @@ def test_a_step_applies_the_gradient_of_the_whole_batch_loss(target):
     settings = FinetuneSettings(lora=LoraConfig(r=4, lora_alpha=8, target_modules=("q_proj", "v_proj", "down_proj")),
                                 learning_rate=1e-2, warmup_steps=0, total_steps=10, batch_size=2, grad_accum=2,
                                 max_len=16)
-    examples, _ = finetune.tokenize(target.tokenizer, tiny_conversations(4), settings.max_len)
+    examples, _ = sft.tokenize(target.tokenizer, tiny_conversations(4), settings.max_len)
     adapter = init_adapter(settings.lora, config, jax.random.key(1))
     # A nonzero B, so the gradients of A are not zero either.
     adapter = type(adapter)(a=adapter.a, b=jax.tree.map(lambda b: b + 0.05, adapter.b), config=adapter.config)
-    optimizer = finetune.make_optimizer(settings)
+    optimizer = sft.make_optimizer(settings)
     tokens, learn = jnp.asarray(examples.tokens), jnp.asarray(examples.learn)
 
     def whole_batch_mean(ad):
@@ -83,7 +84,7 @@ def test_a_step_applies_the_gradient_of_the_whole_batch_loss(target):
 def test_the_learning_rate_warms_up_linearly_then_decays_by_the_cosine(steps):
     """Against the schedule's formula (a run no longer than its 10 warmup steps still trains)."""
     settings = FinetuneSettings(lora=LoraConfig(), learning_rate=1e-3, warmup_steps=10, total_steps=steps)
-    schedule = finetune.learning_rate_schedule(settings)
+    schedule = sft.learning_rate_schedule(settings)
     warmup = min(10, steps - 1)
     for t in range(steps):
         if t < warmup:
@@ -100,7 +101,7 @@ def test_the_loss_covers_exactly_the_assistant_turns(smollm2):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
                 {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Name a colour."},
                 {"role": "assistant", "content": "Blue, like <|im_end|> the sea."}]
-    ids, learn = finetune.assistant_tokens(tokenizer, messages)
+    ids, learn = sft.assistant_tokens(tokenizer, messages)
     _, whole = tokenizer.encode_chat(messages, add_generation_prompt=False)
     assert ids == whole
     learnt = tokenizer.decode([t for t, keep in zip(ids, learn) if keep], skip_special_tokens=False)
@@ -115,16 +116,16 @@ def test_bad_lines_are_named_by_number_and_refused_or_skipped(tmp_path):
     path.write_text("\n".join([good, "{oops", json.dumps({"messages": [{"role": "user", "content": "only"}]}), "",
                                json.dumps({"messages": [{"role": "robot", "content": "x"}]}), good]) + "\n")
     with pytest.raises(DataError, match=r"data.jsonl:2: not valid JSON"):
-        finetune.read_jsonl(path)
-    conversations, skipped = finetune.read_jsonl(path, "skip")
+        sft.read_jsonl(path)
+    conversations, skipped = sft.read_jsonl(path, "skip")
     assert len(conversations) == 2
     assert [s.split(": ", 1)[0].rsplit(":", 1)[1] for s in skipped] == ["2", "3", "5"]
     assert "no assistant message" in skipped[1] and "role" in skipped[2]
     (tmp_path / "empty.jsonl").write_text("{oops}\n")
     with pytest.raises(DataError, match="no usable conversation"):
-        finetune.read_jsonl(tmp_path / "empty.jsonl", "skip")
+        sft.read_jsonl(tmp_path / "empty.jsonl", "skip")
     with pytest.raises(DataError, match="does not exist"):
-        finetune.read_jsonl(tmp_path / "missing.jsonl")
+        sft.read_jsonl(tmp_path / "missing.jsonl")
     with pytest.raises(ValueError, match="grad_accum"):
         FinetuneSettings(lora=LoraConfig(), grad_accum=0)
 
@@ -140,7 +141,7 @@ def _args(model_dir, data, output, **extra) -> list[str]:
 
 def _parse(argv) -> argparse.Namespace:
     p = argparse.ArgumentParser()
-    finetune.add_arguments(p)
+    sft.add_arguments(p)
     return p.parse_args(argv)
 
 
@@ -189,9 +190,9 @@ def test_the_example_adapter_learnt_the_datas_style(smollm2):
     from specjax.llm import LLM
     from specjax.sampling import SamplingParams
 
-    conversations, _ = finetune.read_jsonl(PIRATE / "pirate.jsonl")
-    _, held_out = finetune.split(conversations, 0.1)  # the split the run used (its default fraction)
-    examples, _ = finetune.tokenize(smollm2.tokenizer, held_out, 80)
+    conversations, _ = sft.read_jsonl(PIRATE / "pirate.jsonl")
+    _, held_out = sft.split(conversations, 0.1)  # the split the run used (its default fraction)
+    examples, _ = sft.tokenize(smollm2.tokenizer, held_out, 80)
     adapter = load_peft(PIRATE / "pirate-adapter", smollm2.config)
     base = init_adapter(adapter.config, smollm2.config, jax.random.key(0))  # B = 0: the base model
     trained_loss = finetune.evaluate(smollm2.config, smollm2.params, adapter, examples, 8)

@@ -16,6 +16,7 @@ import numpy as np
 
 from specjax.checkpoints import LoadedModel, load_model
 from specjax.config import resolve_dtype
+from specjax.engine.coserving import SLO
 from specjax.engine.core import EngineCore
 from specjax.engine.request import GenerationError, Request, RequestError, RequestOutput, RequestStats
 from specjax.engine.scheduler import Scheduler
@@ -56,7 +57,8 @@ class LLM:
     def __init__(self, model: str | os.PathLike | LoadedModel = "smollm2-135m", *, dtype: str = "auto",
                  engine: EngineConfig | None = None, seed: int | None = None,
                  draft: str | os.PathLike | LoadedModel | None = None, num_speculative_tokens: int = 4,
-                 speculation=None, adapters: Mapping[str, str | os.PathLike | LoraAdapter] | None = None):
+                 speculation=None, adapters: Mapping[str, str | os.PathLike | LoraAdapter] | None = None,
+                 slo: SLO | None = None):
         """``model``: a built-in name, a GGUF file, an HF or specjax checkpoint directory, or a
         LoadedModel (``dtype`` is then ignored). On a CPU, bf16 weights are stored as bf16 bits and
         computed with in fp32 (``params.inference_params``).
@@ -70,6 +72,9 @@ class LLM:
         ``adapters``: LoRA adapters by name (PEFT directories, or ``lora.LoraAdapter``s) that
         requests may run with (``generate(..., adapter=name)``), any mix in one batch. Without
         ``engine.max_loras``, the engine gets a slot per adapter, up to 4.
+
+        ``slo``: the latency targets inference keeps while finetuning jobs share its steps
+        (``engine.max_finetune_jobs``; ``engine.coserving``).
         """
         if draft is not None and speculation is not None:
             raise ValueError("give either draft= (a chain) or speculation=TreeSpeculation(...), not both")
@@ -82,7 +87,7 @@ class LLM:
         if adapters and not (engine or EngineConfig()).max_loras:
             engine = dataclasses.replace(engine or EngineConfig(), max_loras=min(len(adapters), 4))
         loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=resolve_dtype(dtype))
-        self.engine = EngineCore(loaded, engine=engine, speculation=speculation, seed=seed)
+        self.engine = EngineCore(loaded, engine=engine, speculation=speculation, seed=seed, slo=slo)
         self.runner = self.engine.runner
         self.config, self.tokenizer = self.engine.config, self.engine.tokenizer
         self.model_name, self.weights = self.engine.model_name, self.engine.weights

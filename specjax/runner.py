@@ -24,6 +24,7 @@ import numpy as np
 
 from specjax import sampling
 from specjax.config import ConfigError, ModelConfig
+from specjax.engine.finetuning import CoservingState, FinetuneSlice, finetune_step, with_finetuning
 from specjax.engine.state import TARGET, DeviceState, DeviceStateCell, ModelState
 from specjax.engine.step import (StepInput, TokenBatch, TreeBatch, donating_jit, row_meta, step_args, token_step,
                                  verify_step)
@@ -89,6 +90,11 @@ class EngineConfig:
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None
     lora_kernel: str = "auto"  # how a step batches its rows' adapters (``lora.GROUPED_LORA``)
+    # Co-serving (``engine.coserving``): LoRA finetuning jobs run at once, each holding one
+    # sequence of up to max_finetune_len tokens, fed to steps in chunks of finetune_chunks tokens.
+    max_finetune_jobs: int = 0
+    max_finetune_len: int = 512
+    finetune_chunks: tuple[int, ...] = (8, 32, 128)
 
     def __post_init__(self):
         for name in ("page_size", "max_num_seqs", "prefill_chunk", "min_page_bucket", "max_lora_rank") + tuple(
@@ -97,6 +103,13 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.max_finetune_jobs, int) or self.max_finetune_jobs < 0:
+            raise ConfigError(f"max_finetune_jobs must be a non-negative integer, got {self.max_finetune_jobs!r}")
+        if not isinstance(self.max_finetune_len, int) or self.max_finetune_len < 2:
+            raise ConfigError(f"max_finetune_len must be an integer of at least 2, got {self.max_finetune_len!r}")
+        if (not isinstance(self.finetune_chunks, tuple) or not self.finetune_chunks
+                or any(not isinstance(c, int) or c < 1 for c in self.finetune_chunks)):
+            raise ConfigError(f"finetune_chunks must be a non-empty tuple of positive integers, got {self.finetune_chunks!r}")
         if not isinstance(self.max_loras, int) or self.max_loras < 0:
             raise ConfigError(f"max_loras must be a non-negative integer, got {self.max_loras!r}")
         if self.kv_cache_bytes is not None and self.kv_cache_bytes < 1:
@@ -176,7 +189,15 @@ class ModelRunner:
                                bf16_bits=isinstance(params.layers.wqkv, Bf16Bits))
                     if engine.max_loras and state is None else None)
         per_page = engine.page_size * kv_bytes_per_token(config, self.dtype)
-        num_pages = max(1, (engine.kv_cache_bytes or default_cache_bytes()) // per_page)
+        # Each finetuning job's K/V cotangents (a sequence's worth) come out of the pool's memory.
+        self.finetune_pages = next_power_of_two(-(-engine.max_finetune_len // engine.page_size))
+        gradients = engine.max_finetune_jobs * self.finetune_pages * per_page if state is None else 0
+        pool_bytes = (engine.kv_cache_bytes or default_cache_bytes()) - gradients
+        if pool_bytes < per_page:
+            raise ConfigError(f"{engine.max_finetune_jobs} finetuning job(s) of {engine.max_finetune_len} tokens "
+                              f"need {gradients} bytes of K/V gradients, more than the KV cache's "
+                              f"{engine.kv_cache_bytes or default_cache_bytes()}")
+        num_pages = max(1, pool_bytes // per_page)
         capacity = num_pages * engine.page_size
         self.max_model_len = min(engine.max_model_len or config.max_position_embeddings,
                                  config.max_position_embeddings, capacity)
@@ -203,6 +224,9 @@ class ModelRunner:
         static = dict(config=config, attention_backend=engine.attention_backend)
         self._step = donating_jit(token_step, **static)
         self._verify = donating_jit(verify_step, **static)
+        self._coserved = {"step": donating_jit(with_finetuning(token_step), **static),
+                          "verify": donating_jit(with_finetuning(verify_step), **static),
+                          "finetune": donating_jit(finetune_step, **static)}
 
     @property
     def params(self) -> Params:
@@ -357,27 +381,46 @@ class ModelRunner:
         p = self.page_bucket(max(self.pages.pages_for(length) for length in lengths))
         return b, p, lengths
 
-    def _run(self, fn, key: tuple, batch):
+    def _run(self, fn, key: tuple, batch, finetune: FinetuneSlice | None = None):
         """Run step ``fn`` (``donating_jit``) on this model's state, compiling per shape bucket
-        ``key`` (timed apart), and keep the state it returns. Sets ``first_run``: whether this was
-        the executable's first run (slower than the rest)."""
+        ``key`` (timed apart), and keep the state it returns. With ``finetune``, ``fn`` is the
+        step fused with its slice (``engine.finetuning.with_finetuning``), over the job's state as
+        well. Sets ``first_run``: whether this was the executable's first run (slower than the rest)."""
+        if finetune is not None:
+            fused = key[0] != "finetune"
+            fn, key = self._coserved[key[0]], key + ("finetune",) * fused + finetune.bucket
+            batch = (batch, finetune.work) if fused else finetune.work
         if not self.has_executable(key):
             log.info("compiling step shape %s on first use (LLM.warm_up compiles ahead)", key)
         model = self.cell.model(self.slot)
-        args = step_args(model, batch)
+        state = model
+        if finetune is not None:
+            job, sequence = self.cell.jobs[finetune.job]
+            state = CoservingState(model=model, job=job.replace(opt_state=None), sequence=sequence)
+        args = step_args(state, batch)
         compiled = self._compiled.get(key, fn, *args)
         self.first_run = key not in self._ran
         self._ran.add(key)
         start = time.perf_counter()
         caches, outputs = compiled(*args)
+        if finetune is not None:
+            caches, new_job, sequence = caches
+            self.cell.jobs[finetune.job] = (new_job.replace(opt_state=job.opt_state), sequence)
+            finetune.ran = True
         self.cell.set_model(self.slot, model.with_caches(caches))
         outputs = [np.asarray(x) for x in outputs]
         return outputs, time.perf_counter() - start
 
-    def step(self, inputs: Sequence[StepInput], *, logprobs: bool = False):
+    def finetune(self, work: FinetuneSlice) -> float:
+        """Run a finetuning slice alone (no inference row to fuse it with); returns its seconds."""
+        _, elapsed = self._run(None, ("finetune",), None, finetune=work)
+        return elapsed
+
+    def step(self, inputs: Sequence[StepInput], *, logprobs: bool = False, finetune: FinetuneSlice | None = None):
         """Run one step; returns (next token per input [len(inputs)] int32, seconds this step took),
         and with ``logprobs`` a third item: each input's ``TokenLogprob`` of its token
-        (``sampling.token_logprobs``; a step without it does no such work).
+        (``sampling.token_logprobs``; a step without it does no such work). ``finetune``: a
+        finetuning slice fused into the step.
 
         Compilation time of a new bucket is counted in ``compile_time_s``, not in the step time.
         """
@@ -398,14 +441,14 @@ class ModelRunner:
             batch.slots[row, :k] = self.pages.slots(x.seq_id, length, k)
             batch.last[row, 0] = k - 1
         batch.logprobs[...] = logprobs
-        (next_tokens, *scores), elapsed = self._run(self._step, ("step", b, t, p), batch)
+        (next_tokens, *scores), elapsed = self._run(self._step, ("step", b, t, p), batch, finetune)
         self.commit(seq_ids, [len(x.tokens) for x in inputs])
         if logprobs:
             return next_tokens[:n], elapsed, sampling.logprob_entries(next_tokens[:n], *(x[:n] for x in scores))
         return next_tokens[:n], elapsed
 
     def verify(self, seq_ids: Sequence, trees: Sequence[TokenTree], sampling_inputs: Sequence[StepInput] | None = None,
-               *, logprobs: bool = False):
+               *, logprobs: bool = False, finetune: FinetuneSlice | None = None):
         """Score each sequence's token tree in one target pass; keep the accepted path.
 
         A tree's root is the sequence's last token (chosen, not yet run). The root's and the
@@ -416,7 +459,8 @@ class ModelRunner:
         so their tokens follow the target's distribution exactly. Returns, per sequence, the new
         tokens (accepted speculated tokens, then the target's bonus token) and the step's seconds;
         with ``logprobs`` also, per sequence, the ``TokenLogprob`` of each new token, from the
-        target's logits in this pass (``verify.emitted_logprobs``).
+        target's logits in this pass (``verify.emitted_logprobs``). ``finetune``: a finetuning
+        slice fused into the step.
         """
         if len(seq_ids) != len(trees):
             raise ValueError(f"{len(seq_ids)} sequences but {len(trees)} trees")
@@ -437,7 +481,7 @@ class ModelRunner:
             batch.position_slots[row, :span] = self.pages.slots(seq_id, length, span)
         batch.positions[:] = batch.rows.context_lens[:, None] + batch.depths
         batch.logprobs[...] = logprobs
-        (tokens, count, *scores), elapsed = self._run(self._verify, ("verify", b, n, p), batch)
+        (tokens, count, *scores), elapsed = self._run(self._verify, ("verify", b, n, p), batch, finetune)
         new_tokens = [tokens[row, : count[row]].tolist() for row in range(rows)]
         self.commit(seq_ids, count[:rows])
         if logprobs:

@@ -1,16 +1,24 @@
-"""Token-level finetuning (``engine.finetuning``): a sequence fed forward and backward in chunks
-gets exactly ``jax.grad`` of its whole loss, computed in one piece by ``training.finetune``."""
+"""Co-serving: token-level finetuning (``engine.finetuning``) gets exactly ``jax.grad`` of a
+sequence's whole loss, computed in one piece by ``training.finetune``; a job co-served with
+inference (``engine.coserving``) follows ``specjax finetune``'s loss curve while inference output
+stays what it is without it; the policy keeps predicted step times under the SLOs."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from specjax.engine.finetuning import (accumulate, apply_update, backward_chunk, forward_chunk, init_job,
-                                      make_chunk)
-from specjax.kv_cache import init_kv_cache
+from specjax import LLM, SamplingParams
+from specjax.config import ConfigError
+from specjax.engine.coserving import SLO, CoservingPolicy, JobLimit
+from specjax.engine.finetuning import backward_chunk, forward_chunk, make_chunk
+from specjax.finetune import Examples
+from specjax.kv_cache import init_kv_cache, kv_bytes_per_token
 from specjax.lora import LoraAdapter, LoraConfig, init_adapter
-from tests.test_serving import tiny_target
+from specjax.speculation.ngram import NgramSpeculation
+from tests.test_serving import ENGINE, tiny_target
 from specjax import finetune as sft
 from specjax.finetune import FinetuneSettings
 from training import finetune
@@ -83,29 +91,148 @@ def test_a_chunk_outside_the_sequence_is_refused():
         make_chunk(np.array([1, 2, 3]), np.array([0, 1, 1]), 3, 4)
 
 
-def test_a_job_fed_in_chunks_follows_specjax_finetunes_loss_curve(target):
-    """Three optimizer steps of two sequences each, in ``specjax finetune``'s data order, fed to
-    the job as chunks of 5: the same losses and the same adapter as its whole-batch train step."""
-    config, base = target.config, target.params
-    rng = np.random.default_rng(3)
-    tokens = rng.integers(0, config.vocab_size, (6, 12)).astype(np.int32)
-    learn = rng.random((6, 12)) < 0.5
-    settings = FinetuneSettings(lora=LoraConfig(r=4, lora_alpha=8.0), learning_rate=1e-2, warmup_steps=1,
-                                total_steps=3, batch_size=2, seed=5)
-    optimizer = sft.make_optimizer(settings)
-    adapter = random_adapter(settings.lora, config, 9)
+# ---------------------------------------------------------------------------- co-served jobs
+COSERVING = dataclasses.replace(ENGINE, page_size=8, max_finetune_jobs=2, max_finetune_len=24, finetune_chunks=(16,))
+PROMPTS = ["t1 t2 t3 t4", "t9 t8 t7", "t20 t40 t60 t80", "t5 t50 t55"]
 
-    whole_step = finetune.make_train_step(config, optimizer)
-    ref_adapter, ref_opt = jax.tree.map(jnp.copy, adapter), optimizer.init(adapter)
-    job = init_job(adapter, optimizer)
+
+def job_data(config, seed: int = 3) -> Examples:
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, config.vocab_size, (6, 20)).astype(np.int32)
+    learn = rng.random((6, 20)) < 0.5
+    learn[:, 0] = False
+    return Examples(tokens, learn)
+
+
+JOB = FinetuneSettings(lora=LoraConfig(r=4, lora_alpha=8.0), learning_rate=1e-2, warmup_steps=1, total_steps=3,
+                       batch_size=2, seed=5, max_len=20)
+
+
+def whole_batch_run(target, settings: FinetuneSettings, data: Examples):
+    """``specjax finetune``'s losses and adapter for the same settings and data."""
+    optimizer = sft.make_optimizer(settings)
+    adapter = init_adapter(settings.lora, target.config, jax.random.key(settings.seed))
+    step_fn = finetune.make_train_step(target.config, optimizer)
+    opt_state, losses = optimizer.init(adapter), []
     for step in range(settings.total_steps):
-        rows = sft.step_rows(len(tokens), step, settings.batch_size, settings.seed)
-        ref_adapter, ref_opt, ref_loss = whole_step(ref_adapter, ref_opt, base, jnp.asarray(tokens[rows])[None],
-                                                    jnp.asarray(learn[rows])[None])
-        for row in rows:
-            loss, grads = chunked_grads(target, job.adapter, tokens[row], learn[row], 5)
-            job = accumulate(job, grads=grads, loss=loss, tokens=np.count_nonzero(learn[row][1:]))
-        job, loss = apply_update(job, optimizer)
-        assert float(loss) == pytest.approx(float(ref_loss), rel=1e-5), step
-    for got, want in zip(jax.tree.leaves(job.adapter), jax.tree.leaves(ref_adapter)):
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-6)
+        rows = sft.step_rows(len(data), step, settings.batch_size * settings.grad_accum, settings.seed)
+        adapter, opt_state, loss = step_fn(adapter, opt_state, target.params, jnp.asarray(data.tokens[rows])[None],
+                                           jnp.asarray(data.learn[rows])[None])
+        losses.append(float(loss))
+    return losses, adapter
+
+
+def run_requests(llm: LLM, methods: list[str]) -> list:
+    """Greedy generations with logprobs of ``PROMPTS``, each with its speculation method (the
+    plain ones shorter, so the last steps verify n-gram trees only)."""
+    scheduler = llm.scheduler()
+    requests = [llm.engine.make_request(prompt, SamplingParams(max_tokens=14 if method != "none" else 6,
+                                                               temperature=0.0, logprobs=2), speculation=method)
+                for prompt, method in zip(PROMPTS, methods)]
+    for req in requests:
+        scheduler.add(req)
+    while scheduler.has_work:
+        scheduler.step()
+    return [r.output for r in requests]
+
+
+def test_inference_is_unchanged_by_a_job_and_the_job_follows_specjax_finetune(target):
+    """Greedy generations with logprobs while a job is co-served (its slices fused into plain
+    decode steps and into n-gram trees' verification, and run alone when the engine is idle)
+    equal those of the same engine without co-serving; the job's losses and adapter are those of
+    ``specjax finetune``'s whole-batch steps. The pool is small enough that requests take the
+    job's pages back (it starts its sequence again), and still the job stays exact."""
+    per_page = COSERVING.page_size * kv_bytes_per_token(target.config, jnp.float32)
+    # A pool of 10 pages: the requests need 10 at their longest, the job's sequence 3. Besides it,
+    # two jobs' K/V gradients (4 pages each). The engine without co-serving has the same pool, so
+    # its steps are the same executables (the test run's compilation cache has them).
+    pool = 10 * per_page
+    ngram = NgramSpeculation(num_speculative_tokens=1)
+    # SLOs no step time comes near: which steps take slices depends on none of this machine's timings.
+    coserving = LLM(target, engine=dataclasses.replace(COSERVING, kv_cache_bytes=pool + 2 * 4 * per_page),
+                    speculation=ngram, slo=SLO(ttft_s=1e3, tpot_s=1e3))
+    alone = LLM(target, engine=dataclasses.replace(COSERVING, kv_cache_bytes=pool, max_finetune_jobs=0),
+                speculation=ngram)
+    finetuner = coserving.engine.finetuner
+    data = job_data(target.config)
+    job = finetuner.add("job", JOB, data)
+    methods = ["none", "ngram", "none", "ngram"]
+    got, want = run_requests(coserving, methods), run_requests(alone, methods)
+    fused = {key[0] for key in coserving.runner._compiled._executables if "finetune" in key[1:]}
+    assert fused == {"step", "verify"}, f"slices joined only {fused} steps"
+    assert finetuner.evictions, "no request took the job's pages back"
+    for g, w in zip(got, want):
+        assert g.token_ids == w.token_ids
+        for a, b in zip(g.logprobs, w.logprobs):
+            assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
+            assert [t for t, _ in a.top] == [t for t, _ in b.top]
+    scheduler = coserving.scheduler()
+    while scheduler.finetuning:  # the engine is idle: the job runs alone
+        scheduler.step()
+    want_losses, want_adapter = whole_batch_run(target, JOB, data)
+    assert job.status == "succeeded"
+    assert [loss for _, loss in job.losses] == pytest.approx(want_losses, rel=1e-5)
+    for g, w in zip(jax.tree.leaves(finetuner.state("job").adapter), jax.tree.leaves(want_adapter)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- the policy
+def policy_with(slo: SLO, decode: float, alone: dict[int, float], added: dict[int, float] | None = None):
+    """A policy whose predictions are synthetic: decode steps of ``decode`` seconds, and slices
+    of each chunk costing ``alone`` seconds alone and ``added`` to a decode step."""
+    policy = CoservingPolicy(slo, tuple(alone))
+    policy.inference.observe(4, 1, 8, decode)
+    for chunk, seconds in alone.items():
+        policy.observe_alone(False, chunk, seconds)
+        policy.observe_fused(False, chunk, 4, 1, 8, decode + (added or alone)[chunk])
+    return policy
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_policy_keeps_predicted_step_times_under_the_tpot_slo(seed):
+    """Random cost tables: the chunk chosen is the largest whose predicted step (decode, this
+    iteration's other steps, and the slice) stays under the SLO's margin, found by brute force."""
+    rng = np.random.default_rng(seed)
+    chunks = [4, 16, 64, 256]
+    per_token = rng.uniform(1e-4, 1e-3)
+    added = {c: per_token * c * rng.uniform(0.5, 1.0) for c in chunks}
+    decode, spent = rng.uniform(0.01, 0.05), rng.uniform(0.0, 0.02)
+    slo = SLO(tpot_s=rng.uniform(0.02, 0.3), margin=0.9)
+    policy = policy_with(slo, decode, {c: 2 * added[c] for c in chunks}, added)
+    chosen = policy.fused_chunk(False, 4, 1, 8, spent, ttft_at_risk=False)
+    fits = [c for c in chunks if decode + spent + added[c] <= 0.9 * slo.tpot_s]
+    assert chosen == (max(fits) if fits else None)
+    if chosen is not None:
+        assert policy.inference.cost(4, 1, 8) + spent + policy.slice_cost(False, chosen, fused=True) <= 0.9 * slo.tpot_s
+
+
+def test_finetuning_pauses_at_peak_and_while_time_to_first_token_is_at_risk():
+    slo = SLO(ttft_s=1.0, tpot_s=0.05)
+    cheap = {4: 0.001, 16: 0.004}
+    assert policy_with(slo, 0.02, cheap).fused_chunk(False, 4, 1, 8, 0.0, ttft_at_risk=False) == 16
+    peak = policy_with(slo, 0.05, cheap)  # decode steps alone take the whole TPOT target
+    assert peak.fused_chunk(False, 4, 1, 8, 0.0, ttft_at_risk=False) is None
+    policy = policy_with(slo, 0.02, cheap)
+    assert policy.ttft_at_risk([0.1]) is False and policy.ttft_at_risk([0.6]) is True
+    assert policy.fused_chunk(False, 4, 1, 8, 0.0, ttft_at_risk=True) is None
+    assert CoservingPolicy(SLO(), (4,)).ttft_at_risk([0.0]) is True  # no target: any wait comes first
+
+
+def test_an_untimed_chunk_is_priced_from_the_nearest_timed_one_and_tried_smallest_first():
+    policy = policy_with(SLO(tpot_s=0.1), 0.02, {16: 0.008})
+    assert policy.slice_cost(False, 64, fused=True) == pytest.approx(0.032)
+    assert policy.slice_cost(True, 16, fused=True) is None  # no backward slice timed yet
+    assert policy.fused_chunk(True, 4, 1, 8, 0.0, ttft_at_risk=False) == 16
+
+
+def test_job_limits_are_refused_with_their_reason(target):
+    llm = LLM(target, engine=dataclasses.replace(COSERVING, max_finetune_jobs=1))
+    data = job_data(target.config)
+    llm.engine.finetuner.add("a", JOB, data)
+    with pytest.raises(JobLimit, match="at most 1 at once"):
+        llm.engine.finetuner.add("b", JOB, data)
+    llm.engine.finetuner.remove("a")
+    with pytest.raises(ValueError, match="max_len 64 exceeds the longest finetuning sequence this engine holds, 24"):
+        llm.engine.finetuner.add("c", dataclasses.replace(JOB, max_len=64), data)
+    with pytest.raises(ConfigError, match="tpot_s must be a positive number"):
+        SLO(tpot_s=0)

@@ -21,6 +21,8 @@ import numpy as np
 
 from specjax.checkpoints import LoadedModel
 from specjax.engine.adapters import AdapterManager
+from specjax.engine.coserving import SLO, Finetuner
+from specjax.engine.finetuning import FinetuneSlice
 from specjax.engine.request import Request, RequestError, RequestOutput
 from specjax.engine.step import StepInput
 from specjax.linear import Bf16Bits
@@ -63,7 +65,7 @@ class EngineCore:
     ``NgramSpeculation``, ...)."""
 
     def __init__(self, loaded: LoadedModel, *, engine: EngineConfig | None = None, speculation=None,
-                 seed: int | None = None):
+                 seed: int | None = None, slo: SLO | None = None):
         if loaded.tokenizer is None:
             raise ValueError(f"{loaded.source} has no tokenizer; LLM needs one to turn text into tokens")
         params = inference_params(loaded.params)
@@ -76,6 +78,8 @@ class EngineCore:
         self.runner = ModelRunner(loaded.config, params, engine or EngineConfig())
         # LoRA adapters requests may name, in the runner's adapter slots (none without max_loras).
         self.adapters = AdapterManager(self.runner, loaded.config) if self.runner.engine.max_loras else None
+        # LoRA finetuning jobs co-served with inference (none without max_finetune_jobs).
+        self.finetuner = Finetuner(self.runner, slo or SLO()) if self.runner.engine.max_finetune_jobs else None
         self.speculation = speculation
         self.proposers: dict[str, Proposer] = {}  # by method name: the configured one and its parts
         self.method = "none"
@@ -260,9 +264,11 @@ class EngineCore:
             tokens = out.token_ids[-1:]
         return self._sampling(req, tokens)
 
-    def plain_step(self, batch: list[Request], chunk: int | None = None) -> list[StepOutcome]:
+    def plain_step(self, batch: list[Request], chunk: int | None = None, finetune: FinetuneSlice | None = None
+                   ) -> list[StepOutcome]:
         """One token for each request, or its next prompt chunk of at most ``chunk`` tokens
-        (default ``prefill_chunk``), which its proposers read too."""
+        (default ``prefill_chunk``), which its proposers read too; ``finetune``: a finetuning
+        slice fused into the step."""
         inputs = [self.step_input(r, chunk) for r in batch]
         readers: dict[int, tuple[Proposer, list[StepInput]]] = {}
         for req, x in zip(batch, inputs):
@@ -271,15 +277,16 @@ class EngineCore:
         for part, chunks in readers.values():
             part.prefill(chunks)
         scored = wants_logprobs(batch)
-        next_tokens, elapsed, *scores = self.runner.step(inputs, logprobs=scored)
+        next_tokens, elapsed, *scores = self.runner.step(inputs, logprobs=scored, finetune=finetune)
         logprobs = scores[0] if scored else [None] * len(batch)
         return [StepOutcome(req, [int(token)], [logprob], elapsed,
                             prefilled=len(x.tokens) if req.prefilled < req.num_prefill else 0)
                 for req, x, token, logprob in zip(batch, inputs, next_tokens, logprobs)]
 
-    def speculative_step(self, batch: list[Request]) -> list[StepOutcome]:
+    def speculative_step(self, batch: list[Request], finetune: FinetuneSlice | None = None) -> list[StepOutcome]:
         """Ask each request's proposer for a tree, verify every host tree in one target pass and each
         device drafter's rows in its own fused step, and tell the proposers what was accepted.
+        ``finetune``: a finetuning slice fused into the host trees' pass, if there is one.
 
         Sampled host trees are verified by sampling and matching: the tokens are plain sampling's
         own for the request's key. Draft-model trees are verified by multi-step speculative
@@ -308,7 +315,7 @@ class EngineCore:
                         device.setdefault(id(drafts.drafter), (drafts.drafter, []))[1].append((proposer, row, source))
         outcomes = []
         if host:
-            outcomes += self._verify_host(host, by_uid)
+            outcomes += self._verify_host(host, by_uid, finetune)
         for drafter, rows in device.values():
             reqs = [by_uid[row.uid] for _, row, _ in rows]
             verified, elapsed = drafter.step([row.sampling for _, row, _ in rows], logprobs=wants_logprobs(reqs))
@@ -317,7 +324,8 @@ class EngineCore:
                 outcomes.append(StepOutcome(req, v.tokens, v.logprobs or [None] * len(v.tokens), elapsed, v, source))
         return outcomes
 
-    def _verify_host(self, host: list, by_uid: dict[int, Request]) -> list[StepOutcome]:
+    def _verify_host(self, host: list, by_uid: dict[int, Request], finetune: FinetuneSlice | None = None
+                     ) -> list[StepOutcome]:
         """Verify host trees, all in one target pass, cut to the batch's budget when there is one."""
         reqs = [by_uid[row.uid] for _, row, _, _ in host]
         pages = None
@@ -331,10 +339,10 @@ class EngineCore:
         trees = host_token_trees([row.sequence[-1] for _, row, _, _ in host], [tree for _, _, tree, _ in host])
         scored = wants_logprobs(reqs)
         new_tokens, elapsed, *scores = self.runner.verify([r.uid for r in reqs], trees, [row.sampling for _, row, _, _ in host],
-                                                          logprobs=scored)
+                                                          logprobs=scored, finetune=finetune)
         # Not an executable's first run: it is slow (up to 2x on a CPU), and a bucket that looks
         # dear is never chosen again, so its estimate would never recover.
-        if self.budget is not None and not self.runner.first_run:
+        if self.budget is not None and not self.runner.first_run and finetune is None:
             self.budget.cost.observe(len(reqs), trees[0].size, pages, elapsed)
         logprobs = scores[0] if scored else [[None] * len(t) for t in new_tokens]
         outcomes = []

@@ -30,6 +30,8 @@ the model's); the co-serving step composes them with inference rows.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,7 +39,8 @@ import optax
 
 from specjax.attention import AttentionMetadata, causal_mask
 from specjax.config import ModelConfig
-from specjax.kv_cache import KVCache, slot_ids, write_kv
+from specjax.engine.state import ModelState
+from specjax.kv_cache import INVALID_SLOT, KVCache, init_kv_cache, slot_ids, write_kv
 from specjax.lora import LoraAdapter, adapt
 from specjax.model import forward
 from specjax.params import Params
@@ -57,13 +60,16 @@ class Chunk:
     length: jax.Array
 
 
-def make_chunk(tokens: np.ndarray, learn: np.ndarray, start: int, size: int) -> Chunk:
-    """The chunk of a sequence (tokens [S], learn [S]: which tokens are learnt) at positions
-    [start, start + size), padded past the sequence's end."""
+def make_chunk(tokens: np.ndarray, learn: np.ndarray, start: int, size: int, end: int | None = None) -> Chunk:
+    """The chunk of a sequence (tokens [S], learn [S]: which tokens are learnt) of ``size``
+    positions from ``start``, real up to ``end`` (default: as far as the size and the sequence
+    go), padded past it."""
     tokens, learn = np.asarray(tokens, np.int32), np.asarray(learn, bool)
     if not 0 <= start < len(tokens):
         raise ValueError(f"chunk start {start} is outside the sequence of {len(tokens)} tokens")
-    end = min(start + size, len(tokens))
+    end = min(start + size, len(tokens)) if end is None else end
+    if not start < end <= min(start + size, len(tokens)):
+        raise ValueError(f"chunk [{start}, {end}) does not fit {size} positions of a sequence of {len(tokens)} tokens")
     n = end - start
     chunk_tokens = np.zeros(size, np.int32)
     chunk_tokens[:n] = tokens[start:end]
@@ -81,16 +87,17 @@ def _positions(chunk: Chunk) -> jax.Array:
     return (chunk.start + jnp.arange(chunk.tokens.shape[0], dtype=jnp.int32))[None]
 
 
-def _block_table(kv: KVCache) -> jax.Array:
-    """[1, P]: the sequence owns every page of ``kv``, in order."""
-    return jnp.arange(kv.num_pages, dtype=jnp.int32)[None]
+def _block_table(kv: KVCache, pages: jax.Array | None) -> jax.Array:
+    """[1, P]: the sequence's pages in ``kv`` (None: it owns every page of ``kv``, in order)."""
+    return (jnp.arange(kv.num_pages, dtype=jnp.int32) if pages is None else pages)[None]
 
 
-def _chunk_forward(adapter: LoraAdapter, base: Params, config: ModelConfig, kv: KVCache, chunk: Chunk):
+def _chunk_forward(adapter: LoraAdapter, base: Params, config: ModelConfig, kv: KVCache, chunk: Chunk,
+                   pages: jax.Array | None = None):
     """(summed loss of the chunk's learnt next tokens, (the chunk's new K and V [L, 1, C, Hkv, hd]))
-    over the sequence's pages ``kv`` (all of them its own, in order), whose first ``chunk.start``
-    positions hold the prefix."""
-    meta = AttentionMetadata(block_tables=_block_table(kv), context_lens=chunk.start[None],
+    over the sequence's ``pages`` [P] of ``kv`` (None: all of them, in order), whose first
+    ``chunk.start`` positions hold the prefix."""
+    meta = AttentionMetadata(block_tables=_block_table(kv, pages), context_lens=chunk.start[None],
                              new_mask=causal_mask(1, chunk.tokens.shape[0]))
     out = forward(adapt(base, adapter, config), config, chunk.tokens[None], _positions(chunk), kv, meta,
                   attention_backend="reference")
@@ -99,18 +106,19 @@ def _chunk_forward(adapter: LoraAdapter, base: Params, config: ModelConfig, kv: 
     return jnp.sum(nll * chunk.weights), (out.new_k, out.new_v)
 
 
-def _chunk_slots(kv: KVCache, chunk: Chunk) -> jax.Array:
+def _chunk_slots(kv: KVCache, chunk: Chunk, pages: jax.Array | None = None) -> jax.Array:
     """[1, C] flat slots of the chunk's real tokens in ``kv`` (``INVALID_SLOT`` on padding)."""
     valid = (jnp.arange(chunk.tokens.shape[0]) < chunk.length)[None]
-    return slot_ids(_block_table(kv), _positions(chunk), valid, kv.page_size)
+    return slot_ids(_block_table(kv, pages), _positions(chunk), valid, kv.page_size)
 
 
-def forward_chunk(adapter: LoraAdapter, base: Params, config: ModelConfig, kv: KVCache, chunk: Chunk
-                  ) -> tuple[KVCache, jax.Array]:
-    """The forward phase's step for one chunk: ``kv`` with the chunk's K/V written, and the
-    chunk's summed loss (what the loss curve reports; the gradient comes from the backward phase)."""
-    loss, (new_k, new_v) = _chunk_forward(adapter, base, config, kv, chunk)
-    return write_kv(kv, new_k, new_v, _chunk_slots(kv, chunk)), loss
+def forward_chunk(adapter: LoraAdapter, base: Params, config: ModelConfig, kv: KVCache, chunk: Chunk,
+                  pages: jax.Array | None = None) -> tuple[KVCache, jax.Array]:
+    """The forward phase's step for one chunk: ``kv`` with the chunk's K/V written into the
+    sequence's ``pages`` (None: every page of ``kv``, in order), and the chunk's summed loss (what
+    the loss curve reports; the gradient comes from the backward phase)."""
+    loss, (new_k, new_v) = _chunk_forward(adapter, base, config, kv, chunk, pages)
+    return write_kv(kv, new_k, new_v, _chunk_slots(kv, chunk, pages)), loss
 
 
 def backward_chunk(adapter: LoraAdapter, base: Params, config: ModelConfig, kv: KVCache, kv_grad: KVCache,
@@ -171,3 +179,124 @@ def apply_update(job: JobState, optimizer) -> tuple[JobState, jax.Array]:
     grads = jax.tree.map(lambda g: g / total, job.grads)
     updates, opt_state = optimizer.update(grads, job.opt_state, job.adapter)
     return _empty_window(optax.apply_updates(job.adapter, updates), opt_state), job.loss_sum / total
+
+
+# ---------------------------------------------------------------------------- inside engine steps
+@pytree_dataclass
+class SequenceState:
+    """What a job holds of the sequence it is feeding through, kept apart from its window until
+    the sequence's backward phase ends (so a sequence dropped half-way leaves the window exact):
+    its gradient share so far, the cotangent of its K/V (``kv_grad``, its pages in order:
+    [L, P, page, Hkv, hd] each), and its summed loss and learnt tokens (forward phase)."""
+
+    grads: LoraAdapter
+    kv_grad: KVCache
+    loss_sum: jax.Array
+    tokens: jax.Array
+
+
+def init_sequence(adapter: LoraAdapter, config: ModelConfig, pages: int, page_size: int, dtype) -> SequenceState:
+    return SequenceState(grads=jax.tree.map(jnp.zeros_like, adapter),
+                         kv_grad=init_kv_cache(config, pages, page_size, dtype),
+                         loss_sum=jnp.zeros((), jnp.float32), tokens=jnp.zeros((), jnp.float32))
+
+
+@pytree_dataclass
+class FinetuneWork:
+    """One step's finetuning slice: a chunk of a job's sequence, the sequence's pages in the
+    engine's KV pool (pages [P] int32, its block table), and whether the chunk is the backward
+    phase's (else the forward's). A backward chunk from position 0 ends the sequence."""
+
+    chunk: Chunk
+    pages: jax.Array
+    backward: jax.Array
+
+
+@dataclass
+class FinetuneSlice:
+    """A finetuning slice as the runner takes it: the job whose state it runs over
+    (``DeviceStateCell.jobs``), its ``FinetuneWork`` (host arrays), and the part of the
+    executable's key it adds: (chunk size, pages, the job's state's structure and shapes)."""
+
+    job: str
+    work: FinetuneWork
+    bucket: tuple
+    ran: bool = False  # set by the runner once a step has run it
+
+
+def run_finetune(base: Params, config: ModelConfig, cache: KVCache, job: JobState, sequence: SequenceState,
+                 work: FinetuneWork) -> tuple[KVCache, JobState, SequenceState]:
+    """One step's finetuning slice over the engine's KV pool ``cache``: a forward chunk writes
+    its K/V into the sequence's pages and adds its loss; a backward chunk adds its gradient share
+    and the prefix's K/V cotangent; the last one moves the sequence's sums into ``job``'s window."""
+    chunk = work.chunk
+    zeros_kv = jnp.zeros((config.num_layers, 1, chunk.tokens.shape[0], config.num_kv_heads, config.head_dim),
+                         cache.k.dtype)
+
+    def forward_phase():
+        loss, (new_k, new_v) = _chunk_forward(job.adapter, base, config, cache, chunk, work.pages)
+        return loss, new_k, new_v, sequence.grads, sequence.kv_grad
+
+    def backward_phase():
+        own = KVCache(k=jnp.take(cache.k, work.pages, axis=1), v=jnp.take(cache.v, work.pages, axis=1))
+        grads, kv_grad = backward_chunk(job.adapter, base, config, own, sequence.kv_grad, chunk)
+        done = chunk.start == 0  # the sequence ends: its cotangents start from zero for the next
+        kv_grad = jax.tree.map(lambda g: jnp.where(done, jnp.zeros_like(g), g), kv_grad)
+        return jnp.zeros((), jnp.float32), zeros_kv, zeros_kv, jax.tree.map(jnp.add, sequence.grads, grads), kv_grad
+
+    loss, new_k, new_v, grads, kv_grad = jax.lax.cond(work.backward, backward_phase, forward_phase)
+    slots = jnp.where(work.backward, INVALID_SLOT, _chunk_slots(cache, chunk, work.pages))
+    cache = write_kv(cache, new_k, new_v, slots)
+    learnt = jnp.where(work.backward, 0.0, jnp.sum(chunk.weights))
+    sequence = SequenceState(grads=grads, kv_grad=kv_grad, loss_sum=sequence.loss_sum + loss,
+                             tokens=sequence.tokens + learnt)
+    done = work.backward & (chunk.start == 0)
+    merged = accumulate(job, grads=sequence.grads, loss=sequence.loss_sum, tokens=sequence.tokens)
+    job = jax.tree.map(lambda new, old: jnp.where(done, new, old), merged, job)
+    sequence = sequence.replace(grads=jax.tree.map(lambda g: jnp.where(done, jnp.zeros_like(g), g), sequence.grads),
+                                loss_sum=jnp.where(done, 0.0, sequence.loss_sum),
+                                tokens=jnp.where(done, 0.0, sequence.tokens))
+    return cache, job, sequence
+
+
+@pytree_dataclass
+class CoservingState:
+    """A fused step's state: the target's ``ModelState`` and one job's finetuning state (its
+    ``JobState`` without the optimizer's, which only ``apply_update`` uses, and its sequence's).
+    What the step rewrites (the KV cache, the job's sums and sequence) is donated."""
+
+    model: ModelState
+    job: JobState | None
+    sequence: SequenceState | None
+
+    def caches(self):
+        return self.model.cache, self.job, self.sequence
+
+    def without_caches(self) -> "CoservingState":
+        return self.replace(model=self.model.without_caches(), job=None, sequence=None)
+
+    def with_caches(self, caches) -> "CoservingState":
+        cache, job, sequence = caches
+        return self.replace(model=self.model.with_caches(cache), job=job, sequence=sequence)
+
+
+def with_finetuning(step):
+    """``step`` (``(ModelState, batch) -> (ModelState, outputs)``, an inference step of
+    ``engine.step``) fused with one finetuning slice over the same base weights:
+    ``(CoservingState, (batch, FinetuneWork)) -> (CoservingState, outputs)``. The inference rows
+    see nothing of the slice: its K/V go to the job's own pages, its adapter to none of the rows."""
+
+    def fused(state: CoservingState, batch, *, config: ModelConfig, attention_backend: str | None):
+        inference, work = batch
+        model, outputs = step(state.model, inference, config=config, attention_backend=attention_backend)
+        cache, job, sequence = run_finetune(model.params, config, model.cache, state.job, state.sequence, work)
+        return CoservingState(model=model.with_caches(cache), job=job, sequence=sequence), outputs
+
+    return fused
+
+
+def finetune_step(state: CoservingState, work: FinetuneWork, *, config: ModelConfig, attention_backend: str | None):
+    """A step of finetuning alone (no inference row to fuse with): ``(CoservingState, work) -> (state, ())``."""
+    del attention_backend  # finetuning attends with the differentiable reference
+    cache, job, sequence = run_finetune(state.model.params, config, state.model.cache, state.job, state.sequence, work)
+    return CoservingState(model=state.model.with_caches(cache), job=job, sequence=sequence), ()

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections import deque
 from typing import Callable, Protocol
 
@@ -60,6 +61,7 @@ class Scheduler:
 
     def __init__(self, core: EngineCore, *, interleave: bool = False):
         self.core = core
+        self.finetuner = core.finetuner  # co-served finetuning jobs (engine.coserving), if any
         self.kv: PageManager = core.runner
         self.output = OutputProcessor()
         self.interleave = interleave  # decode while others prefill, so long prompts do not stall streams
@@ -75,7 +77,14 @@ class Scheduler:
 
     @property
     def has_work(self) -> bool:
+        """Whether requests wait or run (finetuning jobs alone keep a server's loop stepping, not
+        ``LLM.generate``'s)."""
         return bool(self.waiting or self.running)
+
+    @property
+    def finetuning(self) -> bool:
+        """Whether finetuning jobs have work to do."""
+        return self.finetuner is not None and bool(self.finetuner.active)
 
     def add(self, request: Request) -> None:
         if request.kind != "generate":
@@ -107,6 +116,14 @@ class Scheduler:
         return self.kv.can_admit(self._kv_tokens(req, length)) and all(
             part.can_admit(length) for part in self.core.parts(req)) and (
             req.adapter is None or self.core.adapters.can_acquire(req.adapter))
+
+    def _room_for(self, req: Request) -> bool:
+        """Whether ``req`` can be admitted, once finetuning sequences have given back their pages if
+        that is what it takes."""
+        while not self._can_admit(req):
+            if self.finetuner is None or not self.finetuner.evict():
+                return False
+        return True
 
     def _admit(self, req: Request) -> None:
         length = req.num_prefill + 1
@@ -182,6 +199,8 @@ class Scheduler:
             if req not in self.running or req.prefilled < req.num_prefill:
                 continue  # preempted already, or still prefilling into pages it was admitted with
             while not self._grow(req):
+                if self.finetuner is not None and self.finetuner.evict():  # finetuning's pages go first
+                    continue
                 victim = self.running[-1]
                 self._preempt(victim)
                 preempted = True
@@ -198,7 +217,7 @@ class Scheduler:
         # After a preemption the pool is known to be short: admitting now would only preempt again.
         events = []
         if not self._grow_running():
-            while self.waiting and len(self.running) < max_seqs and self._can_admit(self.waiting[0]):
+            while self.waiting and len(self.running) < max_seqs and self._room_for(self.waiting[0]):
                 req = self.waiting.popleft()
                 try:
                     self._admit(req)
@@ -215,13 +234,43 @@ class Scheduler:
             length = runner.step_tokens(self.core.next_chunk(req, chunk), after_prefix=req.prefilled > 0)
             by_length.setdefault(length, []).append(req)
         prefill = functools.partial(self.core.plain_step, chunk=chunk)
+        started, finetuned = time.perf_counter(), False
         for kind, run, group in ([("prefill", prefill, by_length[n]) for n in sorted(by_length)] + [
-                ("decode", self.core.speculative_step, [r for r in decoding if r.proposer is not None]),
-                ("decode", self.core.plain_step, [r for r in decoding if r.proposer is None])]):
+                ("decode", self.core.plain_step, [r for r in decoding if r.proposer is None]),
+                ("decode", self.core.speculative_step, [r for r in decoding if r.proposer is not None])]):
             group = [r for r in group if r in self.running]  # not finished, failed or recomputed since
             alone = [r for r in group if r.suspect == kind]
             for batch in [[r] for r in alone] + ([rest] if (rest := [r for r in group if r not in alone]) else []):
-                events += self._guarded(kind, run, batch)
+                if kind == "decode" and self.finetuner is not None and not finetuned:
+                    events += self._decode_with_finetuning(run, batch, time.perf_counter() - started)
+                    finetuned = True
+                else:
+                    events += self._guarded(kind, run, batch)
+        if self.finetuner is not None and not self.running and not self.waiting:
+            self.finetuner.run_alone()  # idle: finetuning takes the whole step
+        return events
+
+    def _decode_with_finetuning(self, run, batch: list[Request], spent: float) -> list[Event]:
+        """A decode step with the finetuning slice the policy allows fused into it (and run alone
+        after it if the step had no target pass to fuse with: draft-model trees only), timed for
+        the policy's predictions."""
+        finetuner = self.finetuner
+        pages = self.core.runner.prefix_page_bucket([r.uid for r in batch])
+        now = time.perf_counter()
+        waiting = [now - r.arrival for r in self.waiting] + [
+            now - r.arrival for r in self.running if r.prefilled < r.num_prefill]
+        piece = (finetuner.fused_slice(len(batch), 1, pages, spent, waiting, may_take_pages=not self.waiting)
+                 if finetuner.active else None)
+        start = time.perf_counter()
+        events = self._guarded("decode", functools.partial(run, finetune=piece) if piece else run, batch)
+        elapsed = time.perf_counter() - start
+        if piece is None:
+            if not self.core.runner.first_run:
+                finetuner.policy.inference.observe(len(batch), 1, pages, elapsed)
+        elif piece.ran:
+            finetuner.fused_done(piece, len(batch), 1, pages, elapsed)
+        elif piece.job in finetuner.jobs:  # the step failed, or had no target pass to fuse with
+            finetuner.run_slice(piece)
         return events
 
     def _guarded(self, kind: str, run: Callable[[list[Request]], list[StepOutcome]], batch: list[Request]

@@ -1,8 +1,8 @@
 """An engine's device state as one pytree, and the cell on the host that holds its latest value.
 
 ``ModelState`` is one model's share: weights, paged KV cache, and room for LoRA adapters served
-over the weights. ``DeviceState`` holds the target's, each draft model's, and room for a
-finetuning optimizer's state. Step functions (``engine.step``) are pure,
+over the weights. ``DeviceState`` holds the target's and each draft model's; finetuning jobs'
+states sit beside it in the cell. Step functions (``engine.step``) are pure,
 ``(state, batch) -> (state, outputs)``; they are compiled donating the KV caches only. Weights
 pass through: donating them would free arrays a ``LoadedModel`` shares with every engine built
 from it.
@@ -50,12 +50,10 @@ class ModelState:
 
 @pytree_dataclass
 class DeviceState:
-    """The target's state, each draft model's (in the order a tree proposer drafts with them),
-    and a finetuning optimizer's (none yet)."""
+    """The target's state and each draft model's (in the order a tree proposer drafts with them)."""
 
     target: ModelState
     drafts: tuple[ModelState, ...] = ()
-    optimizer: Any = None
 
     def caches(self) -> tuple[KVCache, tuple[KVCache, ...]]:
         """What a step donates: the target's KV cache and each draft's."""
@@ -80,6 +78,10 @@ class DeviceStateCell:
 
     def __init__(self, state: DeviceState):
         self.state = state
+        # Finetuning jobs' device states by job id: (``JobState``, ``SequenceState``) of
+        # ``engine.finetuning``. Apart from ``state``: the fused draft steps take the whole
+        # ``DeviceState``, and must not compile again whenever a job starts or ends.
+        self.jobs: dict[str, tuple[Any, Any]] = {}
 
     def model(self, slot: int | None) -> ModelState:
         """The target's state (``slot`` ``TARGET``) or draft ``slot``'s."""

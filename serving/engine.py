@@ -152,11 +152,19 @@ class Engine:
         """Stop serving LoRA adapter ``name``, between steps: the future fails with ``AdapterInUse``
         while a submitted request (waiting or running) uses it, so none is ever cut off; a request
         submitted after the unload fails alone."""
+        return self._between_steps("unload", name)
+
+    def call(self, fn) -> concurrent.futures.Future:
+        """Run ``fn()`` on the engine thread between steps (what touches the runner: starting and
+        cancelling finetuning jobs); the future holds its result or exception."""
+        return self._between_steps("call", fn)
+
+    def _between_steps(self, op: str, arg) -> concurrent.futures.Future:
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._cond:
             if self._stopping:
                 raise EngineError("the engine is stopped")
-            self._inbox.append(("unload", (name, future)))
+            self._inbox.append((op, (arg, future)))
             self._cond.notify()
         return future
 
@@ -178,7 +186,7 @@ class Engine:
         scheduler = self.scheduler
         while True:
             with self._cond:
-                while not (self._inbox or scheduler.has_work or self._stopping):
+                while not (self._inbox or scheduler.has_work or scheduler.finetuning or self._stopping):
                     self._cond.wait()
                 commands, self._inbox = self._inbox, []
                 stopping = self._stopping
@@ -190,13 +198,21 @@ class Engine:
                     self._abort(stream)
                 elif op == "unload":
                     self._unload(*stream)
+                elif op == "call":
+                    fn, future = stream
+                    try:
+                        future.set_result(fn())
+                    except Exception as e:  # the caller's to report
+                        future.set_exception(e)
                 else:
                     self._abort_all()
             if stopping:
                 self._abort_all()
+                if self.llm.engine.finetuner is not None:
+                    self.llm.engine.finetuner.stop()
                 return
             self._sync_waiting()
-            if not scheduler.has_work:
+            if not (scheduler.has_work or scheduler.finetuning):
                 continue
             preemptions = scheduler.preemptions
             try:

@@ -47,6 +47,15 @@ class Metrics:
         self.time_per_output_token = Histogram("specjax_time_per_output_token_seconds",
                                                "Mean time between a request's tokens after the first",
                                                buckets=_TPOT_BUCKETS, registry=r)
+        # Co-served fine-tuning jobs (serving.finetuning), by job id.
+        self._job_step = Gauge("specjax_finetune_step", "Optimizer steps a fine-tuning job has taken", ["job"],
+                               registry=r)
+        self._job_steps = Gauge("specjax_finetune_total_steps", "Optimizer steps a fine-tuning job takes in all",
+                                ["job"], registry=r)
+        self._job_loss = Gauge("specjax_finetune_loss", "Training loss of a fine-tuning job's last step", ["job"],
+                               registry=r)
+        self._job_tokens = Gauge("specjax_finetune_tokens", "Sequence tokens a fine-tuning job has trained on "
+                                 "(forward and backward) since the server started it", ["job"], registry=r)
         if speculates:
             label = ["method"]
             self._spec_counters = {
@@ -81,6 +90,12 @@ class Metrics:
         total = self._totals[method] = self._totals.get(method, SpeculationStats()).merge(spec)
         self._tau.labels(method).set(total.tau)
         self._acceptance.labels(method).set(total.acceptance_rate)
+
+    def finetune_progress(self, job: str, step: int, total: int, loss: float, tokens: int) -> None:
+        self._job_step.labels(job).set(step)
+        self._job_steps.labels(job).set(total)
+        self._job_loss.labels(job).set(loss)
+        self._job_tokens.labels(job).set(tokens)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

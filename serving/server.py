@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import secrets
 import time
 import uuid
@@ -38,6 +39,8 @@ from serving.api import (ApiError, ChatCompletionRequest, CompletionRequest, Loa
                          UnloadLoraAdapterRequest, chat_messages, completion_prompt,
                          error_body, sampling_params, validation_error)
 from serving.engine import Engine, EngineError, QueueFull, Stream
+from serving.finetuning import FineTuning
+from serving.finetuning import router as fine_tuning_router
 from specjax import __version__
 from specjax.engine.adapters import AdapterInUse
 from specjax.llm import RequestError
@@ -138,9 +141,14 @@ class Gate:
                 return ApiError(413, f"the request body ({int(length)} bytes) is larger than {self.max_body_bytes} "
                                      "bytes (the server's --max-body-mb)")
         if method == "POST" and path.startswith("/v1/"):
+            if path.startswith("/v1/fine_tuning/jobs/") and path.endswith("/cancel"):
+                return None  # takes no body
             kind = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
-            if kind != b"application/json":
-                return ApiError(400, "send the body as JSON, with Content-Type: application/json"
+            upload = path == "/v1/files"
+            wanted = b"multipart/form-data" if upload else b"application/json"
+            if kind != wanted:
+                return ApiError(400, f"send the body as {'a multipart form' if upload else 'JSON'}, with "
+                                     f"Content-Type: {wanted.decode()}"
                                      + (f" (got {kind.decode('latin-1')!r})" if kind else " (none was given)"))
             if length == b"0":
                 return ApiError(400, "the body is empty: send a JSON object with the request's fields")
@@ -151,7 +159,8 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | Sequence[str] 
                default_max_tokens: int | None = None, max_body_bytes: int = MAX_BODY_BYTES,
                protect_all: bool = False, allowed_hosts: tuple[str, ...] | None = None,
                expose_speculation_stats: bool = False, suffix_cache_scope: str = "global",
-               allow_runtime_lora: bool = False) -> FastAPI:
+               allow_runtime_lora: bool = False, fine_tuning_dir: str | os.PathLike | None = None,
+               checkpoint_every: int = 10) -> FastAPI:
     """The FastAPI app serving ``engine``'s LLM as ``model_name``; it starts and stops the engine.
 
     ``api_key``: a key, or several, wanted on ``/v1`` (and, with ``protect_all``, on ``/metrics``,
@@ -164,6 +173,9 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | Sequence[str] 
     ``allow_runtime_lora``: offer ``POST /v1/load_lora_adapter`` and ``/v1/unload_lora_adapter``
     (off by default: loading reads a directory a client names on the server's machine). The LLM's
     LoRA adapters are models of their own in ``/v1/models``; a request's ``model`` picks one.
+    ``fine_tuning_dir``: offer OpenAI's fine-tuning API (``serving.finetuning``), its files, jobs
+    and checkpoints kept there (the LLM must co-serve: ``max_finetune_jobs``); a job checkpoints
+    every ``checkpoint_every`` optimizer steps.
 
     ``default_max_tokens``: the output limit of requests that set none; None follows OpenAI (16 for
     completions, the rest of the context for chat). A request's KV pages grow with its output rather
@@ -180,10 +192,15 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | Sequence[str] 
     if not isinstance(max_body_bytes, int) or max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be a positive integer, got {max_body_bytes!r}")
 
+    fine_tuning = (FineTuning(engine, fine_tuning_dir, model_name=model_name, checkpoint_every=checkpoint_every)
+                   if fine_tuning_dir is not None else None)
+
     @asynccontextmanager
     async def lifespan(_app):
         engine.start()
         try:
+            if fine_tuning is not None:  # jobs a stopped server left unfinished go on
+                await asyncio.wrap_future(engine.call(fine_tuning.resume_unfinished))
             yield
         finally:
             engine.stop()
@@ -337,6 +354,8 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | Sequence[str] 
                                      headers={"Cache-Control": "no-cache"})
         return await complete(engine, request, stream, reply)
 
+    if fine_tuning is not None:
+        v1.include_router(fine_tuning_router(fine_tuning))
     app.include_router(v1)
     return app
 

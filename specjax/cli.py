@@ -154,6 +154,26 @@ def _build_parser() -> argparse.ArgumentParser:
     lora.add_argument("--allow-runtime-lora", action="store_true",
                       help="offer POST /v1/load_lora_adapter and /v1/unload_lora_adapter (clients then name "
                            "directories on this machine)")
+    tune = serve.add_argument_group("co-serving: LoRA fine-tuning jobs beside inference (OpenAI's fine-tuning API)")
+    tune.add_argument("--max-finetune-jobs", type=int, default=0,
+                      help="fine-tuning jobs run at once, their tokens joining inference steps; 0: no fine-tuning "
+                           "API (default: %(default)s)")
+    tune.add_argument("--max-finetune-len", type=int, default=512,
+                      help="tokens of a training conversation at most (default: %(default)s)")
+    tune.add_argument("--finetune-chunks", default="8,32,128",
+                      help="sizes of the token slices jobs add to steps (default: %(default)s)")
+    tune.add_argument("--slo-ttft", type=float, metavar="SECONDS",
+                      help="time-to-first-token target inference keeps while jobs run (default: none; "
+                           "jobs then wait while any request waits)")
+    tune.add_argument("--slo-tpot", type=float, metavar="SECONDS",
+                      help="time-per-output-token target inference keeps while jobs run (default: none; jobs "
+                           "then add at most one decode step's time to a step)")
+    tune.add_argument("--data-dir", default=os.environ.get("SPECJAX_DATA_DIR"),
+                      help="where uploaded files, jobs, checkpoints and trained adapters are kept; a server "
+                           "started on it again resumes unfinished jobs (default: $SPECJAX_DATA_DIR, else "
+                           "~/.local/share/specjax)")
+    tune.add_argument("--finetune-checkpoint-every", type=int, default=10,
+                      help="optimizer steps between a job's checkpoints (default: %(default)s)")
     serve.add_argument("--seed", type=int, help="seed of unseeded requests' sampling (default: random)")
     serve.add_argument("--warmup", action="store_true",
                        help="compile every step shape before taking requests (LLM.warm_up): no request then waits "
@@ -311,12 +331,13 @@ def _serve(args) -> int:
 
     from serving.engine import Engine
     from serving.server import Server, create_app
+    from specjax.engine.coserving import SLO
     from specjax.llm import LLM
     from specjax.runner import EngineConfig
 
     for name in ("max_batch", "max_queue", "kv_cache_mb", "default_max_tokens", "warmup_max_len", "max_body_mb",
                  "max_connections", "prefill_chunk", "interleaved_prefill_chunk", "max_lora_rank",
-                 "max_cpu_loras"):
+                 "max_cpu_loras", "max_finetune_len", "finetune_checkpoint_every"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
@@ -326,8 +347,16 @@ def _serve(args) -> int:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
     loras = _loras(args)
     max_loras = args.max_loras
-    if max_loras is None:
-        max_loras = min(len(loras), 4) if loras else (1 if args.allow_runtime_lora else 0)
+    if args.max_finetune_jobs < 0:
+        raise ValueError(f"--max-finetune-jobs must be non-negative, got {args.max_finetune_jobs}")
+    if (args.slo_ttft is not None or args.slo_tpot is not None) and not args.max_finetune_jobs:
+        raise ValueError("--slo-ttft and --slo-tpot steer co-served fine-tuning: give --max-finetune-jobs too")
+    try:
+        chunks = tuple(int(c) for c in args.finetune_chunks.split(","))
+    except ValueError:
+        raise ValueError(f"--finetune-chunks takes comma-separated token counts, got {args.finetune_chunks!r}") from None
+    if max_loras is None:  # fine-tuned models are served as adapters
+        max_loras = min(len(loras), 4) if loras else (1 if args.allow_runtime_lora or args.max_finetune_jobs else 0)
     if max_loras < 0 or (loras and max_loras < 1):
         raise ValueError(f"--max-loras must be at least 1 with --lora, got {max_loras}")
     keys = _api_keys(args)
@@ -353,9 +382,16 @@ def _serve(args) -> int:
                                  prefill_chunk=args.prefill_chunk, interleaved_prefill_chunk=args.interleaved_prefill_chunk,
                                  kv_cache_bytes=args.kv_cache_mb << 20 if args.kv_cache_mb else None,
                                  max_loras=max_loras, max_lora_rank=args.max_lora_rank,
-                                 max_cpu_loras=args.max_cpu_loras)
+                                 max_cpu_loras=args.max_cpu_loras, max_finetune_jobs=args.max_finetune_jobs,
+                                 max_finetune_len=args.max_finetune_len, finetune_chunks=chunks)
+    slo = SLO(ttft_s=args.slo_ttft, tpot_s=args.slo_tpot)
     print(f"specjax: loading {args.model} …", file=sys.stderr, flush=True)
-    llm = LLM(args.model, dtype=args.dtype, engine=engine_config, seed=args.seed, speculation=speculation)
+    llm = LLM(args.model, dtype=args.dtype, engine=engine_config, seed=args.seed, speculation=speculation, slo=slo)
+    if llm.engine.finetuner is not None:
+        measured = llm.engine.finetuner.check_slo()
+        print(f"specjax: co-serving up to {args.max_finetune_jobs} fine-tuning job(s); measured alone, a "
+              f"{llm.runner.interleaved_prefill_chunk}-token prompt chunk takes {measured['prefill'] * 1e3:.0f} ms and "
+              f"a decode step {measured['decode'] * 1e3:.0f} ms", file=sys.stderr, flush=True)
     for name, path in loras.items():
         try:
             llm.add_adapter(name, path)
@@ -372,7 +408,10 @@ def _serve(args) -> int:
                      default_max_tokens=args.default_max_tokens, max_body_bytes=args.max_body_mb << 20,
                      protect_all=args.protect_all_routes, allowed_hosts=_allowed_hosts(args),
                      expose_speculation_stats=args.expose_speculation_stats,
-                     allow_runtime_lora=args.allow_runtime_lora)
+                     allow_runtime_lora=args.allow_runtime_lora,
+                     fine_tuning_dir=(Path(args.data_dir or Path.home() / ".local" / "share" / "specjax")
+                                      if args.max_finetune_jobs else None),
+                     checkpoint_every=args.finetune_checkpoint_every)
     print(f"specjax: serving {args.served_model_name or args.model} ({llm.weights}, context {llm.max_model_len}"
           f"{', speculation: ' + _describe(args) if speculation else ''})", file=sys.stderr, flush=True)
     Server(app, engine, host=args.host, port=args.port, drain_timeout=args.drain_timeout,

@@ -236,3 +236,13 @@ def test_job_limits_are_refused_with_their_reason(target):
         llm.engine.finetuner.add("c", dataclasses.replace(JOB, max_len=64), data)
     with pytest.raises(ConfigError, match="tpot_s must be a positive number"):
         SLO(tpot_s=0)
+
+
+def test_slos_the_device_misses_without_finetuning_are_refused_at_start_up(target):
+    strict = LLM(target, engine=COSERVING, slo=SLO(tpot_s=1e-7))
+    with pytest.raises(ConfigError, match="the TPOT SLO of 0.0 ms cannot be kept: one request's decode step takes"):
+        strict.engine.finetuner.check_slo()
+    assert strict.runner.pages.num_used == 0
+    loose = LLM(target, engine=COSERVING, slo=SLO(ttft_s=1e3, tpot_s=1e3))
+    measured = loose.engine.finetuner.check_slo()
+    assert loose.engine.finetuner.policy.inference.cost(1, 1, 8) == measured["decode"] > 0

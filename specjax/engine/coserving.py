@@ -80,7 +80,10 @@ class CoservedJob:
     position: int = 0
     has_pages: bool = False
     signature: tuple = ()
-    on_update: Callable[["CoservedJob", float], None] | None = None
+    error: str | None = None
+    # Called on the engine thread after each optimizer step (with its mean loss), and once when
+    # the job fails (with None): the server's events, checkpoints and metrics.
+    on_update: Callable[["CoservedJob", float | None], None] | None = None
 
     @property
     def per_step(self) -> int:
@@ -195,6 +198,49 @@ class Finetuner:
         self.evictions = 0  # sequences whose pages went back to inference
         self._update = jax.jit(apply_update, static_argnums=1, donate_argnums=0)
 
+    # -- start-up ---------------------------------------------------------------------------------
+    def check_slo(self, repeats: int = 3) -> dict[str, float]:
+        """Time a prompt chunk and a decode step of one request, alone on the device; refuse SLOs
+        they already miss without any finetuning (``ConfigError``), and seed the policy's decode
+        costs. Returns the seconds measured ("prefill", "decode")."""
+        runner, slo = self.runner, self.policy.slo
+        chunk = min(runner.interleaved_prefill_chunk, runner.max_model_len - repeats - 1)
+        probe = ("slo-probe",)
+        runner.add_sequence(probe, chunk + repeats + 1)
+        rng = np.random.default_rng(0)
+        try:
+            from specjax.engine.step import StepInput
+
+            prefill = []
+            for _ in range(2):  # the first run of an executable is slow: time the second
+                runner.release(probe)
+                runner.add_sequence(probe, chunk + repeats + 1)
+                _, seconds = runner.step([StepInput(probe, rng.integers(0, runner.config.vocab_size, chunk).tolist())])
+                prefill.append(seconds)
+            decode = []
+            for _ in range(repeats + 1):
+                pages = runner.prefix_page_bucket([probe])
+                _, seconds = runner.step([StepInput(probe, [int(rng.integers(runner.config.vocab_size))])])
+                decode.append(seconds)
+            self.policy.inference.observe(1, 1, pages, min(decode[1:]))
+        finally:
+            runner.release(probe)
+        measured = {"prefill": prefill[-1], "decode": min(decode[1:])}
+        if slo.tpot_s is not None and measured["decode"] >= slo.tpot_s * slo.margin:
+            raise ConfigError(f"the TPOT SLO of {slo.tpot_s * 1e3:.1f} ms cannot be kept: one request's decode step "
+                              f"takes {measured['decode'] * 1e3:.1f} ms on this device without any finetuning (and "
+                              f"steps are kept under {slo.margin:.0%} of the target)")
+        if slo.ttft_s is not None and measured["prefill"] >= slo.ttft_s * slo.margin:
+            raise ConfigError(f"the TTFT SLO of {slo.ttft_s * 1e3:.1f} ms cannot be kept: one {chunk}-token prompt "
+                              f"chunk takes {measured['prefill'] * 1e3:.1f} ms on this device without any finetuning")
+        return measured
+
+    def stop(self) -> None:
+        """Every job gives its sequence's pages back (the server is stopping; jobs resume from
+        their checkpoints when it starts again)."""
+        while self.evict():
+            pass
+
     # -- jobs -----------------------------------------------------------------------------------
     @property
     def active(self) -> list[CoservedJob]:
@@ -286,8 +332,11 @@ class Finetuner:
         """The job whose slice runs next: of those with pages (or able to take them), the one that
         has processed the fewest tokens."""
         for job in sorted(self.active, key=lambda j: j.tokens_done):
-            if self._ensure_pages(job, may_take_pages):
-                return job
+            try:
+                if self._ensure_pages(job, may_take_pages):
+                    return job
+            except Exception as error:  # its data: this job's failure alone
+                self.fail(job, error)
         return None
 
     def make_slice(self, job: CoservedJob, chunk: int) -> FinetuneSlice:
@@ -328,12 +377,33 @@ class Finetuner:
         job.losses.append((job.step, loss))
         job.step, job.index = job.step + 1, 0
         if not np.isfinite(loss):
-            job.status = "failed"
-            log.error("finetuning job %s: the loss of step %d is %s", job.id, job.step - 1, loss)
-        elif job.finished:
+            raise FloatingPointError(f"the loss of step {job.step - 1} is {loss}: lower the learning rate, "
+                                     "or check the data")
+        if job.finished:
             job.status = "succeeded"
         if job.on_update is not None:
             job.on_update(job, loss)
+
+    def fail(self, job: CoservedJob, error: Exception) -> None:
+        """End ``job`` with ``error``: its pages and device state go; inference is not touched."""
+        log.error("finetuning job %s failed: %s: %s", job.id, type(error).__name__, error)
+        job.status, job.error = "failed", f"{type(error).__name__}: {error}"
+        if job.id in self.jobs:
+            self.remove(job.id)
+        if job.on_update is not None:
+            job.on_update(job, None)
+
+    def _run_alone(self, job: CoservedJob, piece: FinetuneSlice) -> float:
+        """Run ``piece`` in a step of its own; a failure fails its job alone."""
+        try:
+            elapsed = self.runner.finetune(piece)
+            if not self.runner.first_run:
+                self.policy.observe_alone(job.backward, piece.bucket[0], elapsed)
+            self.advance(job, piece)
+        except Exception as error:
+            self.fail(job, error)
+            return 0.0
+        return elapsed
 
     def run_alone(self, may_take_pages: bool = True) -> float:
         """A step of finetuning alone, the largest chunk (the engine has no inference to run);
@@ -341,21 +411,12 @@ class Finetuner:
         job = self.next_job(may_take_pages)
         if job is None:
             return 0.0
-        chunk = self.policy.chunks[-1]
-        piece = self.make_slice(job, chunk)
-        elapsed = self.runner.finetune(piece)
-        if not self.runner.first_run:
-            self.policy.observe_alone(job.backward, chunk, elapsed)
-        self.advance(job, piece)
-        return elapsed
+        return self._run_alone(job, self.make_slice(job, self.policy.chunks[-1]))
 
     def run_slice(self, piece: FinetuneSlice) -> None:
-        """Run a slice alone that was meant to join a step that ran without it."""
-        elapsed = self.runner.finetune(piece)
-        job = self.jobs[piece.job]
-        if not self.runner.first_run:
-            self.policy.observe_alone(job.backward, piece.bucket[0], elapsed)
-        self.advance(job, piece)
+        """Run alone a slice meant to join a step that ran without it (it had no target pass to
+        fuse with, or it failed: run alone, the slice fails its job if it was the culprit)."""
+        self._run_alone(self.jobs[piece.job], piece)
 
     def fused_slice(self, rows: int, size: int, pages: int, spent: float, waiting_ages: list[float],
                     may_take_pages: bool) -> FinetuneSlice | None:
@@ -372,5 +433,8 @@ class Finetuner:
         job = self.jobs[piece.job]
         if not self.runner.first_run:
             self.policy.observe_fused(job.backward, piece.bucket[0], rows, size, pages, elapsed)
-        self.advance(job, piece)
+        try:
+            self.advance(job, piece)
+        except Exception as error:
+            self.fail(job, error)
 

@@ -157,13 +157,8 @@ class FineTuning:
     def _settings(self, body: CreateJob, examples: int) -> FinetuneSettings:
         from specjax.lora import LoraConfig
 
-        hp = body.hyperparameters or Hyperparameters()
-        if body.method is not None and body.method.supervised is not None and body.method.supervised.hyperparameters:
-            if body.hyperparameters is not None:
-                raise ApiError(400, "give hyperparameters or method.supervised.hyperparameters, not both",
-                               "hyperparameters")
-            hp = body.method.supervised.hyperparameters
-        n_epochs = 3 if hp.n_epochs == "auto" else hp.n_epochs
+        hp = self._hyperparameters(body)
+        n_epochs = self._epochs(body)
         batch_size = min(4, examples) if hp.batch_size == "auto" else hp.batch_size
         multiplier = 1.0 if hp.learning_rate_multiplier == "auto" else hp.learning_rate_multiplier
         for name, value in (("n_epochs", n_epochs), ("batch_size", batch_size)):
@@ -188,6 +183,19 @@ class FineTuning:
                                     seed=body.seed if body.seed is not None else secrets.randbits(31))
         except ValueError as e:
             raise ApiError(400, str(e), "hyperparameters") from None
+
+    @staticmethod
+    def _hyperparameters(body: CreateJob) -> Hyperparameters:
+        if body.method is not None and body.method.supervised is not None and body.method.supervised.hyperparameters:
+            if body.hyperparameters is not None:
+                raise ApiError(400, "give hyperparameters or method.supervised.hyperparameters, not both",
+                               "hyperparameters")
+            return body.method.supervised.hyperparameters
+        return body.hyperparameters or Hyperparameters()
+
+    def _epochs(self, body: CreateJob) -> int:
+        n_epochs = self._hyperparameters(body).n_epochs
+        return 3 if n_epochs == "auto" else n_epochs
 
     def create_job(self, body: CreateJob) -> dict:
         """Validate a job and start it on the engine thread (blocking: call it off the event loop)."""
@@ -218,7 +226,7 @@ class FineTuning:
                "training_file": body.training_file, "trained_tokens": None, "error": None, "seed": settings.seed,
                "estimated_finish": None, "integrations": [], "user_provided_suffix": body.suffix,
                "metadata": body.metadata,
-               "hyperparameters": {"n_epochs": math.ceil(settings.total_steps * settings.batch_size / len(examples)),
+               "hyperparameters": {"n_epochs": self._epochs(body),
                                    "batch_size": settings.batch_size,
                                    "learning_rate_multiplier": settings.learning_rate / BASE_LEARNING_RATE,
                                    "lora_rank": settings.lora.r, "lora_alpha": settings.lora.lora_alpha,

@@ -106,6 +106,7 @@ def test_the_openai_client_drives_fine_tuning_end_to_end(tmp_path):
 
         job = client.fine_tuning.jobs.create(model=MODEL, training_file=training.id, suffix="words", seed=7,
                                              hyperparameters={"n_epochs": 1, "batch_size": 2})
+        assert (job.hyperparameters.n_epochs, job.hyperparameters.batch_size) == (1, 2)
         other = client.fine_tuning.jobs.create(model=MODEL, training_file=training.id, seed=8)
         with pytest.raises(openai.RateLimitError, match="at most 2 at once"):
             client.fine_tuning.jobs.create(model=MODEL, training_file=training.id)

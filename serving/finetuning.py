@@ -259,7 +259,7 @@ class FineTuning:
         import orbax.checkpoint as ocp
 
         job = self.jobs[job_id]
-        settings = _settings_from_dict(job["specjax"]["settings"])
+        settings = FinetuneSettings.from_dict(job["specjax"]["settings"])
         manager = ocp.CheckpointManager((self._dir(job_id) / "checkpoints").absolute(),
                                         options=ocp.CheckpointManagerOptions(max_to_keep=3, create=True,
                                                                              enable_async_checkpointing=False))
@@ -325,7 +325,7 @@ class FineTuning:
         job = self.jobs[job_id]
         state = self.finetuner.remove(job_id)
         self._close(job_id)
-        settings = _settings_from_dict(job["specjax"]["settings"])
+        settings = FinetuneSettings.from_dict(job["specjax"]["settings"])
         lora = dataclasses.replace(settings.lora, base_model_name_or_path=self.model_name)
         save_peft(self._dir(job_id) / "adapter", LoraAdapter(a=state.adapter.a, b=state.adapter.b, config=lora))
         name = job["specjax"]["fine_tuned_model"]
@@ -435,15 +435,6 @@ class FineTuning:
         except EngineError as e:
             raise ApiError(503, str(e), type="server_error") from None
         return self.job(job_id)
-
-
-def _settings_from_dict(d: dict) -> FinetuneSettings:
-    from specjax.lora import LoraConfig
-
-    d = dict(d)
-    lora = dict(d.pop("lora"))
-    lora["target_modules"] = tuple(lora["target_modules"])
-    return FinetuneSettings(lora=LoraConfig(**lora), **d)
 
 
 def _page(items: list[dict], after: str | None, limit: int) -> dict:

@@ -91,6 +91,16 @@ class FinetuneSettings:
         d["lora"]["target_modules"] = list(self.lora.target_modules)
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "FinetuneSettings":
+        """The settings ``as_dict`` gave."""
+        from specjax.lora import LoraConfig
+
+        fields = dict(d)
+        lora = dict(fields.pop("lora"))
+        lora["target_modules"] = tuple(lora["target_modules"])
+        return cls(lora=LoraConfig(**lora), **fields)
+
 
 # ---------------------------------------------------------------------------- data
 _ROLES = ("system", "user", "assistant")

@@ -18,11 +18,10 @@ import numpy as np
 import openai
 import pytest
 
-from serving.finetuning import _settings_from_dict
 from specjax import LLM, SamplingParams
 from specjax.checkpoints import LoadedModel
 from specjax.engine.coserving import SLO
-from specjax.finetune import parse_jsonl, tokenize
+from specjax.finetune import FinetuneSettings, parse_jsonl, tokenize
 from specjax.params import random_params
 from tests.test_coserving import whole_batch_run
 from tests.test_serving import ENGINE, KEY, serving
@@ -104,7 +103,7 @@ def wait_for(client, job_id: str, statuses=("succeeded", "failed", "cancelled"),
 def reference_losses(data_dir, job_id: str, model: LoadedModel, text: str) -> list[float]:
     """``specjax finetune``'s whole-batch losses for the job's settings and data."""
     saved = json.loads((data_dir / "jobs" / job_id / "job.json").read_text())
-    settings = _settings_from_dict(saved["specjax"]["settings"])
+    settings = FinetuneSettings.from_dict(saved["specjax"]["settings"])
     conversations, _ = parse_jsonl(text.splitlines(), "train.jsonl")
     examples, _ = tokenize(model.tokenizer, conversations, settings.max_len)
     losses, _ = whole_batch_run(model, settings, examples)

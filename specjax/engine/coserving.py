@@ -69,7 +69,7 @@ class CoservedJob:
     optimizer: object
     step: int = 0  # optimizer steps done
     index: int = 0  # conversations of the current step done
-    status: str = "running"  # running, paused, succeeded, cancelled, failed
+    status: str = "running"  # running, succeeded or failed
     tokens_done: int = 0  # sequence tokens through both phases
     losses: list[tuple[int, float]] = field(default_factory=list)
     # The sequence in flight: its tokens and learnt mask, phase, next position (forward: the next
@@ -206,15 +206,16 @@ class Finetuner:
         runner, slo = self.runner, self.policy.slo
         chunk = min(runner.interleaved_prefill_chunk, runner.max_model_len - repeats - 1)
         probe = ("slo-probe",)
-        runner.add_sequence(probe, chunk + repeats + 1)
         rng = np.random.default_rng(0)
+        runner.add_sequence(probe, chunk + repeats + 1)
         try:
             from specjax.engine.step import StepInput
 
             prefill = []
-            for _ in range(2):  # the first run of an executable is slow: time the second
-                runner.release(probe)
-                runner.add_sequence(probe, chunk + repeats + 1)
+            for run in range(2):  # the first run of an executable is slow: time the second
+                if run:  # the same prompt position again, on fresh pages
+                    runner.release(probe)
+                    runner.add_sequence(probe, chunk + repeats + 1)
                 _, seconds = runner.step([StepInput(probe, rng.integers(0, runner.config.vocab_size, chunk).tolist())])
                 prefill.append(seconds)
             decode = []
@@ -269,9 +270,8 @@ class Finetuner:
             state = state.replace(opt_state=opt_state)
         sequence = init_sequence(adapter, config, self.pages, runner.engine.page_size, runner.cache.k.dtype)
         runner.cell.jobs[job_id] = (state, sequence)
-        leaves = jax.tree.leaves((state.replace(opt_state=None), sequence))
-        signature = (jax.tree.structure((state.replace(opt_state=None), sequence)),
-                     tuple((x.shape, str(x.dtype)) for x in leaves))
+        stepped = (state.replace(opt_state=None), sequence)  # what a fused step takes of the job
+        signature = (jax.tree.structure(stepped), tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(stepped)))
         job = CoservedJob(id=job_id, settings=settings, examples=examples, optimizer=optimizer, step=step,
                           signature=signature, on_update=on_update)
         if job.finished:

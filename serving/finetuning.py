@@ -276,8 +276,8 @@ class FineTuning:
             restored = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
             adapter, opt_state, step = restored["adapter"], restored["opt_state"], latest
         try:
-            self.finetuner.add(job_id, settings, examples, adapter=adapter, opt_state=opt_state, step=step,
-                               on_update=self._updated)
+            coserved = self.finetuner.add(job_id, settings, examples, adapter=adapter, opt_state=opt_state,
+                                          step=step, on_update=self._updated)
         except (JobLimit, ValueError) as e:
             manager.close()
             self._end(job, "failed", error={"code": "invalid_job", "message": str(e), "param": None})
@@ -288,6 +288,8 @@ class FineTuning:
         job["specjax"]["step"] = step
         self._save(job)
         self._event(job_id, f"Resumed from the checkpoint of step {step}" if resume and step else "Fine-tuning started")
+        if coserved.status == "succeeded":  # a stop between the final checkpoint and the export
+            self._succeed(job_id)
 
     def _updated(self, coserved: CoservedJob, loss: float | None) -> None:
         """After each optimizer step of a job (engine thread), and when it fails (``loss`` None)."""

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import multiprocessing
 import json
+import shutil
 import time
 
 import jax
@@ -181,3 +182,16 @@ def test_a_killed_servers_job_resumes_from_its_last_checkpoint(tmp_path):
         losses = step_losses(client, job.id)
     reference = reference_losses(tmp_path, job.id, tiny_chat_model(), text)
     assert [losses[s] for s in sorted(losses)] == pytest.approx(reference, rel=1e-4)
+
+    # The disk as a kill between the final checkpoint and the export leaves it: the job is
+    # "running" at its last step, with no adapter. A restart exports it from the checkpoint.
+    job_dir = tmp_path / "jobs" / job.id
+    exported = {p.name: p.read_bytes() for p in (job_dir / "adapter").iterdir()}
+    saved = json.loads((job_dir / "job.json").read_text())
+    saved.update(status="running", fine_tuned_model=None, finished_at=None)
+    (job_dir / "job.json").write_text(json.dumps(saved))
+    shutil.rmtree(job_dir / "adapter")
+    with server_process(tmp_path) as (client, _):
+        done = wait_for(client, job.id)
+        assert done.status == "succeeded" and done.fine_tuned_model in [m.id for m in client.models.list().data]
+    assert {p.name: p.read_bytes() for p in (job_dir / "adapter").iterdir()} == exported

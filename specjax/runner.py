@@ -92,9 +92,12 @@ class EngineConfig:
     lora_kernel: str = "auto"  # how a step batches its rows' adapters (``lora.GROUPED_LORA``)
     # Co-serving (``engine.coserving``): LoRA finetuning jobs run at once, each holding one
     # sequence of up to max_finetune_len tokens, fed to steps in chunks of finetune_chunks tokens.
+    # finetune_fusion False: slices run in steps of their own between inference steps, under the
+    # same SLO budget (time-sharing: the baseline co-serving is measured against).
     max_finetune_jobs: int = 0
     max_finetune_len: int = 512
     finetune_chunks: tuple[int, ...] = (8, 32, 128)
+    finetune_fusion: bool = True
 
     def __post_init__(self):
         for name in ("page_size", "max_num_seqs", "prefill_chunk", "min_page_bucket", "max_lora_rank") + tuple(
@@ -105,6 +108,8 @@ class EngineConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(self.max_finetune_jobs, int) or self.max_finetune_jobs < 0:
             raise ConfigError(f"max_finetune_jobs must be a non-negative integer, got {self.max_finetune_jobs!r}")
+        if not isinstance(self.finetune_fusion, bool):
+            raise ConfigError(f"finetune_fusion must be True or False, got {self.finetune_fusion!r}")
         if not isinstance(self.max_finetune_len, int) or self.max_finetune_len < 2:
             raise ConfigError(f"max_finetune_len must be an integer of at least 2, got {self.max_finetune_len!r}")
         if (not isinstance(self.finetune_chunks, tuple) or not self.finetune_chunks

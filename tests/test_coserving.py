@@ -136,44 +136,80 @@ def run_requests(llm: LLM, methods: list[str]) -> list:
     return [r.output for r in requests]
 
 
-def test_inference_is_unchanged_by_a_job_and_the_job_follows_specjax_finetune(target):
-    """Greedy generations with logprobs while a job is co-served (its slices fused into plain
-    decode steps and into n-gram trees' verification, and run alone when the engine is idle)
-    equal those of the same engine without co-serving; the job's losses and adapter are those of
-    ``specjax finetune``'s whole-batch steps. The pool is small enough that requests take the
-    job's pages back (it starts its sequence again), and still the job stays exact."""
+@pytest.fixture(scope="module")
+def without_coserving(target):
+    """``run_requests`` of ``METHODS`` on an engine without co-serving, its pool ``POOL`` pages."""
     per_page = COSERVING.page_size * kv_bytes_per_token(target.config, jnp.float32)
-    # A pool of 10 pages: the requests need 10 at their longest, the job's sequence 3. Besides it,
-    # two jobs' K/V gradients (4 pages each). The engine without co-serving has the same pool, so
-    # its steps are the same executables (the test run's compilation cache has them).
-    pool = 10 * per_page
-    ngram = NgramSpeculation(num_speculative_tokens=1)
+    alone = LLM(target, engine=dataclasses.replace(COSERVING, kv_cache_bytes=POOL * per_page, max_finetune_jobs=0),
+                speculation=NgramSpeculation(num_speculative_tokens=1))
+    return run_requests(alone, METHODS)
+
+
+# A pool of 10 pages: the requests need 10 at their longest, the job's sequence 3. The engines
+# with co-serving set two jobs' K/V gradients (4 pages each) aside besides it, so their steps are
+# the same executables (the test run's compilation cache has them).
+POOL = 10
+METHODS = ["none", "ngram", "none", "ngram"]
+
+
+def coserving_llm(target, **engine) -> LLM:
+    per_page = COSERVING.page_size * kv_bytes_per_token(target.config, jnp.float32)
     # SLOs no step time comes near: which steps take slices depends on none of this machine's timings.
-    coserving = LLM(target, engine=dataclasses.replace(COSERVING, kv_cache_bytes=pool + 2 * 4 * per_page),
-                    speculation=ngram, slo=SLO(ttft_s=1e3, tpot_s=1e3))
-    alone = LLM(target, engine=dataclasses.replace(COSERVING, kv_cache_bytes=pool, max_finetune_jobs=0),
-                speculation=ngram)
-    finetuner = coserving.engine.finetuner
-    data = job_data(target.config)
-    job = finetuner.add("job", JOB, data)
-    methods = ["none", "ngram", "none", "ngram"]
-    got, want = run_requests(coserving, methods), run_requests(alone, methods)
-    fused = {key[0] for key in coserving.runner._compiled._executables if "finetune" in key[1:]}
-    assert fused == {"step", "verify"}, f"slices joined only {fused} steps"
-    assert finetuner.evictions, "no request took the job's pages back"
-    for g, w in zip(got, want):
+    return LLM(target, engine=dataclasses.replace(COSERVING, kv_cache_bytes=(POOL + 2 * 4) * per_page, **engine),
+               speculation=NgramSpeculation(num_speculative_tokens=1), slo=SLO(ttft_s=1e3, tpot_s=1e3))
+
+
+def assert_same_generations(got, want) -> None:
+    for g, w in zip(got, want, strict=True):
         assert g.token_ids == w.token_ids
         for a, b in zip(g.logprobs, w.logprobs):
             assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
             assert [t for t, _ in a.top] == [t for t, _ in b.top]
-    scheduler = coserving.scheduler()
+
+
+def finish_and_compare(target, llm: LLM, job, data) -> None:
+    """Run ``job`` to its end on the idle engine; its losses and adapter must be ``specjax finetune``'s."""
+    scheduler = llm.scheduler()
     while scheduler.finetuning:  # the engine is idle: the job runs alone
         scheduler.step()
     want_losses, want_adapter = whole_batch_run(target, JOB, data)
     assert job.status == "succeeded"
     assert [loss for _, loss in job.losses] == pytest.approx(want_losses, rel=1e-5)
-    for g, w in zip(jax.tree.leaves(finetuner.state("job").adapter), jax.tree.leaves(want_adapter)):
+    for g, w in zip(jax.tree.leaves(llm.engine.finetuner.state(job.id).adapter), jax.tree.leaves(want_adapter)):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-6)
+
+
+def test_inference_is_unchanged_by_a_job_and_the_job_follows_specjax_finetune(target, without_coserving):
+    """Greedy generations with logprobs while a job is co-served (its slices fused into plain
+    decode steps and into n-gram trees' verification, and run alone when the engine is idle)
+    equal those of the same engine without co-serving; the job's losses and adapter are those of
+    ``specjax finetune``'s whole-batch steps. The pool is small enough that requests take the
+    job's pages back (it starts its sequence again), and still the job stays exact."""
+    coserving = coserving_llm(target)
+    finetuner = coserving.engine.finetuner
+    data = job_data(target.config)
+    job = finetuner.add("job", JOB, data)
+    got = run_requests(coserving, METHODS)
+    fused = {key[0] for key in coserving.runner._compiled._executables if "finetune" in key[1:]}
+    assert fused == {"step", "verify"}, f"slices joined only {fused} steps"
+    assert finetuner.evictions, "no request took the job's pages back"
+    assert_same_generations(got, without_coserving)
+    finish_and_compare(target, coserving, job, data)
+
+
+def test_time_sharing_runs_slices_in_steps_of_their_own_between_inference_steps(target, without_coserving):
+    """The baseline co-serving is measured against: with ``finetune_fusion`` off, slices run alone
+    between the decode steps (the engine is never idle while the requests run), no step fuses
+    one, and inference and the job are as exact as with fusion."""
+    sharing = coserving_llm(target, finetune_fusion=False)
+    finetuner = sharing.engine.finetuner
+    data = job_data(target.config)
+    job = finetuner.add("job", JOB, data)
+    got = run_requests(sharing, METHODS)
+    assert finetuner.slices["alone"] > 0 and finetuner.slices["fused"] == 0
+    assert not [key for key in sharing.runner._compiled._executables if key[0] != "finetune" and "finetune" in key]
+    assert_same_generations(got, without_coserving)
+    finish_and_compare(target, sharing, job, data)
 
 
 # ---------------------------------------------------------------------------- the policy
@@ -204,6 +240,9 @@ def test_the_policy_keeps_predicted_step_times_under_the_tpot_slo(seed):
     assert chosen == (max(fits) if fits else None)
     if chosen is not None:
         assert policy.inference.cost(4, 1, 8) + spent + policy.slice_cost(False, chosen, fused=True) <= 0.9 * slo.tpot_s
+    # Time-sharing: the slice runs alone after the decode step, at its cost alone.
+    alone = [c for c in chunks if decode + spent + 2 * added[c] <= 0.9 * slo.tpot_s]
+    assert policy.fused_chunk(False, 4, 1, 8, spent, ttft_at_risk=False, fused=False) == (max(alone) if alone else None)
 
 
 def test_finetuning_pauses_at_peak_and_while_time_to_first_token_is_at_risk():

@@ -148,10 +148,11 @@ class CoservingPolicy:
         return None
 
     def fused_chunk(self, backward: bool, rows: int, size: int, pages: int, spent: float,
-                    ttft_at_risk: bool) -> int | None:
+                    ttft_at_risk: bool, fused: bool = True) -> int | None:
         """The chunk of the slice to fuse into a decode step of ``rows`` rows (``size`` tokens or
         tree nodes each, ``pages`` prefix pages) after ``spent`` seconds of this iteration's
-        other steps; None: finetuning waits this step."""
+        other steps (``fused`` False: to run alone right after it); None: finetuning waits this
+        step."""
         if ttft_at_risk:
             return None
         decode = self.inference.cost(rows, size, pages)
@@ -163,7 +164,7 @@ class CoservingPolicy:
             limit = self.slo.tpot_s * self.slo.margin - spent - decode
         best = None
         for chunk in self.chunks:
-            cost = self.slice_cost(backward, chunk, fused=True)
+            cost = self.slice_cost(backward, chunk, fused=fused)
             if cost is None:
                 return self.chunks[0] if best is None and limit > 0 else best  # try the smallest, then learn
             if cost <= limit:
@@ -194,8 +195,10 @@ class Finetuner:
         self.pages = runner.finetune_pages
         self.policy = CoservingPolicy(slo, tuple(c for c in engine.finetune_chunks if c <= self.max_len)
                                       or (min(engine.finetune_chunks),))
+        self.fusion = engine.finetune_fusion
         self.jobs: dict[str, CoservedJob] = {}
         self.evictions = 0  # sequences whose pages went back to inference
+        self.slices = {"fused": 0, "alone": 0}  # slices run in inference steps and in steps of their own
         self._update = jax.jit(apply_update, static_argnums=1, donate_argnums=0)
 
     # -- start-up ---------------------------------------------------------------------------------
@@ -399,6 +402,7 @@ class Finetuner:
             elapsed = self.runner.finetune(piece)
             if not self.runner.first_run:
                 self.policy.observe_alone(job.backward, piece.bucket[0], elapsed)
+            self.slices["alone"] += 1
             self.advance(job, piece)
         except Exception as error:
             self.fail(job, error)
@@ -426,13 +430,14 @@ class Finetuner:
         if job is None:
             return None
         chunk = self.policy.fused_chunk(job.backward, rows, size, pages, spent,
-                                        self.policy.ttft_at_risk(waiting_ages))
+                                        self.policy.ttft_at_risk(waiting_ages), fused=self.fusion)
         return None if chunk is None else self.make_slice(job, chunk)
 
     def fused_done(self, piece: FinetuneSlice, rows: int, size: int, pages: int, elapsed: float) -> None:
         job = self.jobs[piece.job]
         if not self.runner.first_run:
             self.policy.observe_fused(job.backward, piece.bucket[0], rows, size, pages, elapsed)
+        self.slices["fused"] += 1
         try:
             self.advance(job, piece)
         except Exception as error:

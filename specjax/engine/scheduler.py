@@ -251,9 +251,10 @@ class Scheduler:
         return events
 
     def _decode_with_finetuning(self, run, batch: list[Request], spent: float) -> list[Event]:
-        """A decode step with the finetuning slice the policy allows fused into it (and run alone
-        after it if the step had no target pass to fuse with: draft-model trees only), timed for
-        the policy's predictions."""
+        """A decode step with the finetuning slice the policy allows fused into it, timed for the
+        policy's predictions. The slice runs alone right after the step instead when the engine
+        time-shares (``finetune_fusion`` off) or the step had no target pass to fuse with
+        (draft-model trees only)."""
         finetuner = self.finetuner
         pages = self.core.runner.prefix_page_bucket([r.uid for r in batch])
         now = time.perf_counter()
@@ -262,11 +263,14 @@ class Scheduler:
         piece = (finetuner.fused_slice(len(batch), 1, pages, spent, waiting, may_take_pages=not self.waiting)
                  if finetuner.active else None)
         start = time.perf_counter()
-        events = self._guarded("decode", functools.partial(run, finetune=piece) if piece else run, batch)
+        fused = piece is not None and finetuner.fusion
+        events = self._guarded("decode", functools.partial(run, finetune=piece) if fused else run, batch)
         elapsed = time.perf_counter() - start
-        if piece is None:
+        if not fused:
             if not self.core.runner.first_run:
                 finetuner.policy.inference.observe(len(batch), 1, pages, elapsed)
+            if piece is not None and piece.job in finetuner.jobs:  # time-sharing: the slice's own step
+                finetuner.run_slice(piece)
         elif piece.ran:
             finetuner.fused_done(piece, len(batch), 1, pages, elapsed)
         elif piece.job in finetuner.jobs:  # the step failed, or had no target pass to fuse with

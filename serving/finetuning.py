@@ -83,6 +83,15 @@ class CreateJob(_Body):
     integrations: list | None = None
 
 
+def default_lora(max_rank: int):
+    """The adapter settings of a job that sets none of ours (``specjax serve --warmup`` compiles
+    their steps ahead): rank 8 (at most ``max_rank``), alpha 2 x rank, q/k/v/o_proj."""
+    from specjax.lora import LoraConfig
+
+    rank = min(8, max_rank)
+    return LoraConfig(r=rank, lora_alpha=2.0 * rank, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
+
+
 # -- the service --------------------------------------------------------------------------------
 def _write_json(path: Path, obj) -> None:
     """Replace ``path`` atomically: a kill leaves the old file or the new one, never half of one."""
@@ -168,11 +177,12 @@ class FineTuning:
         if not (multiplier > 0 and math.isfinite(multiplier)):
             raise ApiError(400, f"hyperparameters.learning_rate_multiplier must be positive, got {multiplier}",
                            "hyperparameters.learning_rate_multiplier")
-        rank = hp.lora_rank if hp.lora_rank is not None else min(8, self.llm.engine.adapters.max_rank)
+        default = default_lora(self.llm.engine.adapters.max_rank)
+        rank = hp.lora_rank if hp.lora_rank is not None else default.r
         if not 1 <= rank <= self.llm.engine.adapters.max_rank:
             raise ApiError(400, f"hyperparameters.lora_rank {rank}: this server holds adapters of rank 1 to "
                                 f"{self.llm.engine.adapters.max_rank} (--max-lora-rank)", "hyperparameters.lora_rank")
-        modules = tuple(hp.lora_target_modules or ("q_proj", "k_proj", "v_proj", "o_proj"))
+        modules = tuple(hp.lora_target_modules or default.target_modules)
         try:
             lora = LoraConfig(r=rank, lora_alpha=hp.lora_alpha if hp.lora_alpha is not None else 2.0 * rank,
                               target_modules=modules)

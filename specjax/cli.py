@@ -177,7 +177,9 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--seed", type=int, help="seed of unseeded requests' sampling (default: random)")
     serve.add_argument("--warmup", action="store_true",
                        help="compile every step shape before taking requests (LLM.warm_up): no request then waits "
-                            "for a compilation, which stalls the whole batch; start-up takes longer")
+                            "for a compilation, which stalls the whole batch; start-up takes longer. With "
+                            "--max-finetune-jobs, also the steps of fine-tuning jobs with the default adapter "
+                            "settings")
     serve.add_argument("--warmup-max-len", type=int,
                        help="with --warmup, compile the shapes of sequences up to this many tokens; longer ones "
                             "compile when met (default: --max-model-len)")
@@ -330,6 +332,7 @@ def _serve(args) -> int:
     import logging
 
     from serving.engine import Engine
+    from serving.finetuning import default_lora
     from serving.server import Server, create_app
     from specjax.engine.coserving import SLO
     from specjax.llm import LLM
@@ -401,7 +404,8 @@ def _serve(args) -> int:
         print(f"specjax: --max-model-len {args.max_model_len} is more than this model and KV cache hold: serving "
               f"a context of {llm.max_model_len}", file=sys.stderr, flush=True)
     if args.warmup:
-        _warm_up(llm, args.warmup_max_len)
+        _warm_up(llm, args.warmup_max_len,
+                 default_lora(llm.engine.adapters.max_rank) if args.max_finetune_jobs else None)
     engine = Engine(llm, max_queue=args.max_queue)
     app = create_app(engine, model_name=args.served_model_name or args.model, api_key=keys,
                      suffix_cache_scope=args.suffix_cache_scope,
@@ -499,7 +503,7 @@ def use_compile_cache(directory: str | os.PathLike) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
-def _warm_up(llm, max_len: int | None) -> None:
+def _warm_up(llm, max_len: int | None, finetune_lora=None) -> None:
     start, reported = time.perf_counter(), [0]
 
     def progress(done: int, total: int) -> None:
@@ -510,7 +514,7 @@ def _warm_up(llm, max_len: int | None) -> None:
 
     print(f"specjax: warming up: compiling the step shapes of sequences up to {max_len or llm.max_model_len} "
           "tokens …", file=sys.stderr, flush=True)
-    if llm.warm_up(max_len, progress) == 0:
+    if llm.warm_up(max_len, progress, finetune_lora) == 0:
         print("specjax: warm-up found every step shape compiled", file=sys.stderr, flush=True)
 
 

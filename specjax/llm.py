@@ -133,7 +133,7 @@ class LLM:
         """Seconds spent compiling steps so far (never counted in any step's time)."""
         return self.engine.compile_time_s
 
-    def warm_up(self, max_len: int | None = None, progress=None) -> int:
+    def warm_up(self, max_len: int | None = None, progress=None, finetune_lora=None) -> int:
         """Compile every step shape the methods this LLM offers meet for sequences of up to
         ``max_len`` tokens (default ``max_model_len``): plain decoding and prompt chunks, host
         trees of every size bucket its proposers draft, and the draft models' tree steps, at every
@@ -145,13 +145,14 @@ class LLM:
         suffix steps (hybrid), whose drafts have more tokens to catch up on, and the methods
         offered with default settings (n-gram lookup). On a CPU the warm-up refuses, before
         compiling most of it, one that would pass the process's memory-map limit
-        (``engine.warmup.run_warm_up``)."""
-        return run_warm_up(self.warm_up_jobs(max_len), self.runner.longest(max_len), progress)
+        (``engine.warmup.run_warm_up``). ``finetune_lora`` (a ``LoraConfig``; co-serving engines):
+        also compile the steps that slices of finetuning jobs with those adapter settings run in."""
+        return run_warm_up(self.warm_up_jobs(max_len, finetune_lora), self.runner.longest(max_len), progress)
 
-    def warm_up_jobs(self, max_len: int | None = None) -> dict[str, list]:
+    def warm_up_jobs(self, max_len: int | None = None, finetune_lora=None) -> dict[str, list]:
         """What ``warm_up`` would do, undone, by kind ("step", "verify", "draft prompt", "tree
-        step"): a thunk per step shape not yet compiled (and run)."""
-        return self.engine.warm_up_jobs(max_len)
+        step", "finetune"): a thunk per step shape not yet compiled (and run)."""
+        return self.engine.warm_up_jobs(max_len, finetune_lora)
 
     @property
     def suffix_cache(self):

@@ -24,7 +24,8 @@ import numpy as np
 
 from specjax import sampling
 from specjax.config import ConfigError, ModelConfig
-from specjax.engine.finetuning import CoservingState, FinetuneSlice, finetune_step, with_finetuning
+from specjax.engine.finetuning import (CoservingState, FinetuneSlice, FinetuneWork, JobState, SequenceState,
+                                       finetune_step, make_chunk, with_finetuning)
 from specjax.engine.state import TARGET, DeviceState, DeviceStateCell, ModelState
 from specjax.engine.step import (StepInput, TokenBatch, TreeBatch, donating_jit, row_meta, step_args, token_step,
                                  verify_step)
@@ -335,6 +336,31 @@ class ModelRunner:
         compiles it and runs it once on empty rows (``compile``)."""
         return {kind: [functools.partial(self.compile, k) for k in keys if k not in self._ran]
                 for kind, keys in (("step", self.step_keys(max_len)), ("verify", self.verify_keys(tree_sizes, max_len)))}
+
+    def coserved_keys(self, chunks: Sequence[int], signature: tuple, tree_sizes: Sequence[int] = (),
+                      max_len: int | None = None) -> list[tuple]:
+        """The buckets of finetuning slices of ``chunks`` tokens for a job of ``signature``: fused
+        into every decode and verification bucket, and alone."""
+        inference = [k for k in self.step_keys(max_len) if k[2] == 1] + self.verify_keys(tree_sizes, max_len)
+        return ([k + ("finetune", c, self.finetune_pages, signature) for k in inference for c in chunks]
+                + [("finetune", c, self.finetune_pages, signature) for c in chunks])
+
+    def compile_coserved(self, key: tuple, job: JobState, sequence: SequenceState) -> None:
+        """Compile (not run: a run would train) the executable of a ``coserved_keys`` bucket over
+        a job's state shaped as ``job`` (its optimizer state left out) and ``sequence``."""
+        if key in self._compiled:
+            return
+        chunk, pages = key[-3], key[-2]
+        work = FinetuneWork(chunk=make_chunk(np.zeros(1, np.int32), np.zeros(1, bool), 0, chunk),
+                            pages=np.zeros(pages, np.int32), backward=np.asarray(False))
+        if key[0] == "finetune":
+            batch = work
+        else:
+            kind, b, t, p = key[:4]
+            rows = (TokenBatch.empty(row_meta(b, p), t) if kind == "step" else TreeBatch.empty(row_meta(b, p), t))
+            batch = (rows, work)
+        state = CoservingState(model=self.cell.model(self.slot), job=job.replace(opt_state=None), sequence=sequence)
+        self._compiled.get(key, self._coserved[key[0]], *step_args(state, batch))
 
     def warm_up(self, tree_sizes: Sequence[int] = (), max_len: int | None = None) -> int:
         """Compile ahead every bucket of ``warm_up_jobs``, so no step waits for a compilation;

@@ -184,17 +184,23 @@ def test_inference_is_unchanged_by_a_job_and_the_job_follows_specjax_finetune(ta
     decode steps and into n-gram trees' verification, and run alone when the engine is idle)
     equal those of the same engine without co-serving; the job's losses and adapter are those of
     ``specjax finetune``'s whole-batch steps. The pool is small enough that requests take the
-    job's pages back (it starts its sequence again), and still the job stays exact."""
+    job's pages back (it starts its sequence again), and still the job stays exact. The steps
+    the slices run in were compiled ahead by the warm-up (none compiles on first use)."""
     coserving = coserving_llm(target)
     finetuner = coserving.engine.finetuner
+    for compile_ahead in coserving.warm_up_jobs(finetune_lora=JOB.lora)["finetune"]:
+        compile_ahead()
+    runner = coserving.runner
+    warmed = {key for key in runner._compiled._executables if "finetune" in key}
     data = job_data(target.config)
     job = finetuner.add("job", JOB, data)
     got = run_requests(coserving, METHODS)
-    fused = {key[0] for key in coserving.runner._compiled._executables if "finetune" in key[1:]}
+    fused = {key[0] for key in runner._ran if "finetune" in key[1:]}
     assert fused == {"step", "verify"}, f"slices joined only {fused} steps"
     assert finetuner.evictions, "no request took the job's pages back"
     assert_same_generations(got, without_coserving)
     finish_and_compare(target, coserving, job, data)
+    assert {key for key in runner._compiled._executables if "finetune" in key} == warmed
 
 
 def test_time_sharing_runs_slices_in_steps_of_their_own_between_inference_steps(target, without_coserving):

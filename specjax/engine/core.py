@@ -358,12 +358,18 @@ class EngineCore:
         return outcomes
 
     # -- compiling ahead ----------------------------------------------------------------------
-    def warm_up_jobs(self, max_len: int | None = None) -> dict[str, list]:
+    def warm_up_jobs(self, max_len: int | None = None, finetune_lora=None) -> dict[str, list]:
         """A thunk per step shape not yet compiled (and run), by kind: "step" and "verify" (the
-        target's plain steps and host trees of every size its proposers draft), and each
-        proposer's own (draft models: "draft prompt", "tree step")."""
-        sizes = sorted({s for p in self.proposers.values() for s in p.tree_sizes()})
-        jobs = self.runner.warm_up_jobs(tuple(s for s in TREE_SIZES if s in sizes), max_len)
+        target's plain steps and host trees of every size its proposers draft), each proposer's
+        own (draft models: "draft prompt", "tree step"), and with ``finetune_lora`` (a
+        ``LoraConfig``, on a co-serving engine) "finetune": the steps that slices of jobs with
+        those adapter settings run in (compiled only)."""
+        sizes = tuple(s for s in TREE_SIZES if s in {s for p in self.proposers.values() for s in p.tree_sizes()})
+        jobs = self.runner.warm_up_jobs(sizes, max_len)
         for p in self.proposers.values():
             jobs.update(p.warm_up_jobs(max_len))
+        if finetune_lora is not None:
+            if self.finetuner is None:
+                raise ValueError("finetune_lora warms up co-serving, and this engine has none (max_finetune_jobs 0)")
+            jobs["finetune"] = self.finetuner.warm_up_jobs(finetune_lora, sizes, max_len)
         return jobs

@@ -19,6 +19,7 @@ take turns, the one that has processed the fewest tokens first.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Callable
@@ -27,10 +28,10 @@ import jax
 import numpy as np
 
 from specjax.config import ConfigError
-from specjax.engine.finetuning import (FinetuneSlice, FinetuneWork, JobState, apply_update, init_job, init_sequence,
-                                       make_chunk)
+from specjax.engine.finetuning import (FinetuneSlice, FinetuneWork, JobState, SequenceState, apply_update, init_job,
+                                       init_sequence, make_chunk)
 from specjax.finetune import Examples, FinetuneSettings, make_optimizer, step_rows
-from specjax.lora import LoraAdapter, init_adapter
+from specjax.lora import LoraAdapter, LoraConfig, init_adapter
 from specjax.speculation.budget import StepCostModel
 
 log = logging.getLogger("specjax.coserving")
@@ -271,16 +272,37 @@ class Finetuner:
         state = init_job(adapter, optimizer)
         if opt_state is not None:
             state = state.replace(opt_state=opt_state)
-        sequence = init_sequence(adapter, config, self.pages, runner.engine.page_size, runner.cache.k.dtype)
+        sequence = self._sequence(adapter)
         runner.cell.jobs[job_id] = (state, sequence)
-        stepped = (state.replace(opt_state=None), sequence)  # what a fused step takes of the job
-        signature = (jax.tree.structure(stepped), tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(stepped)))
+        signature = self._signature(state, sequence)
         job = CoservedJob(id=job_id, settings=settings, examples=examples, optimizer=optimizer, step=step,
                           signature=signature, on_update=on_update)
         if job.finished:
             job.status = "succeeded"
         self.jobs[job_id] = job
         return job
+
+    def _sequence(self, adapter: LoraAdapter) -> SequenceState:
+        runner = self.runner
+        return init_sequence(adapter, runner.config, self.pages, runner.engine.page_size, runner.cache.k.dtype)
+
+    @staticmethod
+    def _signature(state: JobState, sequence: SequenceState) -> tuple:
+        """What the compiled steps a job's slices run in depend on: the shapes of what a fused
+        step takes of the job (its optimizer state stays out)."""
+        stepped = (state.replace(opt_state=None), sequence)
+        return jax.tree.structure(stepped), tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(stepped))
+
+    def warm_up_jobs(self, lora: LoraConfig, tree_sizes: tuple[int, ...] = (), max_len: int | None = None
+                     ) -> list[Callable[[], None]]:
+        """A thunk per executable not yet compiled that slices of a job with adapter settings
+        ``lora`` meet (each chunk fused into every decode and verification bucket, and alone):
+        compiling one on first use would stall every request of its step."""
+        adapter = init_adapter(lora, self.runner.config, jax.random.key(0))
+        state, sequence = init_job(adapter), self._sequence(adapter)
+        keys = self.runner.coserved_keys(self.policy.chunks, self._signature(state, sequence), tree_sizes, max_len)
+        return [functools.partial(self.runner.compile_coserved, key, state, sequence) for key in keys
+                if not self.runner.has_executable(key)]
 
     def state(self, job_id: str) -> JobState:
         """The job's device state (adapter, optimizer state) as of its last step."""

@@ -159,8 +159,9 @@ def _empty_window(adapter: LoraAdapter, opt_state) -> JobState:
                     loss_sum=jnp.zeros((), jnp.float32), tokens=jnp.zeros((), jnp.float32))
 
 
-def init_job(adapter: LoraAdapter, optimizer) -> JobState:
-    return _empty_window(adapter, optimizer.init(adapter))
+def init_job(adapter: LoraAdapter, optimizer=None) -> JobState:
+    """A job's state before its first step (no optimizer: its state left out, as fused steps take it)."""
+    return _empty_window(adapter, None if optimizer is None else optimizer.init(adapter))
 
 
 def accumulate(job: JobState, grads: LoraAdapter | None = None, loss: jax.Array | None = None,

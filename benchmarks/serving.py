@@ -126,11 +126,19 @@ def speculations(methods: list[str], draft, k: int, max_spec_tokens: int) -> dic
 def running_server(llm):
     """A real uvicorn server for ``llm`` in a thread, on a free port of 127.0.0.1; yields its URL."""
     from serving.engine import Engine
-    from serving.server import Server, create_app
 
     # Nothing waits in this benchmark's queue for long, but a saturating rate may queue every request.
-    engine = Engine(llm, max_queue=1024)
-    server = Server(create_app(engine, model_name=MODEL_NAME, expose_speculation_stats=True), engine,
+    with serving_engine(Engine(llm, max_queue=1024)) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def serving_engine(engine, **app_options):
+    """A real uvicorn server for a ``serving.engine.Engine`` in a thread, on a free port of
+    127.0.0.1 (``app_options`` go to ``create_app``); yields its URL."""
+    from serving.server import Server, create_app
+
+    server = Server(create_app(engine, model_name=MODEL_NAME, expose_speculation_stats=True, **app_options), engine,
                     log_level="warning")
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))

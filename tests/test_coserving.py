@@ -232,8 +232,9 @@ def policy_with(slo: SLO, decode: float, alone: dict[int, float], added: dict[in
 
 @pytest.mark.parametrize("seed", range(20))
 def test_the_policy_keeps_predicted_step_times_under_the_tpot_slo(seed):
-    """Random cost tables: the chunk chosen is the largest whose predicted step (decode, this
-    iteration's other steps, and the slice) stays under the SLO's margin, found by brute force."""
+    """Random cost tables: the chunk chosen is the largest whose predicted time per token (decode,
+    this iteration's other steps, the host's share, and the slice) stays under the SLO's margin,
+    found by brute force."""
     rng = np.random.default_rng(seed)
     chunks = [4, 16, 64, 256]
     per_token = rng.uniform(1e-4, 1e-3)
@@ -241,13 +242,18 @@ def test_the_policy_keeps_predicted_step_times_under_the_tpot_slo(seed):
     decode, spent = rng.uniform(0.01, 0.05), rng.uniform(0.0, 0.02)
     slo = SLO(tpot_s=rng.uniform(0.02, 0.3), margin=0.9)
     policy = policy_with(slo, decode, {c: 2 * added[c] for c in chunks}, added)
+    host = rng.uniform(0.0, 0.02, 2)
+    for seconds in host:
+        policy.observe_overhead(seconds)
+    overhead = host[0] + policy.alpha * (host[1] - host[0])
     chosen = policy.fused_chunk(False, 4, 1, 8, spent, ttft_at_risk=False)
-    fits = [c for c in chunks if decode + spent + added[c] <= 0.9 * slo.tpot_s]
+    fits = [c for c in chunks if decode + spent + overhead + added[c] <= 0.9 * slo.tpot_s]
     assert chosen == (max(fits) if fits else None)
     if chosen is not None:
-        assert policy.inference.cost(4, 1, 8) + spent + policy.slice_cost(False, chosen, fused=True) <= 0.9 * slo.tpot_s
+        assert (policy.inference.cost(4, 1, 8) + spent + policy.overhead
+                + policy.slice_cost(False, chosen, fused=True)) <= 0.9 * slo.tpot_s
     # Time-sharing: the slice runs alone after the decode step, at its cost alone.
-    alone = [c for c in chunks if decode + spent + 2 * added[c] <= 0.9 * slo.tpot_s]
+    alone = [c for c in chunks if decode + spent + overhead + 2 * added[c] <= 0.9 * slo.tpot_s]
     assert policy.fused_chunk(False, 4, 1, 8, spent, ttft_at_risk=False, fused=False) == (max(alone) if alone else None)
 
 

@@ -114,7 +114,9 @@ class CoservingPolicy:
 
     inference: seconds of decode steps by (rows, tokens or tree nodes per row, prefix pages), from
     the engine's own steps; alone / added: seconds of a slice by (backward, chunk), run alone, and
-    what it added to the decode steps it joined (exponential moving averages)."""
+    what it added to the decode steps it joined; overhead: the seconds between two decode steps
+    that no device step takes (the host's sampling, streaming and scheduling, the other decode
+    groups), which the TPOT a client sees includes (exponential moving averages)."""
 
     def __init__(self, slo: SLO, chunks: tuple[int, ...], alpha: float = 0.3):
         self.slo = slo
@@ -123,6 +125,11 @@ class CoservingPolicy:
         self.inference = StepCostModel()
         self.alone: dict[tuple[bool, int], float] = {}
         self.added: dict[tuple[bool, int], float] = {}
+        self.overhead: float | None = None
+
+    def observe_overhead(self, seconds: float) -> None:
+        seconds = max(seconds, 0.0)
+        self.overhead = seconds if self.overhead is None else self.overhead + self.alpha * (seconds - self.overhead)
 
     def _ema(self, table: dict, key, seconds: float) -> None:
         old = table.get(key)
@@ -162,7 +169,7 @@ class CoservingPolicy:
         if self.slo.tpot_s is None:
             limit = decode  # without a target, finetuning may at most double a decode step
         else:
-            limit = self.slo.tpot_s * self.slo.margin - spent - decode
+            limit = self.slo.tpot_s * self.slo.margin - (self.overhead or 0.0) - spent - decode
         best = None
         for chunk in self.chunks:
             cost = self.slice_cost(backward, chunk, fused=fused)
@@ -302,7 +309,7 @@ class Finetuner:
         state, sequence = init_job(adapter), self._sequence(adapter)
         keys = self.runner.coserved_keys(self.policy.chunks, self._signature(state, sequence), tree_sizes, max_len)
         return [functools.partial(self.runner.compile_coserved, key, state, sequence) for key in keys
-                if not self.runner.has_executable(key)]
+                if not self.runner.has_executable(key) and (self.fusion or key[0] == "finetune")]
 
     def state(self, job_id: str) -> JobState:
         """The job's device state (adapter, optimizer state) as of its last step."""

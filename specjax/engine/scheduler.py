@@ -69,6 +69,10 @@ class Scheduler:
         self.running: list[Request] = []  # in admission order: the last is preempted first
         self.preemptions = 0
         self.short_of_pages = False  # whether the last step left requests waiting with batch slots free
+        self._iterations = 0
+        # (iteration, end) of the last decode step finetuning could join: the time from its end to
+        # the next one's start, less that iteration's prompt steps, is the host's share of a token
+        self._last_decode: tuple[int, float] | None = None
 
     @property
     def max_running(self) -> int:
@@ -214,6 +218,7 @@ class Scheduler:
         for each token that gave a request text or finished it. Finished requests have left, their
         pages freed."""
         max_seqs = self.max_running
+        self._iterations += 1
         # After a preemption the pool is known to be short: admitting now would only preempt again.
         events = []
         if not self._grow_running():
@@ -260,6 +265,8 @@ class Scheduler:
         now = time.perf_counter()
         waiting = [now - r.arrival for r in self.waiting] + [
             now - r.arrival for r in self.running if r.prefilled < r.num_prefill]
+        if self._last_decode is not None and self._last_decode[0] == self._iterations - 1:
+            finetuner.policy.observe_overhead(now - self._last_decode[1] - spent)
         piece = (finetuner.fused_slice(len(batch), 1, pages, spent, waiting, may_take_pages=not self.waiting)
                  if finetuner.active else None)
         start = time.perf_counter()
@@ -275,6 +282,7 @@ class Scheduler:
             finetuner.fused_done(piece, len(batch), 1, pages, elapsed)
         elif piece.job in finetuner.jobs:  # the step failed, or had no target pass to fuse with
             finetuner.run_slice(piece)
+        self._last_decode = (self._iterations, time.perf_counter())
         return events
 
     def _guarded(self, kind: str, run: Callable[[list[Request]], list[StepOutcome]], batch: list[Request]

@@ -39,6 +39,17 @@ def int_list(text: str, allow_empty: bool = False) -> list[int]:
     return values
 
 
+def apply_quick(args, quick: dict, argv=None) -> None:
+    """A smoke run's settings (``quick``, by argument name) on ``args``, but for the options the
+    command line (``argv``, default ``sys.argv[1:]``) gives explicitly."""
+    import sys
+
+    given = {a.split("=")[0].removeprefix("--").replace("-", "_") for a in (argv or sys.argv[1:])}
+    for name, value in quick.items():
+        if name not in given:
+            setattr(args, name, value)
+
+
 def name_list(text: str) -> list[str]:
     """``"chat, code"`` -> ["chat", "code"] (argparse ``type=``): comma-separated, blanks dropped."""
     return [part.strip() for part in text.split(",") if part.strip()]

@@ -317,10 +317,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="JSON result path")
     args = p.parse_args(argv)
     if args.quick:
-        given = {a.split("=")[0].removeprefix("--").replace("-", "_") for a in (argv or sys.argv[1:])}
-        for name, value in QUICK.items():
-            if name not in given:
-                setattr(args, name, value)
+        common.apply_quick(args, QUICK, argv)
     for name in ("n", "max_tokens", "max_prompt", "max_batch", "page_size", "max_finetune_len"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")

@@ -336,10 +336,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="JSON result path")
     args = p.parse_args(argv)
     if args.quick:
-        given = {a.split("=")[0].removeprefix("--").replace("-", "_") for a in (argv or sys.argv[1:])}
-        for name, value in QUICK.items():
-            if name not in given:
-                setattr(args, name, value)
+        common.apply_quick(args, QUICK, argv)
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         p.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")

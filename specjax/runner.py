@@ -436,6 +436,7 @@ class ModelRunner:
         caches, outputs = compiled(*args)
         if finetune is not None:
             caches, new_job, sequence = caches
+            jax.block_until_ready(new_job)  # a slice alone returns nothing that would wait for it
             self.cell.jobs[finetune.job] = (new_job.replace(opt_state=job.opt_state), sequence)
             finetune.ran = True
         self.cell.set_model(self.slot, model.with_caches(caches))

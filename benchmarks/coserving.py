@@ -39,8 +39,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import multiprocessing
 import os
 import sys
 import tempfile
@@ -55,7 +53,7 @@ if str(_REPO_ROOT) not in sys.path:  # run as a script from a checkout that is n
 import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from benchmarks.serving import (MODEL_NAME, latency_summary, poisson_offsets, positive_floats, send_all,  # noqa: E402
+from benchmarks.serving import (MODEL_NAME, ChildServers, latency_summary, poisson_offsets, positive_floats, send_all,  # noqa: E402
                                 serving_engine)
 
 WAYS = ("inference", "time-sharing", "co-serving")  # with requests; "finetune" runs without
@@ -236,51 +234,15 @@ def run_once(args, llm, url: str, job: JobRunner, measured: list, rate_index: in
     return result
 
 
-class Servers:
-    """The fusing and the time-sharing server, each in its own process, started one after the other."""
+def servers(args: argparse.Namespace) -> ChildServers:
+    """The fusing and the time-sharing server; ``run(name, rate index or None, with a job, window seconds)``."""
 
-    def __init__(self, args: argparse.Namespace):
-        context = multiprocessing.get_context("spawn")
-        self.conns, self.processes, self.info = {}, {}, {}
-        try:
-            for name, fusion in (("fused", True), ("time-sharing", False)):
-                parent, child = context.Pipe()
-                process = context.Process(target=server_main, args=(args, fusion, child), name=f"serve-{name}",
-                                          daemon=True)
-                process.start()
-                self.conns[name], self.processes[name] = parent, process
-                self.info[name] = self._reply(name, "ready")
-                alone = self.info[name]["measured_alone_s"]
-                log(f"{name} server: compiled {self.info[name]['shapes_compiled']} step shapes in "
-                    f"{self.info[name]['warm_up_s']:.0f} s; alone, a prompt chunk takes {alone['prefill'] * 1e3:.0f} "
-                    f"ms and a decode step {alone['decode'] * 1e3:.0f} ms")
-        except BaseException:
-            self.close()
-            raise
+    def ready(name: str, info: dict) -> None:
+        alone = info["measured_alone_s"]
+        log(f"{name} server: compiled {info['shapes_compiled']} step shapes in {info['warm_up_s']:.0f} s; alone, "
+            f"a prompt chunk takes {alone['prefill'] * 1e3:.0f} ms and a decode step {alone['decode'] * 1e3:.0f} ms")
 
-    def _reply(self, name: str, expected: str):
-        conn, process = self.conns[name], self.processes[name]
-        while not conn.poll(1.0):
-            if not process.is_alive():
-                raise RuntimeError(f"the {name} server's process died (exit code {process.exitcode})")
-        kind, value = conn.recv()
-        if kind == "error":
-            raise RuntimeError(f"the {name} server failed:\n{value}")
-        assert kind == expected, (kind, expected)
-        return value
-
-    def run(self, name: str, rate_index: int | None, with_job: bool, window_s: float | None = None) -> dict:
-        self.conns[name].send((rate_index, with_job, window_s))
-        return self._reply(name, "run")
-
-    def close(self) -> None:
-        for conn in self.conns.values():
-            with contextlib.suppress(OSError):
-                conn.send(None)
-        for process in self.processes.values():
-            process.join(120)
-            if process.is_alive():
-                process.kill()
+    return ChildServers([("fused", server_main, (args, True)), ("time-sharing", server_main, (args, False))], ready)
 
 
 # ---------------------------------------------------------------------------- command line
@@ -361,7 +323,7 @@ def main(argv=None) -> int:
     env = common.environment()
     if warning := common.load_warning(env):
         log(warning)
-    servers = Servers(args)
+    running = servers(args)
     runs = []
 
     def record(way: str, rate: float | None, run: dict) -> None:
@@ -373,15 +335,15 @@ def main(argv=None) -> int:
             f"compiling {run['compile_s']:.1f} s")
 
     try:
-        record("finetune", None, servers.run("fused", None, True, args.finetune_window))
+        record("finetune", None, running.run("fused", None, True, args.finetune_window))
         for index, rate in enumerate(args.rates):
             ways = WAYS[index % len(WAYS):] + WAYS[: index % len(WAYS)]
             for way in ways:
                 server = "time-sharing" if way == "time-sharing" else "fused"
-                record(way, rate, servers.run(server, index, way != "inference"))
-        record("finetune", None, servers.run("fused", None, True, args.finetune_window))
+                record(way, rate, running.run(server, index, way != "inference", None))
+        record("finetune", None, running.run("fused", None, True, args.finetune_window))
     finally:
-        servers.close()
+        running.close()
     alone = [r for r in runs if r["way"] == "finetune"]
     finetune_only = sum(r["finetune_tokens"] for r in alone) / sum(r["seconds"] for r in alone)
     results = summary([r for r in runs if r["way"] != "finetune"], finetune_only)
@@ -409,7 +371,7 @@ def main(argv=None) -> int:
         log(f"{'met    ' if ok else 'NOT met'}  {text}")
     payload = {"benchmark": "coserving", "target": args.target,
                "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-               "environment": env, "servers": servers.info, "finetune_only_tokens_per_s": finetune_only,
+               "environment": env, "servers": running.info, "finetune_only_tokens_per_s": finetune_only,
                "arrivals": {str(rate): poisson_offsets(rate, args.n, args.seed) for rate in args.rates},
                "criteria": [{"criterion": text, "met": ok} for text, ok in checks],
                "results": results, "finetune_runs": alone}

@@ -63,6 +63,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(_REPO_ROOT) not in sys.path:  # run as a script from a checkout that is not pip-installed
@@ -410,52 +411,61 @@ def method_server(args: argparse.Namespace, method: str, conn) -> None:
         raise
 
 
-class MethodServers:
-    """One ``method_server`` process per method, all alive at once so their runs can interleave
-    (only the one being measured does any work)."""
+class ChildServers:
+    """Servers in child processes, one per name, all alive at once so their runs can interleave
+    (only the one being measured does any work). ``servers``: (name, target, args) of each; the
+    target runs ``target(*args, conn)`` and answers over ``conn``: ("ready", info) once, then
+    ("run", result) per command, or ("error", traceback). They start one after another:
+    compiling two at once only shares the cores. ``on_ready(name, info)`` as each is ready."""
 
-    def __init__(self, args: argparse.Namespace, methods: list[str]):
+    def __init__(self, servers: list[tuple[str, Callable, tuple]], on_ready: Callable[[str, dict], None]):
         context = multiprocessing.get_context("spawn")
         self.conns, self.processes, self.info = {}, {}, {}
         try:
-            for method in methods:  # one after another: compiling two at once only shares the cores
+            for name, target, args in servers:
                 parent, child = context.Pipe()
-                process = context.Process(target=method_server, args=(args, method, child), name=f"serve-{method}",
-                                          daemon=True)
+                process = context.Process(target=target, args=(*args, child), name=f"serve-{name}", daemon=True)
                 process.start()
-                self.conns[method] = parent
-                self.processes[method] = process
-                self.info[method] = self._reply(method, "ready")
-                log(f"{method}: compiled {self.info[method]['shapes_compiled']} step shapes in "
-                    f"{self.info[method]['warm_up_s']:.0f} s, then answered {self.info[method]['warm_up_requests']} "
-                    f"warm-up requests in {self.info[method]['warm_up_requests_s']:.0f} s")
+                self.conns[name], self.processes[name] = parent, process
+                self.info[name] = self._reply(name, "ready")
+                on_ready(name, self.info[name])
         except BaseException:
             self.close()
             raise
 
-    def _reply(self, method: str, expected: str):
-        conn, process = self.conns[method], self.processes[method]
+    def _reply(self, name: str, expected: str):
+        conn, process = self.conns[name], self.processes[name]
         while not conn.poll(1.0):
             if not process.is_alive():  # killed without a word (e.g. out of memory)
-                raise RuntimeError(f"the {method} server's process died (exit code {process.exitcode})")
+                raise RuntimeError(f"the {name} server's process died (exit code {process.exitcode})")
         kind, value = conn.recv()
         if kind == "error":
-            raise RuntimeError(f"the {method} server failed:\n{value}")
+            raise RuntimeError(f"the {name} server failed:\n{value}")
         assert kind == expected, (kind, expected)
         return value
 
-    def run(self, method: str, first: int, offsets: list[float] | None, clients: int | None) -> dict:
-        self.conns[method].send((first, offsets, clients))
-        return self._reply(method, "run")
+    def run(self, name: str, *command) -> dict:
+        self.conns[name].send(command)
+        return self._reply(name, "run")
 
     def close(self) -> None:
         for conn in self.conns.values():
             with contextlib.suppress(OSError):
                 conn.send(None)
         for process in self.processes.values():
-            process.join(60)
+            process.join(120)
             if process.is_alive():
                 process.kill()
+
+
+def method_servers(args: argparse.Namespace, methods: list[str]) -> ChildServers:
+    """One ``method_server`` per method; ``run(method, first, offsets, clients)``."""
+
+    def ready(method: str, info: dict) -> None:
+        log(f"{method}: compiled {info['shapes_compiled']} step shapes in {info['warm_up_s']:.0f} s, then answered "
+            f"{info['warm_up_requests']} warm-up requests in {info['warm_up_requests_s']:.0f} s")
+
+    return ChildServers([(m, method_server, (args, m)) for m in methods], ready)
 
 
 def combined(runs: list[dict]) -> dict:
@@ -487,7 +497,7 @@ def main(argv=None) -> int:
         log(warning)
     methods = ["plain"] + [m for m in args.methods if m != "plain"]
     rounds = []
-    servers = MethodServers(args, methods)
+    servers = method_servers(args, methods)
     try:
         for round_index, level, first in run_blocks(args):
             offsets = poisson_offsets(level.rate, args.n, args.seed + round_index) if level.rate else None

@@ -326,9 +326,13 @@ class ModelRunner:
         if kind not in ("step", "verify"):
             raise ValueError(f"unknown step kind {kind!r} in bucket {key!r}")
         if key not in self._ran:
-            fn, batch = ((self._step, TokenBatch.empty(row_meta(b, p), t)) if kind == "step"
-                         else (self._verify, TreeBatch.empty(row_meta(b, p), t)))
-            self._run(fn, key, batch)
+            self._run(self._step if kind == "step" else self._verify, key, self._empty_batch(key))
+
+    @staticmethod
+    def _empty_batch(key: tuple):
+        """Rows that write nothing, shaped as a ("step", B, T, pages) or ("verify", B, N, pages) bucket."""
+        kind, b, t, p = key[:4]
+        return TokenBatch.empty(row_meta(b, p), t) if kind == "step" else TreeBatch.empty(row_meta(b, p), t)
 
     def warm_up_jobs(self, tree_sizes: Sequence[int] = (), max_len: int | None = None) -> dict[str, list]:
         """One thunk per bucket not yet run, by kind: "step", the plain-step buckets
@@ -353,12 +357,7 @@ class ModelRunner:
         chunk, pages = key[-3], key[-2]
         work = FinetuneWork(chunk=make_chunk(np.zeros(1, np.int32), np.zeros(1, bool), 0, chunk),
                             pages=np.zeros(pages, np.int32), backward=np.asarray(False))
-        if key[0] == "finetune":
-            batch = work
-        else:
-            kind, b, t, p = key[:4]
-            rows = (TokenBatch.empty(row_meta(b, p), t) if kind == "step" else TreeBatch.empty(row_meta(b, p), t))
-            batch = (rows, work)
+        batch = work if key[0] == "finetune" else (self._empty_batch(key), work)
         state = CoservingState(model=self.cell.model(self.slot), job=job.replace(opt_state=None), sequence=sequence)
         self._compiled.get(key, self._coserved[key[0]], *step_args(state, batch))
 

@@ -273,15 +273,14 @@ class Scheduler:
         fused = piece is not None and finetuner.fusion
         events = self._guarded("decode", functools.partial(run, finetune=piece) if fused else run, batch)
         elapsed = time.perf_counter() - start
-        if not fused:
-            if not self.core.runner.first_run:
-                finetuner.policy.inference.observe(len(batch), 1, pages, elapsed)
-            if piece is not None and piece.job in finetuner.jobs:  # time-sharing: the slice's own step
-                finetuner.run_slice(piece)
-        elif piece.ran:
+        if fused and piece.ran:
             finetuner.fused_done(piece, len(batch), 1, pages, elapsed)
-        elif piece.job in finetuner.jobs:  # the step failed, or had no target pass to fuse with
-            finetuner.run_slice(piece)
+        else:
+            if not fused and not self.core.runner.first_run:
+                finetuner.policy.inference.observe(len(batch), 1, pages, elapsed)
+            # Time-sharing, or the step failed or had no target pass to fuse with: a step of its own.
+            if piece is not None and piece.job in finetuner.jobs:
+                finetuner.run_slice(piece)
         self._last_decode = (self._iterations, time.perf_counter())
         return events
 

@@ -167,7 +167,7 @@ def server_main(args: argparse.Namespace, fusion: bool, conn) -> None:
         start = time.perf_counter()
         shapes = llm.warm_up(finetune_lora=default_lora(8))
         info = {"shapes_compiled": shapes, "warm_up_s": time.perf_counter() - start,
-                "measured_alone_s": llm.engine.finetuner.check_slo()}
+                "measured_alone_s": llm.engine.finetuner.check_slo(), "memory": memory_report(llm.runner)}
         serving = Engine(llm, max_queue=1024)
         with tempfile.TemporaryDirectory() as data_dir, serving_engine(
                 serving, fine_tuning_dir=data_dir, checkpoint_every=10**9) as url:
@@ -192,6 +192,19 @@ def server_main(args: argparse.Namespace, fusion: bool, conn) -> None:
     except BaseException:
         conn.send(("error", traceback.format_exc()))
         raise
+
+
+def memory_report(runner) -> list[dict]:
+    """Per chunk and phase, at the largest decode bucket compiled: the bytes the fused step holds
+    against the decode step's and the slice's alone (``ModelRunner.memory``: peak, and scratch)."""
+    report = {}
+    for key in sorted((k for k in runner.compiled_keys() if k[0] == "step" and "finetune" in k), key=lambda k: k[1:4]):
+        chunk, backward = key[5], key[-1]
+        report[(chunk, backward)] = {
+            "chunk": chunk, "phase": "backward" if backward else "forward", "decode_bucket": list(key[1:4]),
+            "fused": runner.memory(key), "decode": runner.memory(key[:4]),
+            "alone": runner.memory(("finetune",) + key[5:])}
+    return list(report.values())
 
 
 def requests_of(args: argparse.Namespace, tokenizer) -> tuple[list, list]:
@@ -366,6 +379,17 @@ def main(argv=None) -> int:
         [f"one LoRA job (rank 8, q/k/v/o_proj) on {DATA.name}, chunks {','.join(map(str, args.chunks))}; TTFT/TPOT "
          "in ms, client-side from the SSE stream; SLO met: requests within both targets; ft tok/s: tokens trained "
          "over the run's time; finetune: the job alone, two windows pooled"])
+    memory = running.info["fused"]["memory"]
+    mib = [(m, {part: {k: v / 2**20 for k, v in m[part].items()} for part in ("fused", "decode", "alone")})
+           for m in memory]
+    common.print_table(
+        "compiled memory (MiB, XLA's memory_analysis) · the fused step against the decode step and the slice alone",
+        ["chunk", "phase", "decode bucket (B, T, pages)", "scratch fused", "scratch decode", "scratch alone",
+         "peak fused", "peak decode", "peak alone"],
+        [[m["chunk"], m["phase"], str(tuple(m["decode_bucket"])),
+          *(common.fmt(x[part]["temp"], 1) for part in ("fused", "decode", "alone")),
+          *(common.fmt(x[part]["peak"], 0) for part in ("fused", "decode", "alone"))] for m, x in mib],
+        ["peak: arguments (weights, KV pool, the job's state) + outputs not written in place + scratch"])
     checks = criteria(results, args.rates)
     for text, ok in checks:
         log(f"{'met    ' if ok else 'NOT met'}  {text}")

@@ -190,6 +190,7 @@ class FineTuning:
             return FinetuneSettings(lora=lora, learning_rate=BASE_LEARNING_RATE * multiplier,
                                     warmup_steps=min(10, total // 10), total_steps=total, batch_size=batch_size,
                                     max_len=self.finetuner.max_len, eval_fraction=0.0,
+                                    eval_every=self.checkpoint_every,
                                     seed=body.seed if body.seed is not None else secrets.randbits(31))
         except ValueError as e:
             raise ApiError(400, str(e), "hyperparameters") from None
@@ -221,8 +222,7 @@ class FineTuning:
                                 f"{self.finetuner.max_jobs} at once (--max-finetune-jobs): retry once one ends",
                            type="rate_limit_error", code="too_many_jobs")
         conversations = self._conversations(body.training_file, "training_file")
-        if body.validation_file is not None:
-            self._conversations(body.validation_file, "validation_file")
+        validation = self._validation(body.validation_file, self.finetuner.max_len)
         examples, dropped = tokenize(self.llm.tokenizer, conversations, self.finetuner.max_len)
         if not len(examples):
             raise ApiError(400, f"no conversation of {body.training_file} has an assistant token within the "
@@ -252,7 +252,7 @@ class FineTuning:
         self._event(job_id, f"Created fine-tuning job {job_id}: {len(examples)} conversations, "
                             f"{settings.total_steps} steps")
         try:
-            self._on_engine(lambda: self._start(job_id, examples))
+            self._on_engine(lambda: self._start(job_id, examples, validation))
         except EngineError as e:
             raise ApiError(503, str(e), type="server_error") from None
         except JobLimit as e:
@@ -261,11 +261,21 @@ class FineTuning:
             raise ApiError(400, str(e)) from None
         return self.job(job_id)
 
+    def _validation(self, file_id: str | None, max_len: int):
+        """The validation file's conversations as examples (None without one)."""
+        if file_id is None:
+            return None
+        examples, _ = tokenize(self.llm.tokenizer, self._conversations(file_id, "validation_file"), max_len)
+        if not len(examples):
+            raise ApiError(400, f"no conversation of {file_id} has an assistant token within the first {max_len} "
+                                "tokens (--max-finetune-len)", "validation_file")
+        return examples
+
     def _on_engine(self, fn):
         return self.engine.call(fn).result()
 
     # -- the engine thread ------------------------------------------------------------------------
-    def _start(self, job_id: str, examples, resume: bool = False) -> None:
+    def _start(self, job_id: str, examples, validation=None, resume: bool = False) -> None:
         import orbax.checkpoint as ocp
 
         job = self.jobs[job_id]
@@ -287,7 +297,7 @@ class FineTuning:
             adapter, opt_state, step = restored["adapter"], restored["opt_state"], latest
         try:
             coserved = self.finetuner.add(job_id, settings, examples, adapter=adapter, opt_state=opt_state,
-                                          step=step, on_update=self._updated)
+                                          step=step, on_update=self._updated, validation=validation)
         except (JobLimit, ValueError) as e:
             manager.close()
             self._end(job, "failed", error={"code": "invalid_job", "message": str(e), "param": None})
@@ -311,24 +321,31 @@ class FineTuning:
         step, total = coserved.step, coserved.settings.total_steps
         job["specjax"]["step"] = step
         job["trained_tokens"] = job["specjax"]["tokens_before"] + coserved.tokens_done
-        self._event(coserved.id, f"Step {step}/{total}: training loss={loss:.4f}", type="metrics",
-                    data={"step": step, "train_loss": loss, "total_steps": total})
-        self.engine.metrics.finetune_progress(coserved.id, step, total, loss, coserved.tokens_done)
+        metrics = {"step": step, "train_loss": loss}
+        message = f"Step {step}/{total}: training loss={loss:.4f}"
+        if coserved.valid_losses and coserved.valid_losses[-1][0] == step:
+            # The whole validation file each time: OpenAI's batch and full validation losses are one.
+            valid = coserved.valid_losses[-1][1]
+            metrics.update(valid_loss=valid, full_valid_loss=valid)
+            message += f", validation loss={valid:.4f}"
+        self._event(coserved.id, message, type="metrics", data={**metrics, "total_steps": total})
+        self.engine.metrics.finetune_progress(coserved.id, step, total, loss, coserved.tokens_done,
+                                              metrics.get("valid_loss"))
         if step % self.checkpoint_every == 0 or step == total:
-            self._checkpoint(coserved.id, step, loss)
+            self._checkpoint(coserved.id, metrics)
         if coserved.status == "succeeded":
             self._succeed(coserved.id)
 
-    def _checkpoint(self, job_id: str, step: int, loss: float) -> None:
+    def _checkpoint(self, job_id: str, metrics: dict) -> None:
         import orbax.checkpoint as ocp
 
+        step = metrics["step"]
         state = self.finetuner.state(job_id)
         self._managers[job_id].save(step, args=ocp.args.StandardSave({"adapter": state.adapter,
                                                                       "opt_state": state.opt_state}))
         self._managers[job_id].wait_until_finished()
         job = self.jobs[job_id]
-        job["specjax"].setdefault("checkpoints", []).append(
-            {"step": step, "train_loss": loss, "created_at": int(time.time())})
+        job["specjax"].setdefault("checkpoints", []).append({**metrics, "created_at": int(time.time())})
         self._save(job)
 
     def _succeed(self, job_id: str) -> None:
@@ -376,8 +393,9 @@ class FineTuning:
                 continue
             try:
                 conversations = self._conversations(job["training_file"], "training_file")
-                examples, _ = tokenize(self.llm.tokenizer, conversations, job["specjax"]["settings"]["max_len"])
-                self._start(job_id, examples, resume=True)
+                max_len = job["specjax"]["settings"]["max_len"]
+                examples, _ = tokenize(self.llm.tokenizer, conversations, max_len)
+                self._start(job_id, examples, self._validation(job["validation_file"], max_len), resume=True)
             except Exception as e:
                 log.exception("fine-tuning job %s could not resume", job_id)
                 if job["status"] in UNFINISHED:
@@ -436,7 +454,7 @@ class FineTuning:
                   "object": "fine_tuning.job.checkpoint", "created_at": c["created_at"],
                   "fine_tuned_model_checkpoint": f"{job['specjax']['fine_tuned_model']}:ckpt-step-{c['step']}",
                   "fine_tuning_job_id": job_id, "step_number": c["step"],
-                  "metrics": {"step": c["step"], "train_loss": c["train_loss"]}}
+                  "metrics": {k: v for k, v in c.items() if k != "created_at"}}
                  for c in reversed(saved) if c["step"] in kept]
         return _page(items, after, limit)
 

@@ -54,6 +54,9 @@ class Metrics:
                                 ["job"], registry=r)
         self._job_loss = Gauge("specjax_finetune_loss", "Training loss of a fine-tuning job's last step", ["job"],
                                registry=r)
+        self._job_valid_loss = Gauge("specjax_finetune_validation_loss", "Validation loss of a fine-tuning job at "
+                                     "its last evaluation (its validation file's mean loss per learnt token)",
+                                     ["job"], registry=r)
         self._job_tokens = Gauge("specjax_finetune_tokens", "Sequence tokens a fine-tuning job has trained on "
                                  "(forward and backward) since the server started it", ["job"], registry=r)
         if speculates:
@@ -91,11 +94,14 @@ class Metrics:
         self._tau.labels(method).set(total.tau)
         self._acceptance.labels(method).set(total.acceptance_rate)
 
-    def finetune_progress(self, job: str, step: int, total: int, loss: float, tokens: int) -> None:
+    def finetune_progress(self, job: str, step: int, total: int, loss: float, tokens: int,
+                          valid_loss: float | None = None) -> None:
         self._job_step.labels(job).set(step)
         self._job_steps.labels(job).set(total)
         self._job_loss.labels(job).set(loss)
         self._job_tokens.labels(job).set(tokens)
+        if valid_loss is not None:
+            self._job_valid_loss.labels(job).set(valid_loss)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

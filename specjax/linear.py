@@ -8,10 +8,12 @@ body. Weight types are pytrees, so stacked layers slice them under ``lax.scan`` 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from specjax.config import matmul_precision
 from specjax.pytree import pytree_dataclass
@@ -65,3 +67,64 @@ def project(w, x: jax.Array) -> jax.Array:
 @project.register
 def _(w: Bf16Bits, x: jax.Array) -> jax.Array:
     return _dense(x, w.widen())
+
+
+class OverBase:
+    """A weight type that adds an update to a frozen ``base`` weight (a dataclass field): it has
+    the base's shape and dtype, and ``update`` gives its part of ``linear`` beyond the base's."""
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.base.shape
+
+    @property
+    def dtype(self):
+        return self.base.dtype
+
+
+@functools.singledispatch
+def update(w: OverBase, x: jax.Array) -> jax.Array:
+    """``linear(x, w) - linear(x, w.base)``, computed without the base (which ``w`` may have
+    left out: a ``SharedBase``'s updates hold None there)."""
+    raise TypeError(f"no update rule for weight type {type(w).__name__}")
+
+
+@project.register
+def _(w: OverBase, x: jax.Array) -> jax.Array:
+    return project(w.base, x) + update(w, x)
+
+
+@pytree_dataclass
+class SharedBase:
+    """One weight as several groups of rows of a joint forward hold it: a ``base`` they share,
+    and each group's ``updates`` (an ``OverBase`` weight with its base left out, or None: the
+    base alone). ``linear_groups`` reads the base once for every group's rows."""
+
+    base: object
+    updates: tuple
+
+
+def share_base(weights) -> object:
+    """Several groups' versions of one weight (each the same base array, or an ``OverBase`` over
+    it) as one weight for ``linear_groups``: the base alone if none adds anything."""
+    bases = [w.base if isinstance(w, OverBase) else w for w in weights]
+    if any(b is not bases[0] for b in bases):
+        raise ValueError("a joint forward's row groups must share their base weights")
+    if not any(isinstance(w, OverBase) for w in weights):
+        return bases[0]
+    return SharedBase(bases[0], tuple(dataclasses.replace(w, base=None) if isinstance(w, OverBase) else None
+                                      for w in weights))
+
+
+def linear_groups(xs: list, w) -> list:
+    """``linear`` of each group's activations xs[g] [..., in] with its version of ``w`` (a
+    ``SharedBase``, or a weight all groups share): one product with the base over every group's
+    rows (the weights are read once), then each group's own update."""
+    if len(xs) == 1 and not isinstance(w, SharedBase):
+        return [linear(xs[0], w)]
+    base, updates = (w.base, w.updates) if isinstance(w, SharedBase) else (w, (None,) * len(xs))
+    rows = [x.reshape(-1, x.shape[-1]) for x in xs]
+    out = linear(jnp.concatenate(rows) if len(rows) > 1 else rows[0], base)
+    ends = np.cumsum([r.shape[0] for r in rows])[:-1].tolist()
+    outs = [y.reshape(x.shape[:-1] + y.shape[-1:]) for x, y in zip(xs, jnp.split(out, ends))]
+    return [y if u is None else y + update(u, x) for x, y, u in zip(xs, outs, updates)]

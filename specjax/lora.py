@@ -12,7 +12,7 @@ its own module's output columns of the fused layout (zeros elsewhere), with the 
 ``adapt`` builds that from a ``LoraAdapter`` (PEFT's per-module factors, the trainable pytree),
 differentiably, so ``jax.grad`` through the adapted forward gives the factors' gradients.
 
-``LoraLinear`` is a weight type of ``linear.project``: the layer body does not know about LoRA.
+``LoraLinear`` is a weight type of ``linear.linear`` (an ``OverBase``): the layer body does not know about LoRA.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from specjax.config import ModelConfig, matmul_precision
-from specjax.linear import Bf16Bits, linear, project
+from specjax.linear import Bf16Bits, OverBase, linear, update
 from specjax.params import (AtLayer, CheckpointError, Params, ReadInPlace, fuse_gate_up, fuse_qkv,
                             read_json_object)
 from specjax.pytree import pytree_dataclass, static_field
@@ -132,18 +132,6 @@ def init_adapter(config: LoraConfig, model: ModelConfig, key: jax.Array, dtype=j
 
 
 # ---------------------------------------------------------------------------- the weight type
-class _OverBase:
-    """A weight type over a frozen ``base`` weight: it has the base's shape and dtype."""
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.base.shape
-
-    @property
-    def dtype(self):
-        return self.base.dtype
-
-
 def _fuse_outputs(matrix: str, parts: dict, model: ModelConfig):
     """Per module of one fused matrix, its columns (weights [..., out_m] or activations) -> the
     fused column layout (``params``' own); a module missing from ``parts`` gets zeros."""
@@ -165,7 +153,7 @@ def _split_rank(low: jax.Array, bs: tuple) -> list:
 
 
 @pytree_dataclass
-class LoraLinear(_OverBase):
+class LoraLinear(OverBase):
     """A frozen projection with a low-rank update per adapted module of a fused matrix:
     ``x @ base + fuse((x @ a)_m @ b_m)``. base is any weight type of ``linear``; a [in, R] holds the
     modules' A factors side by side (they read the same x), ``b`` one [r, out_m] per module in
@@ -180,11 +168,11 @@ class LoraLinear(_OverBase):
     model: ModelConfig = static_field()
 
 
-@project.register
+@update.register
 def _(w: LoraLinear, x: jax.Array) -> jax.Array:
     low = linear(x, w.a)
     deltas = {m: linear(part, b) for m, part, b in zip(w.modules, _split_rank(low, w.b), w.b)}
-    return project(w.base, x) + _fuse_outputs(w.matrix, deltas, w.model)
+    return _fuse_outputs(w.matrix, deltas, w.model)
 
 
 def fused_factors(adapter: LoraAdapter, model: ModelConfig, rank: int | None = None) -> dict:
@@ -515,7 +503,7 @@ GROUPED_LORA = {"auto": grouped_lora_auto, "gather": grouped_lora_gather, "oneho
 
 
 @pytree_dataclass
-class RowLoraLinear(_OverBase):
+class RowLoraLinear(OverBase):
     """A frozen projection with each row's adapter: ``x[i] @ base + fuse((x[i] @ a[s])_m @ b_m[s])``
     for x [B, T, in] and s = rows[i]; a and b as in ``LoraSlots`` (for one matrix), rows [B] slot
     indices (0: none), all with a leading layer axis when stacked (a and b as ``ReadInPlace``,
@@ -531,16 +519,15 @@ class RowLoraLinear(_OverBase):
     model: ModelConfig = static_field()
 
 
-@project.register
+@update.register
 def _(w: RowLoraLinear, x: jax.Array) -> jax.Array:
-    base = project(w.base, x)
+    def deltas():
+        parts = GROUPED_LORA[w.kernel](x, w.a, w.b, w.rows)
+        return _fuse_outputs(w.matrix, dict(zip(FUSED[w.matrix], parts)), w.model).astype(x.dtype)
 
-    def adapted():
-        deltas = GROUPED_LORA[w.kernel](x, w.a, w.b, w.rows)
-        return base + _fuse_outputs(w.matrix, dict(zip(FUSED[w.matrix], deltas)), w.model).astype(x.dtype)
-
+    out = x.shape[:-1] + (sum(module_shape(m, w.model)[1] for m in FUSED[w.matrix]),)
     # A step none of whose rows has an adapter (most steps on a server with few adapter requests) skips the work.
-    return jax.lax.cond(jnp.any(w.rows > 0), adapted, lambda: base)
+    return jax.lax.cond(jnp.any(w.rows > 0), deltas, lambda: jnp.zeros(out, x.dtype))
 
 
 def with_row_adapters(params: Params, slots: LoraSlots, rows: jax.Array, model: ModelConfig) -> Params:

@@ -10,6 +10,7 @@ under ``lax.scan`` over stacked weights: one compiled layer body instead of L co
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -19,8 +20,8 @@ import numpy as np
 from specjax.attention import AttentionMetadata, attention, masked_attention
 from specjax.config import ModelConfig, matmul_precision
 from specjax.kv_cache import KVCache
-from specjax.linear import linear
-from specjax.params import Params, layer_loop_parts, split_gate_up, split_qkv
+from specjax.linear import linear_groups, share_base
+from specjax.params import PROJECTIONS, Params, layer_loop_parts, split_gate_up, split_qkv
 from specjax.pytree import pytree_dataclass
 
 
@@ -75,6 +76,22 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class RowGroup:
+    """Rows of a joint forward (``forward_groups``) that share a shape, a KV cache and attention
+    metadata: ``forward``'s arguments of the same names. ``constant``: no derivative is taken
+    through these rows (the products they share with the other groups would otherwise carry the
+    others' tangents into them, and autodiff would go through their attention too)."""
+
+    tokens: jax.Array
+    positions: jax.Array
+    cache: KVCache | None
+    meta: AttentionMetadata
+    logit_indices: jax.Array | None = None
+    attention_backend: str | None = None
+    constant: bool = False
+
+
 def forward(
     params: Params,
     config: ModelConfig,
@@ -97,54 +114,91 @@ def forward(
     ``output_hidden_states``: 0 the embeddings, i the output of layer i, and L (the last) after the
     final norm. attention_backend (static): ``attention.attention``'s backend.
     """
+    group = RowGroup(tokens, positions, cache, meta, logit_indices, attention_backend)
+    return forward_groups(params, config, [group], hidden_layers=hidden_layers)[0]
+
+
+def joint_params(groups: list[Params]) -> Params:
+    """Several row groups' params over the same base weights (each the base, or adapted over it:
+    ``lora.adapt``, ``lora.with_row_adapters``) as the one ``Params`` of their joint forward."""
+    if len(groups) == 1:
+        return groups[0]
+    first = groups[0]
+    layers = {name: share_base([getattr(p.layers, name) for p in groups]) for name in PROJECTIONS}
+    return dataclasses.replace(first, layers=dataclasses.replace(first.layers, **layers))
+
+
+def forward_groups(params: Params, config: ModelConfig, groups: list[RowGroup], *,
+                   hidden_layers: tuple[int, ...] = ()) -> list[ForwardOutput]:
+    """``forward`` of several groups of rows at once (each with its own shape, cache, attention and
+    adapters: ``joint_params``), one ``ForwardOutput`` per group. Every projection, and the LM
+    head, is one product over all the groups' rows, so a step reads the weights once for all of
+    them: how finetuning tokens ride along with a decode step (``engine.finetuning``)."""
     c = config
-    b, t = tokens.shape
     dtype = params.embed.dtype
-    x = params.embed[tokens].astype(dtype)
-    cos, sin = rope_tables(c, positions)
-    lw = params.layers
 
-    sliced, at_layer = layer_loop_parts(lw)
+    def frozen(values: list) -> list:
+        return [jax.lax.stop_gradient(v) if g.constant else v for g, v in zip(groups, values)]
 
-    def layer(x, xs):
-        layer_slice, index = xs
+    xs = [params.embed[g.tokens].astype(dtype) for g in groups]
+    ropes = [rope_tables(c, g.positions) for g in groups]
+    sliced, at_layer = layer_loop_parts(params.layers)
+
+    def layer(xs, layer_in):
+        layer_slice, index = layer_in
         w = at_layer(layer_slice, index)
-        h = rms_norm(x, w.attn_norm, c.rms_norm_eps)
-        qkv = linear(h, w.wqkv)
-        if w.bqkv is not None:
-            qkv = qkv + w.bqkv.astype(qkv.dtype)
-        q, k, v = split_qkv(qkv, c)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is None:
-            attn = masked_attention(q, k, v, meta.new_mask)
-        else:
-            k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
-            attn = attention(q, k, v, cache.k, cache.v, index, meta, attention_backend)
-        attn = linear(attn.reshape(b, t, c.q_size), w.wo)
+        qkvs = frozen(linear_groups([rms_norm(x, w.attn_norm, c.rms_norm_eps) for x in xs], w.wqkv))
+        attns, ks, vs = [], [], []
+        for g, qkv, (cos, sin) in zip(groups, qkvs, ropes):
+            b, t = g.tokens.shape
+            if w.bqkv is not None:
+                qkv = qkv + w.bqkv.astype(qkv.dtype)
+            q, k, v = split_qkv(qkv, c)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            if g.cache is None:
+                attn = masked_attention(q, k, v, g.meta.new_mask)
+            else:
+                k, v = k.astype(g.cache.k.dtype), v.astype(g.cache.v.dtype)
+                attn = attention(q, k, v, g.cache.k, g.cache.v, index, g.meta, g.attention_backend)
+            attns.append(attn.reshape(b, t, c.q_size))
+            ks.append(k)
+            vs.append(v)
+        outs = frozen(linear_groups(attns, w.wo))
         if w.bo is not None:
-            attn = attn + w.bo.astype(attn.dtype)
-        x = x + attn
-        h = rms_norm(x, w.mlp_norm, c.rms_norm_eps)
-        gate, up = split_gate_up(linear(h, w.w_gate_up))
-        x = x + linear(jax.nn.silu(gate) * up, w.w_down)
-        return x, (k, v, x if hidden_layers else None)
+            outs = [o + w.bo.astype(o.dtype) for o in outs]
+        xs = [x + o for x, o in zip(xs, outs)]
+        gate_ups = frozen(linear_groups([rms_norm(x, w.mlp_norm, c.rms_norm_eps) for x in xs], w.w_gate_up))
+        mids = [jax.nn.silu(gate) * up for gate, up in map(split_gate_up, gate_ups)]
+        xs = [x + d for x, d in zip(xs, frozen(linear_groups(mids, w.w_down)))]
+        return xs, (ks, vs, xs if hidden_layers else None)
 
     if any(not 0 <= i <= c.num_layers for i in hidden_layers):
         raise ValueError(f"hidden_layers {hidden_layers} must be in [0, {c.num_layers}]")
-    embedded = x
-    x, (new_k, new_v, per_layer) = jax.lax.scan(layer, x, (sliced, jnp.arange(c.num_layers)))
-    hidden = None
+    embedded = xs
+    xs, (new_k, new_v, per_layer) = jax.lax.scan(layer, xs, (sliced, jnp.arange(c.num_layers)))
+    hidden = [None] * len(groups)
     if hidden_layers:
-        final = rms_norm(x, params.final_norm, c.rms_norm_eps)
-        hidden = jnp.stack([embedded if i == 0 else final if i == c.num_layers else per_layer[i - 1]
-                            for i in hidden_layers])
-    if logit_indices is not None:  # before the norm: only the rows whose logits are wanted
-        x = jnp.take_along_axis(x, logit_indices[:, :, None], axis=1)
-    x = rms_norm(x, params.final_norm, c.rms_norm_eps)
+        hidden = [jnp.stack([embedded[n] if i == 0 else rms_norm(xs[n], params.final_norm, c.rms_norm_eps)
+                             if i == c.num_layers else per_layer[n][i - 1] for i in hidden_layers])
+                  for n in range(len(groups))]
+    # Before the norm: only the rows whose logits are wanted.
+    picked = [x if g.logit_indices is None else jnp.take_along_axis(x, g.logit_indices[:, :, None], axis=1)
+              for g, x in zip(groups, xs)]
+    logits = frozen(lm_head_groups(params, [rms_norm(x, params.final_norm, c.rms_norm_eps) for x in picked]))
+    return [ForwardOutput(logits=lg, new_k=k, new_v=v, hidden=h)
+            for lg, k, v, h in zip(logits, new_k, new_v, hidden)]
+
+
+def lm_head_groups(params: Params, xs: list) -> list:
+    """Each group's logits [B, K, V] fp32 from its final hidden states [B, K, D]: one product
+    with the head over every group's rows."""
+    rows = [x.reshape(-1, x.shape[-1]) for x in xs]
+    flat = jnp.concatenate(rows) if len(rows) > 1 else rows[0]
     if params.lm_head is None:  # tied: contract with the embedding table as stored, no transpose
-        logits = jnp.einsum("bkd,vd->bkv", x, params.embed, preferred_element_type=jnp.float32,
-                            precision=matmul_precision(x.dtype))
+        logits = jnp.einsum("nd,vd->nv", flat, params.embed, preferred_element_type=jnp.float32,
+                            precision=matmul_precision(flat.dtype))
     else:
-        logits = jnp.einsum("bkd,dv->bkv", x, params.lm_head, preferred_element_type=jnp.float32,
-                            precision=matmul_precision(x.dtype))
-    return ForwardOutput(logits=logits, new_k=new_k, new_v=new_v, hidden=hidden)
+        logits = jnp.einsum("nd,dv->nv", flat, params.lm_head, preferred_element_type=jnp.float32,
+                            precision=matmul_precision(flat.dtype))
+    ends = np.cumsum([r.shape[0] for r in rows])[:-1].tolist()
+    return [lg.reshape(x.shape[:-1] + lg.shape[-1:]) for x, lg in zip(xs, jnp.split(logits, ends))]

@@ -25,6 +25,10 @@ from specjax.linear import Bf16Bits
 from specjax.pytree import pytree_dataclass
 
 
+# The layer matrices ``linear`` projects with (the rest of ``LayerWeights`` are norms and biases).
+PROJECTIONS = ("wqkv", "wo", "w_gate_up", "w_down")
+
+
 @pytree_dataclass
 class LayerWeights:
     """All decoder layers' weights, each stacked on a leading axis L.

@@ -166,6 +166,12 @@ class CompiledBuckets:
     def __contains__(self, key: tuple) -> bool:
         return key in self._executables
 
+    def __getitem__(self, key: tuple) -> jax.stages.Compiled:
+        return self._executables[key]
+
+    def __iter__(self):
+        return iter(list(self._executables))
+
     def get(self, key: tuple, fn, *args, **kwargs) -> jax.stages.Compiled:
         """The executable of jitted ``fn`` for bucket ``key``, lowered for ``args``/``kwargs`` if new."""
         compiled = self._executables.get(key)
@@ -317,6 +323,20 @@ class ModelRunner:
     def has_executable(self, key: tuple) -> bool:
         return key in self._compiled
 
+    def compiled_keys(self) -> list[tuple]:
+        return list(self._compiled)
+
+    def memory(self, key: tuple) -> dict[str, int] | None:
+        """Bytes the compiled executable of bucket ``key`` holds while it runs (None if it is not
+        compiled): its arguments, outputs (less those written in place of a donated argument),
+        scratch ("temp") and their sum, "peak" (XLA's ``memory_analysis``)."""
+        if key not in self._compiled:
+            return None
+        stats = self._compiled[key].memory_analysis()
+        sizes = {"arguments": stats.argument_size_in_bytes,
+                 "outputs": stats.output_size_in_bytes - stats.alias_size_in_bytes, "temp": stats.temp_size_in_bytes}
+        return {**sizes, "peak": sum(sizes.values())}
+
     def compile(self, key: tuple) -> None:
         """Compile the executable of a ("step", B, T, pages) or ("verify", B, N, pages) bucket, if
         new, and run it once on empty rows (they write nothing): an executable's first run is
@@ -346,17 +366,17 @@ class ModelRunner:
         """The buckets of finetuning slices of ``chunks`` tokens for a job of ``signature``: fused
         into every decode and verification bucket, and alone."""
         inference = [k for k in self.step_keys(max_len) if k[2] == 1] + self.verify_keys(tree_sizes, max_len)
-        return ([k + ("finetune", c, self.finetune_pages, signature) for k in inference for c in chunks]
-                + [("finetune", c, self.finetune_pages, signature) for c in chunks])
+        slices = [(c, self.finetune_pages, signature, backward) for c in chunks for backward in (False, True)]
+        return [k + ("finetune",) + s for k in inference for s in slices] + [("finetune",) + s for s in slices]
 
     def compile_coserved(self, key: tuple, job: JobState, sequence: SequenceState) -> None:
         """Compile (not run: a run would train) the executable of a ``coserved_keys`` bucket over
         a job's state shaped as ``job`` (its optimizer state left out) and ``sequence``."""
         if key in self._compiled:
             return
-        chunk, pages = key[-3], key[-2]
+        chunk, pages, _, backward = key[-4:]
         work = FinetuneWork(chunk=make_chunk(np.zeros(1, np.int32), np.zeros(1, bool), 0, chunk),
-                            pages=np.zeros(pages, np.int32), backward=np.asarray(False))
+                            pages=np.zeros(pages, np.int32), backward=backward)
         batch = work if key[0] == "finetune" else (self._empty_batch(key), work)
         state = CoservingState(model=self.cell.model(self.slot), job=job.replace(opt_state=None), sequence=sequence)
         self._compiled.get(key, self._coserved[key[0]], *step_args(state, batch))

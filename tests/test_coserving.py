@@ -108,8 +108,9 @@ JOB = FinetuneSettings(lora=LoraConfig(r=4, lora_alpha=8.0), learning_rate=1e-2,
                        batch_size=2, seed=5, max_len=20)
 
 
-def whole_batch_run(target, settings: FinetuneSettings, data: Examples):
-    """``specjax finetune``'s losses and adapter for the same settings and data."""
+def whole_batch_run(target, settings: FinetuneSettings, data: Examples, on_step=None):
+    """``specjax finetune``'s losses and adapter for the same settings and data; ``on_step(steps
+    done, adapter)`` after each step."""
     optimizer = sft.make_optimizer(settings)
     adapter = init_adapter(settings.lora, target.config, jax.random.key(settings.seed))
     step_fn = finetune.make_train_step(target.config, optimizer)
@@ -119,6 +120,8 @@ def whole_batch_run(target, settings: FinetuneSettings, data: Examples):
         adapter, opt_state, loss = step_fn(adapter, opt_state, target.params, jnp.asarray(data.tokens[rows])[None],
                                            jnp.asarray(data.learn[rows])[None])
         losses.append(float(loss))
+        if on_step is not None:
+            on_step(step + 1, adapter)
     return losses, adapter
 
 
@@ -188,7 +191,9 @@ def test_inference_is_unchanged_by_a_job_and_the_job_follows_specjax_finetune(ta
     the slices run in were compiled ahead by the warm-up (none compiles on first use)."""
     coserving = coserving_llm(target)
     finetuner = coserving.engine.finetuner
-    for compile_ahead in coserving.warm_up_jobs(finetune_lora=JOB.lora)["finetune"]:
+    # The page bucket these requests and the job's sequence need (each executable compiled in a
+    # test process keeps its code mapped, and the run's maps are limited).
+    for compile_ahead in coserving.warm_up_jobs(max_len=48, finetune_lora=JOB.lora)["finetune"]:
         compile_ahead()
     runner = coserving.runner
     warmed = {key for key in runner._compiled._executables if "finetune" in key}
@@ -201,6 +206,29 @@ def test_inference_is_unchanged_by_a_job_and_the_job_follows_specjax_finetune(ta
     assert_same_generations(got, without_coserving)
     finish_and_compare(target, coserving, job, data)
     assert {key for key in runner._compiled._executables if "finetune" in key} == warmed
+
+
+def test_a_job_with_validation_data_reports_the_validation_loss_of_the_steps_it_evaluates(target):
+    """Every ``eval_every`` steps and after the last, a job runs its validation conversations
+    forward (chunks of the same slices) with that step's adapter: their mean loss per learnt
+    token is ``specjax finetune``'s evaluation of the adapter its whole-batch run has after the
+    same step, and the training itself is unchanged by it."""
+    llm = coserving_llm(target)
+    data, held_out = job_data(target.config), job_data(target.config, seed=11)
+    settings = dataclasses.replace(JOB, eval_every=2)
+    job = llm.engine.finetuner.add("job", settings, data, validation=held_out)
+    scheduler = llm.scheduler()
+    while scheduler.finetuning:
+        scheduler.step()
+    adapters = {}
+    losses, _ = whole_batch_run(target, settings, data,
+                                on_step=lambda step, adapter: adapters.update({step: jax.tree.map(jnp.copy, adapter)}))
+    assert job.status == "succeeded"
+    assert [loss for _, loss in job.losses] == pytest.approx(losses, rel=1e-5)
+    assert [step for step, _ in job.valid_losses] == [2, 3]
+    for step, loss in job.valid_losses:
+        assert loss == pytest.approx(finetune.evaluate(target.config, target.params, adapters[step], held_out, 4),
+                                     rel=1e-5)
 
 
 def test_time_sharing_runs_slices_in_steps_of_their_own_between_inference_steps(target, without_coserving):

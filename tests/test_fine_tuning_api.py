@@ -23,10 +23,12 @@ from specjax import LLM, SamplingParams
 from specjax.checkpoints import LoadedModel
 from specjax.engine.coserving import SLO
 from specjax.finetune import FinetuneSettings, parse_jsonl, tokenize
+from specjax.lora import load_peft
 from specjax.params import random_params
 from tests.test_coserving import whole_batch_run
 from tests.test_serving import ENGINE, KEY, serving
 from tests.test_tree_speculation import TARGET, word_tokenizer
+from training.finetune import evaluate
 
 MODEL = "tiny-chat"
 # The assistant's turn opens with t100 after the turns before it, as the generation prompt does:
@@ -111,17 +113,17 @@ def reference_losses(data_dir, job_id: str, model: LoadedModel, text: str) -> li
     return losses
 
 
-def step_losses(client, job_id: str) -> dict[int, float]:
+def step_losses(client, job_id: str, metric: str = "train_loss") -> dict[int, float]:
     events = client.fine_tuning.jobs.list_events(job_id, limit=100).data
     losses = {}
     for event in reversed(events):  # oldest first: a step run again after a restart keeps its last loss
-        if event.type == "metrics":
-            losses[event.data["step"]] = event.data["train_loss"]
+        if event.type == "metrics" and metric in event.data:
+            losses[event.data["step"]] = event.data[metric]
     return losses
 
 
 def test_the_openai_client_drives_fine_tuning_end_to_end(tmp_path):
-    text = training_lines(6, seed=1)
+    text, valid_text = training_lines(6, seed=1), training_lines(3, seed=2)
     with server_process(tmp_path) as (client, _):
         training = client.files.create(file=("train.jsonl", text.encode()), purpose="fine-tune")
         assert training.purpose == "fine-tune" and training.bytes == len(text.encode())
@@ -135,8 +137,9 @@ def test_the_openai_client_drives_fine_tuning_end_to_end(tmp_path):
         with pytest.raises(openai.BadRequestError, match="rank 1 to 8"):
             client.fine_tuning.jobs.create(model=MODEL, training_file=training.id, hyperparameters={"lora_rank": 16})
 
-        job = client.fine_tuning.jobs.create(model=MODEL, training_file=training.id, suffix="words", seed=7,
-                                             hyperparameters={"n_epochs": 1, "batch_size": 2})
+        validation = client.files.create(file=("valid.jsonl", valid_text.encode()), purpose="fine-tune")
+        job = client.fine_tuning.jobs.create(model=MODEL, training_file=training.id, validation_file=validation.id,
+                                             suffix="words", seed=7, hyperparameters={"n_epochs": 1, "batch_size": 2})
         assert (job.hyperparameters.n_epochs, job.hyperparameters.batch_size) == (1, 2)
         other = client.fine_tuning.jobs.create(model=MODEL, training_file=training.id, seed=8)
         with pytest.raises(openai.RateLimitError, match="at most 2 at once"):
@@ -151,9 +154,11 @@ def test_the_openai_client_drives_fine_tuning_end_to_end(tmp_path):
         after = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=8, temperature=0)
         assert during.choices[0].message.content == after.choices[0].message.content
 
-        losses = step_losses(client, job.id)
+        losses, valid_losses = step_losses(client, job.id), step_losses(client, job.id, "valid_loss")
         checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
         assert [c.step_number for c in checkpoints] == [3, 2, 1]
+        assert sorted(valid_losses) == [1, 2, 3]  # evaluated at each checkpoint (every step here)
+        assert [c.metrics.valid_loss for c in checkpoints] == [valid_losses[s] for s in (3, 2, 1)]
         assert {j.id for j in client.fine_tuning.jobs.list().data} == {job.id, other.id}
         assert done.fine_tuned_model in [m.id for m in client.models.list().data]
         tuned = client.chat.completions.create(model=done.fine_tuned_model, messages=CHAT, max_tokens=8, temperature=0)
@@ -163,6 +168,11 @@ def test_the_openai_client_drives_fine_tuning_end_to_end(tmp_path):
     assert tuned.choices[0].message.content == reference.text
     assert [losses[s] for s in sorted(losses)] == pytest.approx(reference_losses(tmp_path, job.id, want.engine.loaded, text),
                                                                 rel=1e-4)
+    held_out, _ = tokenize(want.engine.loaded.tokenizer, parse_jsonl(valid_text.splitlines(), "valid.jsonl")[0],
+                           COSERVING.max_finetune_len)
+    tuned_adapter = load_peft(tmp_path / "jobs" / job.id / "adapter", TARGET)
+    assert valid_losses[3] == pytest.approx(evaluate(TARGET, want.engine.loaded.params, tuned_adapter, held_out, 4),
+                                            rel=1e-4)
 
 
 def test_a_killed_servers_job_resumes_from_its_last_checkpoint(tmp_path):

@@ -164,3 +164,60 @@ def test_forward_hidden_states_equal_transformers_on_smollm2(smollm2, smollm2_tr
         reference = want.hidden_states[layer].numpy()
         np.testing.assert_allclose(got, reference, atol=2e-4 * max(1.0, float(np.abs(reference).max())), rtol=1e-4)
     np.testing.assert_allclose(np.asarray(out.logits), want.logits.numpy(), atol=2e-3, rtol=1e-4)
+
+
+def test_a_joint_forward_of_row_groups_equals_each_group_run_alone(tiny_pair):
+    """``forward_groups`` shares every projection among groups of rows with their own shapes,
+    caches and adapters (the base model; adapter slots per row; a ``LoraLinear`` adapter): each
+    group's logits and K/V equal its forward alone (the base group's, transformers' logits), and
+    the gradient of one group's loss with the others held constant equals its gradient alone."""
+    import jax
+
+    from specjax.lora import LoraAdapter, LoraConfig, adapt, init_adapter, init_slots, with_row_adapters, write_slot
+    from specjax.model import RowGroup, forward_groups, joint_params
+
+    torch_model, config, params = tiny_pair
+    lora = LoraConfig(r=4, lora_alpha=8.0, target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                           "up_proj", "down_proj"))
+
+    def random_adapter(seed):  # B random: a fresh adapter's zero B would hide a misplaced one
+        fresh = init_adapter(lora, config, jax.random.key(seed))
+        keys = iter(jax.random.split(jax.random.key(seed + 1), len(fresh.b)))
+        return LoraAdapter(a=fresh.a, b={m: 0.2 * jax.random.normal(next(keys), x.shape) for m, x in fresh.b.items()},
+                           config=lora)
+
+    slots = write_slot(init_slots(config, 2, 4), 2, random_adapter(7), config)
+    per_row = with_row_adapters(params, slots, jnp.asarray([2, 0, 2]), config)
+    adapter = random_adapter(3)
+    rng = np.random.default_rng(4)
+
+    def group(b, t, constant, last=None):
+        meta = AttentionMetadata(block_tables=jnp.zeros((b, 0), jnp.int32), context_lens=jnp.zeros((b,), jnp.int32),
+                                 new_mask=causal_mask(b, t))
+        return RowGroup(jnp.asarray(rng.integers(0, config.vocab_size, (b, t)), jnp.int32),
+                        jnp.broadcast_to(jnp.arange(t), (b, t)), None, meta,
+                        None if last is None else jnp.asarray(last, jnp.int32), constant=constant)
+
+    groups = [group(2, 5, True), group(3, 4, True, last=[[3], [1], [0]]), group(1, 9, False)]
+
+    def loss(out):
+        return jnp.sum(jax.nn.log_softmax(out.logits)[..., 0] * jnp.arange(9.0))
+
+    @jax.jit  # one executable: every one a test process compiles keeps its code mapped
+    def run(a):
+        def joint(a):
+            return forward_groups(joint_params([params, per_row, adapt(params, a, config)]), config, groups)
+
+        def alone(a):
+            return [forward_groups(p, config, [g])[0]
+                    for g, p in zip(groups, [params, per_row, adapt(params, a, config)])]
+
+        return (joint(a), alone(a), jax.grad(lambda a: loss(joint(a)[2]))(a), jax.grad(lambda a: loss(alone(a)[2]))(a))
+
+    together, alone, got, want = run(adapter)
+    for x, y in zip(jax.tree.leaves(together), jax.tree.leaves(alone)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(together[0].logits), _torch_logits(torch_model, groups[0].tokens),
+                               atol=TOL, rtol=0)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5, rtol=1e-4)

@@ -73,6 +73,15 @@ class CoservedJob:
     status: str = "running"  # running, succeeded or failed
     tokens_done: int = 0  # sequence tokens through both phases
     losses: list[tuple[int, float]] = field(default_factory=list)
+    # Held-out conversations: every ``settings.eval_every`` steps and after the last, their mean
+    # loss per learnt token with the adapter of that step (forward chunks only), before the step
+    # is reported. ``evaluation``: the rows of the evaluation under way (None: training).
+    validation: Examples | None = None
+    evaluation: list[int] | None = None
+    valid_losses: list[tuple[int, float]] = field(default_factory=list)
+    tokens_evaluated: int = 0
+    _valid_sums: tuple[float, float] = (0.0, 0.0)
+    _step_loss: float | None = None  # the training loss of the step the evaluation follows
     # The sequence in flight: its tokens and learnt mask, phase, next position (forward: the next
     # chunk's start; backward: the next chunk's end) and whether it holds KV pages.
     tokens: np.ndarray | None = None
@@ -98,11 +107,20 @@ class CoservedJob:
     def finished(self) -> bool:
         return self.step >= self.settings.total_steps
 
+    @property
+    def evaluating(self) -> bool:
+        return self.evaluation is not None
+
     def load_sequence(self) -> None:
-        """The current step's next conversation, cut after its last learnt token: what follows
-        it (its padding, a last turn's end) reaches neither the loss nor its gradient."""
-        row = step_rows(len(self.examples), self.step, self.per_step, self.settings.seed)[self.index]
-        tokens, learn = self.examples.tokens[row], self.examples.learn[row]
+        """The current step's next conversation (or the evaluation's), cut after its last learnt
+        token: what follows it (its padding, a last turn's end) reaches neither the loss nor its
+        gradient."""
+        if self.evaluating:
+            row, examples = self.evaluation[0], self.validation
+        else:
+            row, examples = step_rows(len(self.examples), self.step, self.per_step, self.settings.seed)[self.index], \
+                self.examples
+        tokens, learn = examples.tokens[row], examples.learn[row]
         length = int(np.nonzero(learn)[0].max()) + 1  # tokenize keeps only conversations with a learnt token
         self.tokens, self.learn = tokens[:length], learn[:length]
         self.backward, self.position = False, 0
@@ -259,8 +277,9 @@ class Finetuner:
         return [j for j in self.jobs.values() if j.status == "running"]
 
     def add(self, job_id: str, settings: FinetuneSettings, examples: Examples, *, adapter: LoraAdapter | None = None,
-            opt_state=None, step: int = 0, on_update=None) -> CoservedJob:
-        """Start a job (from ``step`` with ``adapter`` and ``opt_state`` when resuming)."""
+            opt_state=None, step: int = 0, on_update=None, validation: Examples | None = None) -> CoservedJob:
+        """Start a job (from ``step`` with ``adapter`` and ``opt_state`` when resuming), evaluated
+        on ``validation`` if given."""
         if job_id in self.jobs:
             raise ValueError(f"a job {job_id!r} already runs")
         if len(self.jobs) >= self.max_jobs:
@@ -283,7 +302,8 @@ class Finetuner:
         runner.cell.jobs[job_id] = (state, sequence)
         signature = self._signature(state, sequence)
         job = CoservedJob(id=job_id, settings=settings, examples=examples, optimizer=optimizer, step=step,
-                          signature=signature, on_update=on_update)
+                          signature=signature, on_update=on_update,
+                          validation=validation if validation is not None and len(validation) else None)
         if job.finished:
             job.status = "succeeded"
         self.jobs[job_id] = job
@@ -363,7 +383,7 @@ class Finetuner:
     def next_job(self, may_take_pages: bool) -> CoservedJob | None:
         """The job whose slice runs next: of those with pages (or able to take them), the one that
         has processed the fewest tokens."""
-        for job in sorted(self.active, key=lambda j: j.tokens_done):
+        for job in sorted(self.active, key=lambda j: j.tokens_done + j.tokens_evaluated):
             try:
                 if self._ensure_pages(job, may_take_pages):
                     return job
@@ -381,8 +401,8 @@ class Finetuner:
             end = min(start + chunk, length)
         pages = self.runner.pages.block_table([job.seq_id], self.pages)[0]
         work = FinetuneWork(chunk=make_chunk(job.tokens, job.learn, start, chunk, end), pages=pages,
-                            backward=np.asarray(job.backward))
-        return FinetuneSlice(job=job.id, work=work, bucket=(chunk, self.pages, job.signature))
+                            backward=job.backward)
+        return FinetuneSlice(job=job.id, work=work, bucket=(chunk, self.pages, job.signature, job.backward))
 
     def advance(self, job: CoservedJob, piece: FinetuneSlice) -> None:
         """Move ``job`` past a slice that ran."""
@@ -390,7 +410,10 @@ class Finetuner:
         if not job.backward:
             job.position += n
             if job.position >= len(job.tokens):
-                job.backward = True
+                if job.evaluating:
+                    self._evaluated(job)
+                else:
+                    job.backward = True
             return
         job.position -= n
         job.tokens_done += n
@@ -411,6 +434,30 @@ class Finetuner:
         if not np.isfinite(loss):
             raise FloatingPointError(f"the loss of step {job.step - 1} is {loss}: lower the learning rate, "
                                      "or check the data")
+        if job.validation is not None and (job.step % job.settings.eval_every == 0 or job.finished):
+            job.evaluation, job._valid_sums, job._step_loss = list(range(len(job.validation))), (0.0, 0.0), loss
+            return
+        self._step_done(job, loss)
+
+    def _evaluated(self, job: CoservedJob) -> None:
+        """An evaluation sequence went through: its sums join the evaluation's (and leave the
+        sequence state); after the last one, the step is reported with its validation loss."""
+        state, sequence = self.runner.cell.jobs[job.id]
+        loss, tokens = job._valid_sums
+        job._valid_sums = (loss + float(sequence.loss_sum), tokens + float(sequence.tokens))
+        self.runner.cell.jobs[job.id] = (state, jax.tree.map(jax.numpy.zeros_like, sequence))
+        job.tokens_evaluated += len(job.tokens)
+        self._drop_pages(job)
+        job.tokens = None
+        job.evaluation.pop(0)
+        if job.evaluation:
+            return
+        loss, tokens = job._valid_sums
+        job.valid_losses.append((job.step, loss / max(tokens, 1.0)))
+        job.evaluation = None
+        self._step_done(job, job._step_loss)
+
+    def _step_done(self, job: CoservedJob, loss: float) -> None:
         if job.finished:
             job.status = "succeeded"
         if job.on_update is not None:

@@ -24,13 +24,17 @@ of it). Why this decomposition rather than FlexLLM's:
 - Cost: one extra forward per chunk (rematerialisation). On a step bound by reading weights, as
   decode steps are, the extra chunk forward rides on weights the step reads anyway.
 
-The functions here are pure and jit-friendly (the chunk size is the only static shape besides
-the model's); the co-serving step composes them with inference rows.
+The functions here are pure and jit-friendly (the chunk size and the phase are the only static
+choices besides the model's shapes). The co-serving step (``with_finetuning``) runs a chunk's
+forward, or its recomputed forward and pull-back, in one joint forward with the step's inference
+rows (``model.forward_groups``): each weight is read once for both, so a slice of a few tokens
+adds little to a decode step, where it would cost a step's worth of weight reads on its own.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -40,11 +44,11 @@ import optax
 from specjax.attention import AttentionMetadata, causal_mask
 from specjax.config import ModelConfig
 from specjax.engine.state import ModelState
-from specjax.kv_cache import INVALID_SLOT, KVCache, init_kv_cache, slot_ids, write_kv
+from specjax.kv_cache import KVCache, init_kv_cache, slot_ids, write_kv
 from specjax.lora import LoraAdapter, adapt
-from specjax.model import forward
+from specjax.model import ForwardOutput, RowGroup, forward_groups, joint_params
 from specjax.params import Params
-from specjax.pytree import pytree_dataclass
+from specjax.pytree import pytree_dataclass, static_field
 
 
 @pytree_dataclass
@@ -92,18 +96,24 @@ def _block_table(kv: KVCache, pages: jax.Array | None) -> jax.Array:
     return (jnp.arange(kv.num_pages, dtype=jnp.int32) if pages is None else pages)[None]
 
 
+# A chunk's forward run jointly with other rows: (the chunk's params, its row group) -> (the
+# chunk's output, what the other rows' forward gave). See ``with_finetuning``.
+Joint = Callable[[Params, RowGroup], tuple[ForwardOutput, object]]
+
+
 def _chunk_forward(adapter: LoraAdapter, base: Params, config: ModelConfig, kv: KVCache, chunk: Chunk,
-                   pages: jax.Array | None = None):
-    """(summed loss of the chunk's learnt next tokens, (the chunk's new K and V [L, 1, C, Hkv, hd]))
-    over the sequence's ``pages`` [P] of ``kv`` (None: all of them, in order), whose first
-    ``chunk.start`` positions hold the prefix."""
+                   pages: jax.Array | None = None, joint: Joint | None = None):
+    """((summed loss of the chunk's learnt next tokens, (the chunk's new K and V [L, 1, C, Hkv, hd])),
+    the other rows' output of ``joint``, or None without it) over the sequence's ``pages`` [P] of
+    ``kv`` (None: all of them, in order), whose first ``chunk.start`` positions hold the prefix."""
     meta = AttentionMetadata(block_tables=_block_table(kv, pages), context_lens=chunk.start[None],
                              new_mask=causal_mask(1, chunk.tokens.shape[0]))
-    out = forward(adapt(base, adapter, config), config, chunk.tokens[None], _positions(chunk), kv, meta,
-                  attention_backend="reference")
+    group = RowGroup(chunk.tokens[None], _positions(chunk), kv, meta, attention_backend="reference")
+    params = adapt(base, adapter, config)
+    out, others = (forward_groups(params, config, [group])[0], None) if joint is None else joint(params, group)
     logp = jax.nn.log_softmax(out.logits[0].astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, chunk.targets[:, None], axis=-1)[:, 0]
-    return jnp.sum(nll * chunk.weights), (out.new_k, out.new_v)
+    return (jnp.sum(nll * chunk.weights), (out.new_k, out.new_v)), others
 
 
 def _chunk_slots(kv: KVCache, chunk: Chunk, pages: jax.Array | None = None) -> jax.Array:
@@ -117,7 +127,7 @@ def forward_chunk(adapter: LoraAdapter, base: Params, config: ModelConfig, kv: K
     """The forward phase's step for one chunk: ``kv`` with the chunk's K/V written into the
     sequence's ``pages`` (None: every page of ``kv``, in order), and the chunk's summed loss (what
     the loss curve reports; the gradient comes from the backward phase)."""
-    loss, (new_k, new_v) = _chunk_forward(adapter, base, config, kv, chunk, pages)
+    (loss, (new_k, new_v)), _ = _chunk_forward(adapter, base, config, kv, chunk, pages)
     return write_kv(kv, new_k, new_v, _chunk_slots(kv, chunk, pages)), loss
 
 
@@ -127,6 +137,14 @@ def backward_chunk(adapter: LoraAdapter, base: Params, config: ModelConfig, kv: 
     the gradient of the sequence's summed loss with respect to the adapter, and ``kv_grad`` (the
     cotangent of the sequence's K/V) with the prefix's share added. ``kv`` is as the forward phase
     left it (every chunk's K/V written)."""
+    grads, kv_grad, _ = _backward_chunk(adapter, base, config, kv, kv_grad, chunk)
+    return grads, kv_grad
+
+
+def _backward_chunk(adapter: LoraAdapter, base: Params, config: ModelConfig, kv: KVCache, kv_grad: KVCache,
+                    chunk: Chunk, joint: Joint | None = None) -> tuple[LoraAdapter, KVCache, object]:
+    """``backward_chunk``, with the chunk's forward run by ``joint`` (whose other rows' output
+    comes third; they are constant to the pull-back)."""
     slots = _chunk_slots(kv, chunk)
 
     def own(pool):  # the cotangent the chunk's K/V received from later chunks: [L, 1, C, Hkv, hd]
@@ -136,9 +154,10 @@ def backward_chunk(adapter: LoraAdapter, base: Params, config: ModelConfig, kv: 
 
     # Differentiated through the prefix only: the chunk's own slots are masked out of its attention
     # (context_lens = start), so the pull-back puts nothing there.
-    _, pull_back = jax.vjp(lambda a, k, v: _chunk_forward(a, base, config, KVCache(k, v), chunk), adapter, kv.k, kv.v)
+    _, pull_back, others = jax.vjp(lambda a, k, v: _chunk_forward(a, base, config, KVCache(k, v), chunk, joint=joint),
+                                   adapter, kv.k, kv.v, has_aux=True)
     grads, dk, dv = pull_back((jnp.ones((), jnp.float32), (own(kv_grad.k), own(kv_grad.v))))
-    return grads, KVCache(k=kv_grad.k + dk, v=kv_grad.v + dv)
+    return grads, KVCache(k=kv_grad.k + dk, v=kv_grad.v + dv), others
 
 
 # ---------------------------------------------------------------------------- one job's optimizer state
@@ -206,18 +225,21 @@ def init_sequence(adapter: LoraAdapter, config: ModelConfig, pages: int, page_si
 class FinetuneWork:
     """One step's finetuning slice: a chunk of a job's sequence, the sequence's pages in the
     engine's KV pool (pages [P] int32, its block table), and whether the chunk is the backward
-    phase's (else the forward's). A backward chunk from position 0 ends the sequence."""
+    phase's (else the forward's; static: each phase compiles apart, as a branch on it would cost
+    every slice a conditional over the whole step). A backward chunk from position 0 ends the
+    sequence."""
 
     chunk: Chunk
     pages: jax.Array
-    backward: jax.Array
+    backward: bool = static_field()
 
 
 @dataclass
 class FinetuneSlice:
     """A finetuning slice as the runner takes it: the job whose state it runs over
     (``DeviceStateCell.jobs``), its ``FinetuneWork`` (host arrays), and the part of the
-    executable's key it adds: (chunk size, pages, the job's state's structure and shapes)."""
+    executable's key it adds: (chunk size, pages, the job's state's structure and shapes, whether
+    the chunk is the backward phase's)."""
 
     job: str
     work: FinetuneWork
@@ -225,39 +247,41 @@ class FinetuneSlice:
     ran: bool = False  # set by the runner once a step has run it
 
 
+def _run_slice(base: Params, config: ModelConfig, cache: KVCache, job: JobState, sequence: SequenceState,
+               work: FinetuneWork, joint: Joint | None = None):
+    """``run_finetune`` but for the write of a forward chunk's K/V, which it returns instead
+    (((new K, new V), slots), or None for a backward chunk), with the job, the sequence and the
+    other rows' output of ``joint`` (None without it)."""
+    chunk = work.chunk
+    if not work.backward:
+        (loss, new_kv), others = _chunk_forward(job.adapter, base, config, cache, chunk, work.pages, joint)
+        sequence = sequence.replace(loss_sum=sequence.loss_sum + loss, tokens=sequence.tokens + jnp.sum(chunk.weights))
+        return (new_kv, _chunk_slots(cache, chunk, work.pages)), job, sequence, others
+    own = KVCache(k=jnp.take(cache.k, work.pages, axis=1), v=jnp.take(cache.v, work.pages, axis=1))
+    grads, kv_grad, others = _backward_chunk(job.adapter, base, config, own, sequence.kv_grad, chunk, joint)
+    grads = jax.tree.map(jnp.add, sequence.grads, grads)
+    done = chunk.start == 0  # the sequence ends: its sums go to the window, and start from zero for the next
+
+    def restart(new, old):
+        return jax.tree.map(lambda n, o: jnp.where(done, n, o), new, old)
+
+    merged = accumulate(job, grads=grads, loss=sequence.loss_sum, tokens=sequence.tokens)
+    job = restart(merged, job)
+    sequence = restart(jax.tree.map(jnp.zeros_like, sequence), sequence.replace(grads=grads, kv_grad=kv_grad))
+    return None, job, sequence, others
+
+
+def _write_chunk(cache: KVCache, writes) -> KVCache:
+    return cache if writes is None else write_kv(cache, *writes[0], writes[1])
+
+
 def run_finetune(base: Params, config: ModelConfig, cache: KVCache, job: JobState, sequence: SequenceState,
                  work: FinetuneWork) -> tuple[KVCache, JobState, SequenceState]:
     """One step's finetuning slice over the engine's KV pool ``cache``: a forward chunk writes
     its K/V into the sequence's pages and adds its loss; a backward chunk adds its gradient share
     and the prefix's K/V cotangent; the last one moves the sequence's sums into ``job``'s window."""
-    chunk = work.chunk
-    zeros_kv = jnp.zeros((config.num_layers, 1, chunk.tokens.shape[0], config.num_kv_heads, config.head_dim),
-                         cache.k.dtype)
-
-    def forward_phase():
-        loss, (new_k, new_v) = _chunk_forward(job.adapter, base, config, cache, chunk, work.pages)
-        return loss, new_k, new_v, sequence.grads, sequence.kv_grad
-
-    def backward_phase():
-        own = KVCache(k=jnp.take(cache.k, work.pages, axis=1), v=jnp.take(cache.v, work.pages, axis=1))
-        grads, kv_grad = backward_chunk(job.adapter, base, config, own, sequence.kv_grad, chunk)
-        done = chunk.start == 0  # the sequence ends: its cotangents start from zero for the next
-        kv_grad = jax.tree.map(lambda g: jnp.where(done, jnp.zeros_like(g), g), kv_grad)
-        return jnp.zeros((), jnp.float32), zeros_kv, zeros_kv, jax.tree.map(jnp.add, sequence.grads, grads), kv_grad
-
-    loss, new_k, new_v, grads, kv_grad = jax.lax.cond(work.backward, backward_phase, forward_phase)
-    slots = jnp.where(work.backward, INVALID_SLOT, _chunk_slots(cache, chunk, work.pages))
-    cache = write_kv(cache, new_k, new_v, slots)
-    learnt = jnp.where(work.backward, 0.0, jnp.sum(chunk.weights))
-    sequence = SequenceState(grads=grads, kv_grad=kv_grad, loss_sum=sequence.loss_sum + loss,
-                             tokens=sequence.tokens + learnt)
-    done = work.backward & (chunk.start == 0)
-    merged = accumulate(job, grads=sequence.grads, loss=sequence.loss_sum, tokens=sequence.tokens)
-    job = jax.tree.map(lambda new, old: jnp.where(done, new, old), merged, job)
-    sequence = sequence.replace(grads=jax.tree.map(lambda g: jnp.where(done, jnp.zeros_like(g), g), sequence.grads),
-                                loss_sum=jnp.where(done, 0.0, sequence.loss_sum),
-                                tokens=jnp.where(done, 0.0, sequence.tokens))
-    return cache, job, sequence
+    writes, job, sequence, _ = _run_slice(base, config, cache, job, sequence, work)
+    return _write_chunk(cache, writes), job, sequence
 
 
 @pytree_dataclass
@@ -283,15 +307,37 @@ class CoservingState:
 
 def with_finetuning(step):
     """``step`` (``(ModelState, batch) -> (ModelState, outputs)``, an inference step of
-    ``engine.step``) fused with one finetuning slice over the same base weights:
-    ``(CoservingState, (batch, FinetuneWork)) -> (CoservingState, outputs)``. The inference rows
-    see nothing of the slice: its K/V go to the job's own pages, its adapter to none of the rows."""
+    ``engine.step`` that runs its forward through its ``run_forward`` argument) fused with one
+    finetuning slice over the same base weights: ``(CoservingState, (batch, FinetuneWork)) ->
+    (CoservingState, outputs)``.
+
+    The step's forward and the chunk's run as one (``model.forward_groups``): every weight is read
+    once for the inference rows and the chunk's tokens together, which is what makes a slice
+    cheap on a step bound by reading weights. A backward chunk's pull-back goes through that joint
+    forward with the inference rows held constant. The inference rows see nothing of the slice:
+    its K/V go to the job's own pages, its adapter to none of the rows."""
 
     def fused(state: CoservingState, batch, *, config: ModelConfig, attention_backend: str | None):
         inference, work = batch
-        model, outputs = step(state.model, inference, config=config, attention_backend=attention_backend)
-        cache, job, sequence = run_finetune(model.params, config, model.cache, state.job, state.sequence, work)
-        return CoservingState(model=model.with_caches(cache), job=job, sequence=sequence), outputs
+        slices = []
+
+        def run_forward(params, config, tokens, positions, cache, meta, logit_indices=None, *, attention_backend=None):
+            rows = RowGroup(tokens, positions, cache, meta, logit_indices, attention_backend, constant=True)
+
+            def joint(chunk_params: Params, chunk: RowGroup):
+                out_rows, out_chunk = forward_groups(joint_params([params, chunk_params]), config, [rows, chunk])
+                return out_chunk, out_rows
+
+            writes, job, sequence, out = _run_slice(state.model.params, config, cache, state.job, state.sequence,
+                                                    work, joint)
+            slices.append((writes, job, sequence))
+            return out
+
+        model, outputs = step(state.model, inference, config=config, attention_backend=attention_backend,
+                              run_forward=run_forward)
+        (writes, job, sequence), = slices  # the step ran its forward once
+        return CoservingState(model=model.with_caches(_write_chunk(model.cache, writes)), job=job,
+                              sequence=sequence), outputs
 
     return fused
 

@@ -160,16 +160,18 @@ def row_params(model: ModelState, rows: RowMeta, config: ModelConfig) -> Params:
     return with_row_adapters(model.params, model.adapters, rows.lora_slot, config)
 
 
-def token_step(state: ModelState, batch: TokenBatch, *, config: ModelConfig, attention_backend: str | None
-               ) -> tuple[ModelState, tuple]:
+def token_step(state: ModelState, batch: TokenBatch, *, config: ModelConfig, attention_backend: str | None,
+               run_forward: Callable = forward) -> tuple[ModelState, tuple]:
     """Append each row's tokens to its cache and sample its next token. Outputs: next tokens [B],
-    then ``sampling.token_logprobs``' three arrays (zeros unless ``batch.logprobs``)."""
+    then ``sampling.token_logprobs``' three arrays (zeros unless ``batch.logprobs``).
+    ``run_forward``: ``model.forward``, or what runs other rows along with it
+    (``engine.finetuning.with_finetuning``)."""
     b, t = batch.tokens.shape
     causal = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
     meta = AttentionMetadata(block_tables=batch.rows.block_tables, context_lens=batch.rows.context_lens,
                              new_mask=causal)
-    out = forward(row_params(state, batch.rows, config), config, batch.tokens, batch.positions, state.cache, meta,
-                  logit_indices=batch.last, attention_backend=attention_backend)
+    out = run_forward(row_params(state, batch.rows, config), config, batch.tokens, batch.positions, state.cache, meta,
+                      logit_indices=batch.last, attention_backend=attention_backend)
     cache = write_kv(state.cache, out.new_k, out.new_v, batch.slots)
     rows = batch.rows
     next_tokens = sampling.sample(out.logits[:, 0], rows.keys(), rows.temperature, rows.top_k, rows.top_p)
@@ -178,15 +180,15 @@ def token_step(state: ModelState, batch: TokenBatch, *, config: ModelConfig, att
     return state.with_caches(cache), (next_tokens, *scores)
 
 
-def verify_step(state: ModelState, batch: TreeBatch, *, config: ModelConfig, attention_backend: str | None
-                ) -> tuple[ModelState, tuple]:
+def verify_step(state: ModelState, batch: TreeBatch, *, config: ModelConfig, attention_backend: str | None,
+                run_forward: Callable = forward) -> tuple[ModelState, tuple]:
     """Score each row's tree in one pass and commit the accepted path (``verify_and_commit``).
     Outputs: tokens [B, N] (accepted, then the bonus token), count [B] of them, and their
-    logprob arrays (zeros unless ``batch.logprobs``)."""
+    logprob arrays (zeros unless ``batch.logprobs``). ``run_forward``: as ``token_step``'s."""
     rows = batch.rows
     meta = AttentionMetadata(block_tables=rows.block_tables, context_lens=rows.context_lens, new_mask=batch.mask)
-    out = forward(row_params(state, rows, config), config, batch.tokens, batch.positions, state.cache, meta,
-                  attention_backend=attention_backend)
+    out = run_forward(row_params(state, rows, config), config, batch.tokens, batch.positions, state.cache, meta,
+                      attention_backend=attention_backend)
     tree = VerifyTree.host(batch.tokens, batch.parents, batch.depths, batch.mask, batch.live)
     result, cache = verify_and_commit(out.logits, out.new_k, out.new_v, state.cache, tree, batch.position_slots,
                                       jnp.ones(batch.tokens.shape[:1], bool), rows.temperature, rows.top_k, rows.top_p,

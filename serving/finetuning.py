@@ -9,8 +9,11 @@ A job trains a LoRA adapter over the served model while the server keeps serving
 join the engine's steps as the co-serving policy allows. Hyperparameters are OpenAI's
 (``n_epochs``, ``batch_size``, ``learning_rate_multiplier`` of a 2e-4 peak, each "auto" or a
 value) and three of ours: ``lora_rank`` (at most the server's ``--max-lora-rank``),
-``lora_alpha`` and ``lora_target_modules``. A job that succeeds is served at once under its
-``fine_tuned_model`` name, through the multi-LoRA slots.
+``lora_alpha`` and ``lora_target_modules``. A job with a ``validation_file`` evaluates it at
+each checkpoint and after its last step (its mean loss per learnt token, forward chunks through
+the same engine steps): ``valid_loss`` in the step's event, the checkpoint's metrics and
+``/metrics``. A job that succeeds is served at once under its ``fine_tuned_model`` name, through
+the multi-LoRA slots.
 
 Everything lives under the server's data directory: ``files/`` (uploads and their records) and
 ``jobs/ID/`` (``job.json``, ``events.jsonl``, orbax ``checkpoints/``, the PEFT ``adapter/``).

@@ -197,14 +197,13 @@ def server_main(args: argparse.Namespace, fusion: bool, conn) -> None:
 def memory_report(runner) -> list[dict]:
     """Per chunk and phase, at the largest decode bucket compiled: the bytes the fused step holds
     against the decode step's and the slice's alone (``ModelRunner.memory``: peak, and scratch)."""
-    report = {}
+    largest = {}  # (chunk, backward) -> the fused key of the largest decode bucket
     for key in sorted((k for k in runner.compiled_keys() if k[0] == "step" and "finetune" in k), key=lambda k: k[1:4]):
-        chunk, backward = key[5], key[-1]
-        report[(chunk, backward)] = {
-            "chunk": chunk, "phase": "backward" if backward else "forward", "decode_bucket": list(key[1:4]),
-            "fused": runner.memory(key), "decode": runner.memory(key[:4]),
-            "alone": runner.memory(("finetune",) + key[5:])}
-    return list(report.values())
+        largest[(key[5], key[-1])] = key
+    return [{"chunk": chunk, "phase": "backward" if backward else "forward", "decode_bucket": list(key[1:4]),
+             "fused": runner.memory(key), "decode": runner.memory(key[:4]),
+             "alone": runner.memory(("finetune",) + key[5:])}
+            for (chunk, backward), key in largest.items()]
 
 
 def requests_of(args: argparse.Namespace, tokenizer) -> tuple[list, list]:

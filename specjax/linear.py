@@ -116,6 +116,15 @@ def share_base(weights) -> object:
                                       for w in weights))
 
 
+def over_rows(xs: list, product) -> list:
+    """``product`` (of rows [N, in] -> [N, out]) of every array of ``xs`` ([..., in] each) in one
+    call over all their rows, split back into one [..., out] per array."""
+    rows = [x.reshape(-1, x.shape[-1]) for x in xs]
+    out = product(jnp.concatenate(rows) if len(rows) > 1 else rows[0])
+    ends = np.cumsum([r.shape[0] for r in rows])[:-1].tolist()
+    return [y.reshape(x.shape[:-1] + y.shape[-1:]) for x, y in zip(xs, jnp.split(out, ends))]
+
+
 def linear_groups(xs: list, w) -> list:
     """``linear`` of each group's activations xs[g] [..., in] with its version of ``w`` (a
     ``SharedBase``, or a weight all groups share): one product with the base over every group's
@@ -123,8 +132,5 @@ def linear_groups(xs: list, w) -> list:
     if len(xs) == 1 and not isinstance(w, SharedBase):
         return [linear(xs[0], w)]
     base, updates = (w.base, w.updates) if isinstance(w, SharedBase) else (w, (None,) * len(xs))
-    rows = [x.reshape(-1, x.shape[-1]) for x in xs]
-    out = linear(jnp.concatenate(rows) if len(rows) > 1 else rows[0], base)
-    ends = np.cumsum([r.shape[0] for r in rows])[:-1].tolist()
-    outs = [y.reshape(x.shape[:-1] + y.shape[-1:]) for x, y in zip(xs, jnp.split(out, ends))]
+    outs = over_rows(xs, lambda rows: linear(rows, base))
     return [y if u is None else y + update(u, x) for x, y, u in zip(xs, outs, updates)]

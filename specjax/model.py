@@ -20,7 +20,7 @@ import numpy as np
 from specjax.attention import AttentionMetadata, attention, masked_attention
 from specjax.config import ModelConfig, matmul_precision
 from specjax.kv_cache import KVCache
-from specjax.linear import linear_groups, share_base
+from specjax.linear import linear_groups, over_rows, share_base
 from specjax.params import PROJECTIONS, Params, layer_loop_parts, split_gate_up, split_qkv
 from specjax.pytree import pytree_dataclass
 
@@ -192,13 +192,11 @@ def forward_groups(params: Params, config: ModelConfig, groups: list[RowGroup], 
 def lm_head_groups(params: Params, xs: list) -> list:
     """Each group's logits [B, K, V] fp32 from its final hidden states [B, K, D]: one product
     with the head over every group's rows."""
-    rows = [x.reshape(-1, x.shape[-1]) for x in xs]
-    flat = jnp.concatenate(rows) if len(rows) > 1 else rows[0]
-    if params.lm_head is None:  # tied: contract with the embedding table as stored, no transpose
-        logits = jnp.einsum("nd,vd->nv", flat, params.embed, preferred_element_type=jnp.float32,
-                            precision=matmul_precision(flat.dtype))
-    else:
-        logits = jnp.einsum("nd,dv->nv", flat, params.lm_head, preferred_element_type=jnp.float32,
-                            precision=matmul_precision(flat.dtype))
-    ends = np.cumsum([r.shape[0] for r in rows])[:-1].tolist()
-    return [lg.reshape(x.shape[:-1] + lg.shape[-1:]) for x, lg in zip(xs, jnp.split(logits, ends))]
+    def head(rows):
+        if params.lm_head is None:  # tied: contract with the embedding table as stored, no transpose
+            return jnp.einsum("nd,vd->nv", rows, params.embed, preferred_element_type=jnp.float32,
+                              precision=matmul_precision(rows.dtype))
+        return jnp.einsum("nd,dv->nv", rows, params.lm_head, preferred_element_type=jnp.float32,
+                          precision=matmul_precision(rows.dtype))
+
+    return over_rows(xs, head)

@@ -111,8 +111,8 @@ def store_bf16(params: Params) -> Params:
         return None if w is None else w.astype(jnp.float32)
 
     lw = params.layers
-    layers = dataclasses.replace(lw, wqkv=pack(lw.wqkv), wo=pack(lw.wo), w_gate_up=pack(lw.w_gate_up),
-                                 w_down=pack(lw.w_down), bqkv=fp32(lw.bqkv), bo=fp32(lw.bo))
+    layers = dataclasses.replace(lw, **{name: pack(getattr(lw, name)) for name in PROJECTIONS}, bqkv=fp32(lw.bqkv),
+                                 bo=fp32(lw.bo))
     return dataclasses.replace(params, embed=fp32(params.embed), lm_head=fp32(params.lm_head), layers=layers)
 
 

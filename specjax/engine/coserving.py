@@ -81,7 +81,6 @@ class CoservedJob:
     valid_losses: list[tuple[int, float]] = field(default_factory=list)
     tokens_evaluated: int = 0
     _valid_sums: tuple[float, float] = (0.0, 0.0)
-    _step_loss: float | None = None  # the training loss of the step the evaluation follows
     # The sequence in flight: its tokens and learnt mask, phase, next position (forward: the next
     # chunk's start; backward: the next chunk's end) and whether it holds KV pages.
     tokens: np.ndarray | None = None
@@ -435,7 +434,7 @@ class Finetuner:
             raise FloatingPointError(f"the loss of step {job.step - 1} is {loss}: lower the learning rate, "
                                      "or check the data")
         if job.validation is not None and (job.step % job.settings.eval_every == 0 or job.finished):
-            job.evaluation, job._valid_sums, job._step_loss = list(range(len(job.validation))), (0.0, 0.0), loss
+            job.evaluation, job._valid_sums = list(range(len(job.validation))), (0.0, 0.0)
             return
         self._step_done(job, loss)
 
@@ -455,7 +454,7 @@ class Finetuner:
         loss, tokens = job._valid_sums
         job.valid_losses.append((job.step, loss / max(tokens, 1.0)))
         job.evaluation = None
-        self._step_done(job, job._step_loss)
+        self._step_done(job, job.losses[-1][1])  # the training loss of the step evaluated
 
     def _step_done(self, job: CoservedJob, loss: float) -> None:
         if job.finished:
